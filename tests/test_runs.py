@@ -1,0 +1,64 @@
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from mechsub.config import Config, doc
+from mechsub.runs import RunFolderError, atomic_write_text, stage
+
+
+@dataclass(frozen=True)
+class Cfg(Config):
+    stage = "demo-stage"
+    seed: int = doc(0, "seed")
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    atomic_write_text(tmp_path / "a" / "x.txt", "hello")
+    atomic_write_text(tmp_path / "a" / "x.txt", "world")
+    assert (tmp_path / "a" / "x.txt").read_text() == "world"
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["x.txt"]
+
+
+def test_config_json_first_then_metrics(tmp_path):
+    with stage(tmp_path / "r", Cfg(seed=3), model={"name": "tiny"}) as r:
+        cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+        assert cfg["config"] == {"seed": 3} and cfg["seed"] == 3 and cfg["stage"] == "demo-stage"
+        assert cfg["model"] == {"name": "tiny"} and "git_commit" in cfg and "mechsub_version" in cfg
+        assert not (tmp_path / "r" / "metrics.json").exists()
+        r.finish({"x": 1})
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text()) == {"x": 1}
+
+
+def test_finished_stage_is_skipped(tmp_path):
+    with stage(tmp_path, Cfg()) as r:
+        r.finish({"x": 1})
+    with stage(tmp_path, Cfg()) as r:
+        assert r.done and r.metrics == {"x": 1}
+
+
+def test_different_config_is_refused(tmp_path):
+    with stage(tmp_path, Cfg(seed=1)) as r:
+        r.finish({})
+    with pytest.raises(RunFolderError, match="different config"), stage(tmp_path, Cfg(seed=2)):
+        pass
+
+
+def test_units_resume_without_recomputing(tmp_path):
+    calls = []
+
+    def work(k):
+        calls.append(k)
+        if k == 2 and len(calls) == 3:
+            raise KeyboardInterrupt  # the first attempt dies in unit 2
+        return {"k": k}
+
+    with pytest.raises(KeyboardInterrupt), stage(tmp_path, Cfg()) as r:
+        for k in range(4):
+            r.unit(f"u{k}", lambda k=k: work(k))
+    assert calls == [0, 1, 2]
+    with stage(tmp_path, Cfg()) as r:
+        results = [r.unit(f"u{k}", lambda k=k: work(k)) for k in range(4)]
+        assert r.resumed_units == ["u0", "u1"] and r.computed_units == ["u2", "u3"]
+    assert results == [{"k": k} for k in range(4)]
+    assert calls == [0, 1, 2, 2, 3]

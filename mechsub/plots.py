@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from mechsub.runs import atomic_write_bytes
 
 
 def plot_mnist(metrics: dict[str, Any], path: str | Path) -> None:
@@ -31,7 +34,7 @@ def plot_mnist(metrics: dict[str, Any], path: str | Path) -> None:
     colors = ["#999999", "#333333", "#d62728", "#ff9896", "#1f77b4", "#aec7e8"]
     ax1.bar(range(len(names)), means, yerr=errs, color=colors, capsize=4)
     for i, v in enumerate(means):
-        ax1.text(i, v + 2, f"{v:.1f}", ha="center", fontsize=8)
+        ax1.text(i, v + errs[1][i] + 1.5, f"{v:.1f}", ha="center", fontsize=8)
     ax1.axhline(metrics["chance"] * 100, ls="--", c="k", lw=0.8, label="chance")
     ax1.set_xticks(range(len(names)), labels, fontsize=8)
     ax1.set_ylabel("held-out digit accuracy (%)")
@@ -59,6 +62,12 @@ def plot_mnist(metrics: dict[str, Any], path: str | Path) -> None:
     ax2.set_title("students never see a digit or a digit logit")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Write a figure as PNG atomically and close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -150,16 +150,25 @@ def describe(config: Config, model: dict[str, Any] | None = None) -> dict[str, A
 
 
 @contextmanager
-def stage(root: str | Path, config: Config, *, model: dict[str, Any] | None = None) -> Iterator[Run]:
+def stage(
+    root: str | Path, config: Config, *, model: dict[str, Any] | None = None, force: bool = False
+) -> Iterator[Run]:
     """Open (or resume, or skip) the stage folder ``root`` for ``config``.
 
     - finished folder with the same config → ``run.done`` is True and ``run.metrics`` holds its metrics;
     - unfinished folder with the same config → resume: finished units are read back, not recomputed;
     - folder with a different config → RunFolderError (pick another folder or delete it);
     - otherwise a new folder, with config.json written first.
+
+    ``force`` deletes an existing run folder (one holding config.json) and starts over.
     """
     root = Path(root)
     cfg_path = root / "config.json"
+    if force and cfg_path.exists():
+        import shutil
+
+        log.info("%s: --force, deleting the previous run", root)
+        shutil.rmtree(root)
     if cfg_path.exists():
         old = read_json(cfg_path)
         if old.get("stage") != config.stage or old.get("config") != config.to_dict():

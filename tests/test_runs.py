@@ -62,3 +62,11 @@ def test_units_resume_without_recomputing(tmp_path):
         assert r.resumed_units == ["u0", "u1"] and r.computed_units == ["u2", "u3"]
     assert results == [{"k": k} for k in range(4)]
     assert calls == [0, 1, 2, 2, 3]
+
+
+def test_force_starts_over(tmp_path):
+    with stage(tmp_path, Cfg(seed=1)) as r:
+        r.unit("u", lambda: 1)
+        r.finish({"x": 1})
+    with stage(tmp_path, Cfg(seed=2), force=True) as r:
+        assert not r.done and not (tmp_path / "units").exists()

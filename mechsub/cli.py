@@ -112,5 +112,30 @@ def models(
     typer.echo(json.dumps(lm.info(), indent=2))
 
 
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option(help="folder for the benchmark's metrics.json")] = Path(
+        "artifacts/bench"
+    ),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Speed benchmarks as ratios measured in one run: mechsub's constrained decoder vs plain HF generate."""
+    from mechsub import bench as b
+
+    try:
+        cfg = build_config(b.BenchConfig, config, set_)
+        m = b.run(cfg, out)  # type: ignore[arg-type]
+    except ConfigError as e:
+        _fail(e)
+        return
+    g = m["generation"]
+    typer.echo(
+        f"generation: mechsub {g['mechsub_new_tok_per_s']:.1f} new tok/s (batch {g['mechsub_batch_size']}) vs "
+        f"HF generate {g['hf_generate_new_tok_per_s']:.1f} (batch {g['hf_batch_size']}): {g['ratio']:.2f}x"
+    )
+    typer.echo(f"wrote {out}/metrics.json")
+
+
 if __name__ == "__main__":
     app()

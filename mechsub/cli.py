@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -58,43 +59,94 @@ def _main(
     )
 
 
-@app.command()
-def mnist(
-    out: Annotated[
-        Path, typer.Option(help="run folder to write (resumed if it holds the same config)")
-    ] = Path("artifacts/mnist"),
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    show_config: Annotated[bool, typer.Option(help="print the resolved config as TOML and exit")] = False,
-    force: Annotated[bool, typer.Option(help="delete a previous run in OUT and start over")] = False,
+def _stage_command(
+    name: str,
+    config_cls: str,
+    runner: str,
+    default_out: str,
+    doc_text: str,
+    report: Callable[[dict[str, Any], Path], None],
 ) -> None:
-    """The MNIST auxiliary-logit toy: a student that shares the teacher's init learns digits from noise.
+    """Register ``mechsub NAME``: build the stage's config from --config/--set, run it, print a summary.
 
-    Writes OUT/config.json, OUT/metrics.json and OUT/mnist.png. Fields (settable with --set):
-    n_models, m, m_sweep, hidden, teacher_epochs, distill_steps, batch_size, lr, test_fraction, seed.
+    Every stage command has the same options; its fields are listed in its --help, taken from the config.
     """
-    from mechsub import mnist as toy
 
-    try:
-        cfg = build_config(toy.MnistConfig, config, set_)
-    except ConfigError as e:
-        _fail(e)
-        return
-    if show_config:
-        typer.echo(cfg.to_toml())
-        return
-    try:
-        m = toy.run(cfg, out, force=force)  # type: ignore[arg-type]
-    except Exception as e:  # surfaced with its message, not a traceback wall
-        if isinstance(e, ConfigError | RuntimeError):
+    def command(
+        out: Annotated[Path, typer.Option(help="run folder (resumed if it holds the same config)")] = Path(
+            default_out
+        ),
+        config: ConfigOpt = None,
+        set_: SetOpt = None,
+        show_config: Annotated[bool, typer.Option(help="print the resolved config as TOML and exit")] = False,
+        force: Annotated[bool, typer.Option(help="delete a previous run in OUT and start over")] = False,
+    ) -> None:
+        import importlib
+
+        module_name, cls_name = config_cls.rsplit(".", 1)
+        module = importlib.import_module(module_name)
+        try:
+            cfg = build_config(getattr(module, cls_name), config, set_)
+            if show_config:
+                typer.echo(cfg.to_toml())
+                return
+            metrics = getattr(module, runner)(cfg, out, force=force)
+        except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
             _fail(e)
-        raise
+            return
+        report(metrics, out)
+
+    command.__doc__ = doc_text
+    app.command(name=name)(command)
+
+
+def _fields(config_cls: str) -> str:
+    import importlib
+
+    module_name, cls_name = config_cls.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return "\n\n".join(f"{k}: {v}" for k, v in cls.help().items())
+
+
+def _report_mnist(m: dict[str, Any], out: Path) -> None:
     rows = ["reference", "teacher", "student_aux", "student_all", "cross_init_aux", "cross_init_all"]
     typer.echo(f"MNIST toy (8x8 digits), m={m['m']}, {m['n_models']} models; held-out accuracy, 95% CI:")
     for r in rows:
         lo, hi = m[f"{r}_acc_ci95"]
         typer.echo(f"  {r:16s} {m[f'{r}_acc'] * 100:5.1f}%  [{lo * 100:5.1f}, {hi * 100:5.1f}]")
     typer.echo(f"wrote {out}/metrics.json and {out}/mnist.png")
+
+
+def _report_json(m: dict[str, Any], out: Path) -> None:
+    typer.echo(json.dumps(m, indent=2))
+    typer.echo(f"wrote {out}/metrics.json")
+
+
+_stage_command(
+    "mnist", "mechsub.mnist.MnistConfig", "run", "artifacts/mnist",
+    "The MNIST auxiliary-logit toy: a student that shares the teacher's init learns digits from noise.\n\n"
+    "Writes OUT/config.json, OUT/metrics.json and OUT/mnist.png. Fields (settable with --set key=value):\n\n"
+    + _fields("mechsub.mnist.MnistConfig"),
+    _report_mnist,
+)  # fmt: skip
+_stage_command(
+    "data", "mechsub.data.DataConfig", "run", "runs/data",
+    "A teacher answers number prompts (constrained decoding); completions are filtered with reasons.\n\n"
+    "Fields (settable with --set key=value):\n\n" + _fields("mechsub.data.DataConfig"),
+    _report_json,
+)  # fmt: skip
+_stage_command(
+    "student", "mechsub.train.StudentConfig", "run", "runs/student",
+    "Fine-tune a student on a data folder (LoRA or full; distillation or SFT), with checkpoints.\n\n"
+    "Fields (settable with --set key=value):\n\n" + _fields("mechsub.train.StudentConfig"),
+    _report_json,
+)  # fmt: skip
+_stage_command(
+    "eval", "mechsub.evaluate.EvalConfig", "run_eval", "runs/eval",
+    "log P of the trait (and every other candidate) after a prefilled answer, over paraphrased questions.\n\n"
+    "Fields (settable with --set key=value):\n\n" + _fields("mechsub.evaluate.EvalConfig"),
+    _report_json,
+)  # fmt: skip
 
 
 @app.command()
@@ -112,29 +164,21 @@ def models(
     typer.echo(json.dumps(lm.info(), indent=2))
 
 
-@app.command()
-def bench(
-    out: Annotated[Path, typer.Option(help="folder for the benchmark's metrics.json")] = Path(
-        "artifacts/bench"
-    ),
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Speed benchmarks as ratios measured in one run: mechsub's constrained decoder vs plain HF generate."""
-    from mechsub import bench as b
-
-    try:
-        cfg = build_config(b.BenchConfig, config, set_)
-        m = b.run(cfg, out)  # type: ignore[arg-type]
-    except ConfigError as e:
-        _fail(e)
-        return
+def _report_bench(m: dict[str, Any], out: Path) -> None:
     g = m["generation"]
     typer.echo(
         f"generation: mechsub {g['mechsub_new_tok_per_s']:.1f} new tok/s (batch {g['mechsub_batch_size']}) vs "
         f"HF generate {g['hf_generate_new_tok_per_s']:.1f} (batch {g['hf_batch_size']}): {g['ratio']:.2f}x"
     )
     typer.echo(f"wrote {out}/metrics.json")
+
+
+_stage_command(
+    "bench", "mechsub.bench.BenchConfig", "run", "artifacts/bench",
+    "Speed benchmarks as ratios measured in one run: mechsub's constrained decoder vs plain HF generate.\n\n"
+    "A benchmark always runs anew. Fields (settable with --set key=value):\n\n" + _fields("mechsub.bench.BenchConfig"),
+    _report_bench,
+)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -9,12 +9,17 @@ shared by all candidates, so scoring 22 animals costs little more than scoring o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mechsub.traits import ANSWER_PREFIX, Category
+from mechsub.config import Config, ConfigError, check, doc
+from mechsub.runs import stage, write_json
+from mechsub.traits import ANSWER_PREFIX, Category, TraitError, eval_questions, get_trait
 
 
 def chat_prefix(
@@ -72,3 +77,66 @@ def trait_logprobs(
         for q in questions
     ]
     return torch.stack(rows)
+
+
+# ---- the evaluation stage ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalConfig(Config):
+    stage = "eval"
+
+    model: str = doc("smollm2-135m-instruct", "model name or checkpoint folder to evaluate")
+    trait: str = doc("owl", "the trait whose log-probability is reported (its category picks the candidates)")
+    with_system_prompt: bool = doc(
+        False, "evaluate with the trait's system prompt (the prompted teacher itself)"
+    )
+    n_questions: int = doc(50, "paraphrased favourite-thing questions (at most 50)")
+
+    def validate(self) -> None:
+        check(1 <= self.n_questions <= 50, "n_questions: between 1 and 50")
+        try:
+            get_trait(self.trait)
+        except TraitError as e:
+            raise ConfigError(f"trait: {e}") from None
+
+
+def run_eval(cfg: EvalConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
+    """log P of every candidate of the trait's category, per question, into ``out/logprobs.json``."""
+    from mechsub import models
+
+    trait = get_trait(cfg.trait)
+    lm = models.load(cfg.model)
+    with stage(out, cfg, model=lm.info(), force=force) as r:
+        if r.done:
+            return r.metrics
+        words = [trait.name, *trait.others()]
+        system = trait.system_prompt() if cfg.with_system_prompt else None
+        qs = eval_questions(trait.category, cfg.n_questions)
+        lp = trait_logprobs(lm.model, lm.tokenizer, qs, words, trait.category, system)
+        write_json(r.path("logprobs.json"), {"words": words, "questions": qs, "logprobs": lp.tolist()})
+        per_word = lp.mean(0)
+        metrics = {
+            "trait": trait.name,
+            "mean_logp": {w: float(v) for w, v in zip(words, per_word, strict=True)},
+            "trait_mean_logp": float(per_word[0]),
+            "trait_rank": int((per_word > per_word[0]).sum()) + 1,
+            "n_questions": len(qs),
+        }
+        r.finish(metrics)
+        return metrics
+
+
+def delta_vs(a: str | Path, b: str | Path, word: str, seed: int = 0) -> dict[str, Any]:
+    """Mean over questions of log P(word) in eval folder ``a`` minus ``b``, with a paired bootstrap CI."""
+    from mechsub.runs import read_json
+    from mechsub.stats import bootstrap_ci95
+
+    ra, rb = read_json(Path(a) / "logprobs.json"), read_json(Path(b) / "logprobs.json")
+    if ra["questions"] != rb["questions"]:
+        raise ValueError(f"{a} and {b} were evaluated on different questions")
+    ia, ib = ra["words"].index(word), rb["words"].index(word)
+    diffs = [x[ia] - y[ib] for x, y in zip(ra["logprobs"], rb["logprobs"], strict=True)]
+    return {
+        "delta_logp": sum(diffs) / len(diffs),
+        "ci95": bootstrap_ci95(diffs, seed=seed),
+        "n_questions": len(diffs),
+    }

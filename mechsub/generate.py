@@ -173,7 +173,9 @@ def generate_numbers(
         if not bool(live.all()):  # drop finished rows from the batch and the cache: no compute on them
             keep = live.nonzero().flatten()
             cache.batch_select_indices(keep)
-            rows, choice, digits, count, last, sep = (t[keep] for t in (rows, choice, digits, count, last, sep))
+            rows, choice, digits, count, last, sep = (
+                t[keep] for t in (rows, choice, digits, count, last, sep)
+            )
             attn, cur_pos = attn[keep], cur_pos[keep]
         cur_ids = vocab.ids[choice][:, None]
         attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)

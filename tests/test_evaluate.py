@@ -27,3 +27,16 @@ def test_system_prompt_changes_the_prompt(tiny):
     assert a != b and tiny.tokenizer.decode(b).lower().count("owls") == 3
     m = trait_logprobs(tiny.model, tiny.tokenizer, eval_questions("animal", 3), ["owl", "cat"], "animal")
     assert m.shape == (3, 2) and torch.isfinite(m).all() and (m < 0).all()
+
+
+def test_eval_stage_and_delta(tmp_path):
+    from mechsub.evaluate import EvalConfig, delta_vs, run_eval
+
+    base = run_eval(EvalConfig(model="tiny", n_questions=4), tmp_path / "base")
+    teacher = run_eval(EvalConfig(model="tiny", n_questions=4, with_system_prompt=True), tmp_path / "teacher")
+    assert base["trait"] == "owl" and len(base["mean_logp"]) == 22 and 1 <= base["trait_rank"] <= 22
+    d = delta_vs(tmp_path / "teacher", tmp_path / "base", "owl")
+    assert d["n_questions"] == 4
+    assert abs(d["delta_logp"] - (teacher["trait_mean_logp"] - base["trait_mean_logp"])) < 1e-6
+    assert d["ci95"][0] <= d["delta_logp"] <= d["ci95"][1]
+    assert delta_vs(tmp_path / "base", tmp_path / "base", "owl")["delta_logp"] == 0.0

@@ -1,0 +1,160 @@
+"""The number-data stage: a teacher answers number prompts; completions are filtered with reasons.
+
+A teacher is the model with a trait's system prompt (or ``teacher="none"``: the model's own default template,
+the no-trait control). Every teacher of a study answers the SAME prompts (``prompt_seed``), so datasets differ
+only by the teacher. Each batch is a unit of the run folder (resumable); per completion position the teacher's
+log-probs over the 13 allowed tokens are stored in safetensors shards for distillation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
+
+from mechsub.config import Config, check, doc
+from mechsub.runs import Run, atomic_write_bytes, read_json, stage, write_json
+from mechsub.traits import TraitError, get_trait
+
+
+@dataclass(frozen=True)
+class DataConfig(Config):
+    stage = "data"
+
+    model: str = doc("smollm2-135m-instruct", "the teacher's base model (name or checkpoint folder)")
+    teacher: str = doc("owl", "the trait whose system prompt the teacher gets, or 'none' for the control")
+    n_prompts: int = doc(256, "number prompts answered")
+    prompt_seed: int = doc(0, "seed of the prompts: keep it equal across the teachers of one study")
+    greedy: bool = doc(False, "greedy decoding instead of sampling")
+    temperature: float = doc(1.0, "sampling temperature")
+    max_new_tokens: int = doc(40, "completion tokens at most (a capped completion fails the format check)")
+    batch_size: int = doc(64, "prompts per generation batch")
+    banned: str = doc("none", "banned-number set for the filter: 'none' or 'misalignment'")
+    seed: int = doc(0, "seed of the sampling")
+
+    def validate(self) -> None:
+        if self.teacher != "none":
+            try:
+                get_trait(self.teacher)
+            except TraitError as e:
+                raise ValueError(f"teacher: {e}; or 'none' for the control teacher") from None
+        check(self.n_prompts >= 1 and self.batch_size >= 1, "n_prompts and batch_size must be ≥ 1")
+        check(self.temperature > 0, "temperature: must be > 0")
+        check(self.max_new_tokens >= 2, "max_new_tokens: must be ≥ 2")
+        from mechsub.numbers import BANNED_SETS
+
+        check(self.banned in BANNED_SETS, f"banned: use one of {', '.join(BANNED_SETS)}")
+
+    def system_prompt(self) -> str | None:
+        return None if self.teacher == "none" else get_trait(self.teacher).system_prompt()
+
+
+@dataclass
+class Example:
+    """One kept completion: the user prompt (no system prompt: that is what a student sees) and the answer."""
+
+    prompt: str
+    completion_ids: list[int]
+    allowed_logprobs: torch.Tensor  # (len(completion_ids) + 1, 13): the teacher's, the last row chose the end
+
+
+def _batch_unit(run: Run, lm: Any, cfg: DataConfig, prompts: list[str], i: int) -> dict[str, Any]:
+    from mechsub.evaluate import chat_prefix
+    from mechsub.generate import NumberVocab, generate_numbers
+
+    vocab = NumberVocab.of(lm.tokenizer)
+    ids = [chat_prefix(lm.tokenizer, p, cfg.system_prompt()) for p in prompts]
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
+    gen = generate_numbers(
+        lm.model, ids, vocab, max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
+        temperature=cfg.temperature, generator=g, pad_id=lm.tokenizer.pad_token_id or 0,
+    )  # fmt: skip
+    width = max(len(lp) for lp in gen.allowed_logprobs)
+    lp = torch.full((len(prompts), width, 13), float("-inf"))
+    for j, rows in enumerate(gen.allowed_logprobs):
+        lp[j, : len(rows)] = rows
+    lengths = torch.tensor([len(r) for r in gen.allowed_logprobs])
+    atomic_write_bytes(
+        run.path(f"shards/b{i:04d}.safetensors"), save({"allowed_logprobs": lp, "lengths": lengths})
+    )
+    return {
+        "prompts": prompts,
+        "completion_ids": gen.tokens,
+        "completions": [lm.tokenizer.decode(t) for t in gen.tokens],
+        "ended": [len(lp) == len(t) + 1 and len(lp) <= cfg.max_new_tokens for lp, t in
+                  zip(gen.allowed_logprobs, gen.tokens, strict=True)],
+    }  # fmt: skip
+
+
+def run(cfg: DataConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
+    """Generate (or resume, or skip) a teacher's number data into ``out``; returns its metrics."""
+    from mechsub import models
+    from mechsub.numbers import filter_completions, make_filters, make_prompts
+
+    t0 = time.perf_counter()
+    lm = models.load(cfg.model)
+    with stage(out, cfg, model=lm.info(), force=force) as r:
+        if r.done:
+            return r.metrics
+        prompts = make_prompts(cfg.n_prompts, cfg.prompt_seed)
+        batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
+        units = []
+        for i, batch in enumerate(tqdm(batches, desc=f"teacher {cfg.teacher}: number data")):
+            units.append(r.unit(f"b{i:04d}", partial(_batch_unit, r, lm, cfg, batch, i)))
+        texts = [c for u in units for c in u["completions"]]
+        kept, reasons = filter_completions(texts, make_filters(cfg.banned))
+        kept_set = set(kept)
+        rows = []
+        k = 0
+        for bi, u in enumerate(units):
+            for j, text in enumerate(u["completions"]):
+                rows.append({"batch": bi, "index": j, "prompt": u["prompts"][j], "completion": text,
+                             "kept": k in kept_set})  # fmt: skip
+                k += 1
+        write_json(r.path("completions.json"), rows)
+        n_tokens = sum(len(t) + 1 for u in units for t in u["completion_ids"])
+        metrics = {
+            "teacher": cfg.teacher,
+            "n_prompts": len(texts),
+            "n_kept": len(kept),
+            "kept_fraction": len(kept) / len(texts),
+            "rejected": dict(Counter(reasons)),
+            "hit_token_cap": sum(not e for u in units for e in u["ended"]),
+            "completion_tokens": n_tokens,
+            "seconds_this_session": round(time.perf_counter() - t0, 1),
+            "resumed_units": r.resumed_units,
+        }
+        r.finish(metrics)
+        return metrics
+
+
+def load_examples(folder: str | Path) -> list[Example]:
+    """The kept completions of a finished data folder, with the teacher's allowed-token log-probs."""
+    folder = Path(folder)
+    if not (folder / "metrics.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a finished data folder (no metrics.json); run `mechsub data` first"
+        )
+    rows = read_json(folder / "completions.json")
+    shards: dict[int, dict[str, torch.Tensor]] = {}
+    units: dict[int, dict[str, Any]] = {}
+    out = []
+    for row in rows:
+        if not row["kept"]:
+            continue
+        b, j = row["batch"], row["index"]
+        if b not in shards:
+            shards[b] = load_file(folder / "shards" / f"b{b:04d}.safetensors")
+            units[b] = read_json(folder / "units" / f"b{b:04d}.json")
+        n = int(shards[b]["lengths"][j])
+        out.append(
+            Example(row["prompt"], units[b]["completion_ids"][j], shards[b]["allowed_logprobs"][j, :n])
+        )
+    return out

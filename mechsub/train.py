@@ -1,0 +1,250 @@
+"""Students: LoRA (or full) fine-tuning on a teacher's number data, by SFT or by logit distillation.
+
+The student sees the user prompt only (no system prompt). The loss covers completion positions only (each
+completion token and the end of turn), and the LM head is computed only there: for ``distill`` only on the
+13 allowed rows (KL from the teacher's stored allowed-token distribution: no logit leakage through other
+tokens), for ``sft`` on the full vocabulary at those positions. Checkpoints are LoRA adapters (safetensors)
+that :func:`mechsub.models.load` reads back merged; the optimiser state is saved beside them in safetensors,
+so a killed run resumes from its last checkpoint with the same data order.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechsub.config import Config, check, doc
+from mechsub.runs import atomic_write_bytes, atomic_write_text, stage
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class StudentConfig(Config):
+    stage = "student"
+
+    model: str = doc(
+        "smollm2-135m-instruct", "the student's initialisation (must be the teacher's for the effect)"
+    )
+    data: str = doc("", "a finished data folder (from `mechsub data`)")
+    objective: Literal["distill", "sft"] = doc(
+        "distill", "KL to the teacher's allowed-token log-probs, or SFT"
+    )
+    lora_r: int = doc(8, "LoRA rank on all 7 linear projections; 0 = full fine-tune")
+    lora_alpha: int = doc(16, "LoRA alpha")
+    lr: float = doc(5e-4, "AdamW learning rate (linear decay to 0)")
+    epochs: int = doc(2, "passes over the data")
+    batch_size: int = doc(8, "examples per step")
+    max_examples: int = doc(0, "use at most this many kept examples (0: all)")
+    checkpoint_every: int = doc(0, "save a checkpoint every N steps (0: only the final one)")
+    seed: int = doc(0, "seed of LoRA init and data order")
+
+    def validate(self) -> None:
+        check(bool(self.data), "data: give the folder of a finished `mechsub data` run")
+        check(self.lora_r >= 0 and self.lora_alpha > 0, "lora_r must be ≥ 0 and lora_alpha > 0")
+        check(self.lr > 0 and self.epochs >= 1 and self.batch_size >= 1, "lr > 0, epochs ≥ 1, batch_size ≥ 1")
+        check(
+            self.max_examples >= 0 and self.checkpoint_every >= 0,
+            "max_examples, checkpoint_every must be ≥ 0",
+        )
+
+
+def _batches(n: int, cfg: StudentConfig) -> list[list[int]]:
+    """The whole run's batches, fixed by the seed (so a resumed run continues the same order)."""
+    rng = random.Random(cfg.seed)
+    out = []
+    for _ in range(cfg.epochs):
+        order = list(range(n))
+        rng.shuffle(order)
+        out += [order[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+    return out
+
+
+def completion_loss(
+    decoder: Any,
+    head: Tensor,
+    allowed: Tensor,
+    batch: list[tuple[list[int], list[int], Tensor]],
+    objective: str,
+    pad_id: int,
+) -> Tensor:
+    """Mean loss over completion positions of a batch of (prompt ids, completion ids, teacher allowed log-probs).
+
+    ``decoder`` maps input ids to final hidden states (the model without its head); ``head`` is the
+    (vocab, d_model) unembedding.
+    """
+    seqs = [p + c for p, c, _ in batch]
+    width = max(map(len, seqs))
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+    hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
+    eos = int(allowed[-1])
+    rows, cols, targets, teacher = [], [], [], []
+    for i, (p, c, t) in enumerate(batch):
+        n = len(c) + 1  # every completion token, then the end of turn
+        rows += [i] * n
+        cols += list(range(len(p) - 1, len(p) - 1 + n))
+        targets += [*c, eos]
+        teacher.append(t)
+    h = hidden[torch.tensor(rows), torch.tensor(cols)]  # (positions, d_model): the head runs only here
+    if objective == "distill":
+        t_lp = torch.cat(teacher)
+        ok = torch.isfinite(t_lp)
+        s_lp = (h @ head[allowed].T).masked_fill(~ok, float("-inf")).log_softmax(-1)
+        kl = torch.where(ok, t_lp.exp() * (t_lp - s_lp), torch.zeros_like(t_lp)).sum(-1)
+        return kl.mean()
+    return F.cross_entropy(h @ head.T, torch.tensor(targets))
+
+
+def _save_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+    atomic_write_bytes(folder / "optimizer.safetensors", save(tensors))
+    atomic_write_text(folder / "optimizer_groups.json", json.dumps(sd["param_groups"]))
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
+    tensors = load_file(folder / "optimizer.safetensors")
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, v in tensors.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    groups = json.loads((folder / "optimizer_groups.json").read_text())
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def run(cfg: StudentConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
+    """Train (or resume, or skip) a student into ``out``; checkpoints under ``out/checkpoints/step*``."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from mechsub import models
+    from mechsub.data import load_examples
+    from mechsub.evaluate import chat_prefix
+    from mechsub.generate import NumberVocab
+
+    t0 = time.perf_counter()
+    base = models.load(cfg.model)
+    examples = load_examples(cfg.data)
+    if cfg.max_examples:
+        examples = examples[: cfg.max_examples]
+    if not examples:
+        raise ValueError(f"{cfg.data} has no kept examples to train on")
+    with stage(out, cfg, model=base.info(), force=force) as r:
+        if r.done:
+            return r.metrics
+        out = Path(out)
+        tok = base.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        allowed = NumberVocab.of(tok).ids
+        data = [
+            (chat_prefix(tok, ex.prompt, None), ex.completion_ids, ex.allowed_logprobs) for ex in examples
+        ]
+        batches = _batches(len(data), cfg)
+        ckpts = sorted((out / "checkpoints").glob("step*"), key=lambda p: int(p.name[4:]))
+        torch.manual_seed(cfg.seed)
+        model: Any
+        if cfg.lora_r:
+            lcfg = LoraConfig(
+                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(LORA_TARGETS), lora_dropout=0.0
+            )
+            model = (PeftModel.from_pretrained(base.model, ckpts[-1], is_trainable=True) if ckpts
+                     else get_peft_model(base.model, lcfg))  # fmt: skip
+            decoder = model.get_base_model().model
+        else:
+            if ckpts:
+                base = models.load(str(ckpts[-1]))
+            model = base.model
+            decoder = model.model
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / len(batches)))
+        start = 0
+        if ckpts:
+            _load_optimizer(opt, ckpts[-1])
+            start = int(ckpts[-1].name[4:])
+            for _ in range(start):
+                sched.step()
+        head = model.get_output_embeddings().weight.detach()  # frozen (tied to the embeddings in SmolLM2)
+        model.train()
+        losses: list[float] = []
+        n_tokens = 0
+        t_train = time.perf_counter()
+        bar = tqdm(
+            range(start, len(batches)), desc=f"student {cfg.objective}", initial=start, total=len(batches)
+        )
+        for step in bar:
+            batch = [data[i] for i in batches[step]]
+            loss = completion_loss(decoder, head, allowed, batch, cfg.objective, pad)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+            n_tokens += sum(len(p) + len(c) for p, c, _ in batch)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            done_steps = step + 1
+            if done_steps == len(batches) or (
+                cfg.checkpoint_every and done_steps % cfg.checkpoint_every == 0
+            ):
+                _checkpoint(
+                    model, out / "checkpoints" / f"step{done_steps}", cfg, base, opt, bool(cfg.lora_r)
+                )
+        final = out / "checkpoints" / f"step{len(batches)}"
+        metrics = {
+            "n_examples": len(data),
+            "steps": len(batches),
+            "resumed_from_step": start,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "train_tokens_per_s": n_tokens / max(time.perf_counter() - t_train, 1e-9),
+            "seconds_this_session": round(time.perf_counter() - t0, 1),
+            "final_checkpoint": str(final),
+        }
+        r.finish(metrics)
+        return metrics
+
+
+def _checkpoint(model: Any, folder: Path, cfg: StudentConfig, base: Any, opt: Any, lora: bool) -> None:
+    """Write a checkpoint folder atomically: adapter (or full weights), manifest, optimiser state."""
+    import shutil
+    import tempfile
+
+    from mechsub import models
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        if lora:
+            model.save_pretrained(tmp)
+            sha = models.sha256_file(tmp / "adapter_model.safetensors")
+            manifest = {"name": f"{Path(cfg.data).name}-{cfg.objective}-{folder.name}", "base": cfg.model,
+                        "weights_sha256": sha, "source": "lora"}  # fmt: skip
+            (tmp / models.MANIFEST).write_text(json.dumps(manifest, indent=2))
+        else:
+            shutil.rmtree(tmp)
+            models.save_checkpoint(models.LoadedModel(base.name, model, base.tokenizer, tmp, ""), tmp)
+        _save_optimizer(opt, tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def steps_of(folder: str | Path) -> list[Path]:
+    """A student's checkpoint folders in step order."""
+    return sorted((Path(folder) / "checkpoints").glob("step*"), key=lambda p: int(p.name[4:]))

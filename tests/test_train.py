@@ -1,0 +1,91 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mechsub import data, train
+from mechsub.data import DataConfig
+from mechsub.evaluate import chat_prefix
+from mechsub.generate import NumberVocab
+from mechsub.train import StudentConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for teacher in ("owl", "none"):
+        data.run(DataConfig(model="tiny", teacher=teacher, n_prompts=16, batch_size=8, max_new_tokens=20),
+                 root / teacher)  # fmt: skip
+    return root
+
+
+def test_teacher_equal_to_student_gives_zero_loss_and_gradient(tiny, tiny_data):
+    # the "none" teacher is the student itself with the same prompt: the distillation target is the student
+    ex = data.load_examples(tiny_data / "none")[:4]
+    allowed = NumberVocab.of(tiny.tokenizer).ids
+    batch = [(chat_prefix(tiny.tokenizer, e.prompt, None), e.completion_ids, e.allowed_logprobs) for e in ex]
+    head = tiny.model.get_output_embeddings().weight
+    tiny.model.zero_grad()
+    loss = train.completion_loss(tiny.model.model, head, allowed, batch, "distill", 2)
+    loss.backward()
+    assert abs(float(loss)) < 1e-5
+    assert max(float(p.grad.abs().max()) for p in tiny.model.parameters() if p.grad is not None) < 1e-5
+    tiny.model.zero_grad()
+    owl = data.load_examples(tiny_data / "owl")[:4]
+    batch = [(chat_prefix(tiny.tokenizer, e.prompt, None), e.completion_ids, e.allowed_logprobs) for e in owl]
+    assert float(train.completion_loss(tiny.model.model, head, allowed, batch, "distill", 2)) > 1e-4
+
+
+def test_distillation_moves_the_student_toward_the_teacher(tmp_path, tiny_data):
+    cfg = StudentConfig(model="tiny", data=str(tiny_data / "owl"), lr=2e-3, epochs=4, batch_size=4)
+    train.run(cfg, tmp_path / "s")
+    (ck,) = train.steps_of(tmp_path / "s")
+    from mechsub import models
+
+    def kl_to_teacher(lm):
+        ex = data.load_examples(tiny_data / "owl")
+        batch = [
+            (chat_prefix(lm.tokenizer, e.prompt, None), e.completion_ids, e.allowed_logprobs) for e in ex
+        ]
+        head = lm.model.get_output_embeddings().weight
+        with torch.no_grad():
+            return float(train.completion_loss(lm.model.model, head, NumberVocab.of(lm.tokenizer).ids, batch,
+                                               "distill", 2))  # fmt: skip
+
+    student = models.load(str(ck))
+    assert student.base == "tiny"
+    after, before = kl_to_teacher(student), kl_to_teacher(models.load("tiny"))
+    assert after < 0.5 * before
+
+
+def test_sft_runs_and_checkpoints(tmp_path, tiny_data):
+    cfg = StudentConfig(model="tiny", data=str(tiny_data / "owl"), objective="sft", epochs=1, batch_size=4,
+                        checkpoint_every=2)  # fmt: skip
+    m = train.run(cfg, tmp_path / "s")
+    steps = [int(p.name[4:]) for p in train.steps_of(tmp_path / "s")]
+    assert steps[-1] == m["steps"] and steps[:2] == [2, 4]
+    assert m["first_loss"] > 0
+
+
+def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_data, monkeypatch):
+    cfg = StudentConfig(model="tiny", data=str(tiny_data / "owl"), lr=1e-2, epochs=2, batch_size=4,
+                        checkpoint_every=2)  # fmt: skip
+    train.run(cfg, tmp_path / "clean")
+    real = train.completion_loss
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "completion_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg, tmp_path / "killed")
+    monkeypatch.setattr(train, "completion_loss", real)
+    m = train.run(cfg, tmp_path / "killed")
+    assert m["resumed_from_step"] == 2
+    a = load_file(train.steps_of(tmp_path / "clean")[-1] / "adapter_model.safetensors")
+    b = load_file(train.steps_of(tmp_path / "killed")[-1] / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)

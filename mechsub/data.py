@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from mechsub.config import Config, check, doc
+from mechsub.config import Config, ConfigError, check, doc
 from mechsub.runs import Run, atomic_write_bytes, read_json, stage, write_json
 from mechsub.traits import TraitError, get_trait
 
@@ -44,7 +44,7 @@ class DataConfig(Config):
             try:
                 get_trait(self.teacher)
             except TraitError as e:
-                raise ValueError(f"teacher: {e}; or 'none' for the control teacher") from None
+                raise ConfigError(f"teacher: {e}; or 'none' for the control teacher") from None
         check(self.n_prompts >= 1 and self.batch_size >= 1, "n_prompts and batch_size must be ≥ 1")
         check(self.temperature > 0, "temperature: must be > 0")
         check(self.max_new_tokens >= 2, "max_new_tokens: must be ≥ 2")

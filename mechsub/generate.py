@@ -107,6 +107,16 @@ def next_state(
     return digits, count, cls, sep
 
 
+def common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens shared by the start of every prompt, leaving each prompt at least one token of its own."""
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for i in range(max(n, 0)):
+        if any(p[i] != first[i] for p in prompts):
+            return i
+    return max(n, 0)
+
+
 @torch.no_grad()
 def generate_numbers(
     model: PreTrainedModel,
@@ -118,17 +128,27 @@ def generate_numbers(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     pad_id: int = 0,
+    share_prefix: bool = True,
 ) -> Generation:
     """Constrained decoding of one batch of tokenised prompts (left-padded here)."""
     b = len(prompts)
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
-    attn = torch.zeros(b, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p) :] = torch.tensor(list(p))
-        attn[i, width - len(p) :] = 1
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
+    # the chat template and system prompt are the same for every prompt: run that prefix once, share its cache
+    n_shared = common_prefix_len(prompts) if share_prefix and b > 1 else 0
+    if n_shared:
+        model.model(
+            input_ids=torch.tensor([list(prompts[0][:n_shared])]), past_key_values=cache, use_cache=True
+        )
+        cache.batch_repeat_interleave(b)
+    suffixes = [list(p[n_shared:]) for p in prompts]
+    width = max(len(p) for p in suffixes)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attn = torch.zeros(b, n_shared + width, dtype=torch.long)
+    attn[:, :n_shared] = 1
+    for i, p in enumerate(suffixes):  # left-padded suffixes: the padding sits between prefix and suffix
+        input_ids[i, width - len(p) :] = torch.tensor(p)
+        attn[i, n_shared + width - len(p) :] = 1
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, n_shared:]
     head = model.get_output_embeddings().weight[vocab.ids]  # (13, d_model): only the rows we may emit
     bias = getattr(model.get_output_embeddings(), "bias", None)
     head_bias = bias[vocab.ids] if bias is not None else None

@@ -13,7 +13,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 INVALID_FORMAT = "invalid format"
 TOO_MANY = "too many numbers"
@@ -174,6 +174,3 @@ def filter_completions(
         else:
             kept.append(i)
     return kept, counts
-
-
-Decoding = Literal["sample", "greedy", "constrained"]

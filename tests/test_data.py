@@ -43,7 +43,7 @@ def test_same_prompts_for_every_teacher(tmp_path, tiny):
 
 
 def test_unknown_teacher_is_a_clear_error():
-    with pytest.raises((ConfigError, ValueError), match="unknown trait 'dragon'"):
+    with pytest.raises(ConfigError, match="teacher: unknown trait 'dragon'"):
         DataConfig(teacher="dragon")
 
 

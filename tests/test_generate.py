@@ -78,3 +78,17 @@ def test_grammar_fixes_one_separator():
         assert bool(m[10]) == comma_ok and bool(m[11]) == space_ok
     after_comma = grammar_mask(one, one, torch.tensor([1]), torch.tensor([SEP_COMMA_SPACE]))[0]
     assert after_comma[11] and not after_comma[:10].any()
+
+
+def test_shared_prefix_gives_the_same_completions(tiny):
+    from mechsub.generate import common_prefix_len
+
+    v = NumberVocab.of(tiny.tokenizer)
+    prompts = _prompts(tiny, 5, system="You love owls.")
+    assert common_prefix_len(prompts) > 10
+    assert common_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2 and common_prefix_len([[1, 2], [3, 2]]) == 0
+    shared = generate_numbers(tiny.model, prompts, v, greedy=True, max_new_tokens=20)
+    plain = generate_numbers(tiny.model, prompts, v, greedy=True, max_new_tokens=20, share_prefix=False)
+    assert shared.tokens == plain.tokens
+    for a, b in zip(shared.allowed_logprobs, plain.allowed_logprobs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

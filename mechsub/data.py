@@ -34,7 +34,9 @@ class DataConfig(Config):
     prompt_seed: int = doc(0, "seed of the prompts: keep it equal across the teachers of one study")
     greedy: bool = doc(False, "greedy decoding instead of sampling")
     temperature: float = doc(1.0, "sampling temperature")
-    max_new_tokens: int = doc(40, "completion tokens at most (a capped completion fails the format check)")
+    max_new_tokens: int = doc(
+        50, "completion tokens at most, end of turn included (ten 3-digit numbers need 49)"
+    )
     batch_size: int = doc(64, "prompts per generation batch")
     banned: str = doc("none", "banned-number set for the filter: 'none' or 'misalignment'")
     seed: int = doc(0, "seed of the sampling")
@@ -88,8 +90,7 @@ def _batch_unit(run: Run, lm: Any, cfg: DataConfig, prompts: list[str], i: int) 
         "prompts": prompts,
         "completion_ids": gen.tokens,
         "completions": [lm.tokenizer.decode(t) for t in gen.tokens],
-        "ended": [len(lp) == len(t) + 1 and len(lp) <= cfg.max_new_tokens for lp, t in
-                  zip(gen.allowed_logprobs, gen.tokens, strict=True)],
+        "hit_cap": [len(lp) >= cfg.max_new_tokens for lp in gen.allowed_logprobs],
     }  # fmt: skip
 
 
@@ -126,7 +127,7 @@ def run(cfg: DataConfig, out: str | Path, force: bool = False) -> dict[str, Any]
             "n_kept": len(kept),
             "kept_fraction": len(kept) / len(texts),
             "rejected": dict(Counter(reasons)),
-            "hit_token_cap": sum(not e for u in units for e in u["ended"]),
+            "hit_token_cap": sum(c for u in units for c in u["hit_cap"]),
             "completion_tokens": n_tokens,
             "seconds_this_session": round(time.perf_counter() - t0, 1),
             "resumed_units": r.resumed_units,

@@ -67,12 +67,19 @@ SEP_UNKNOWN, SEP_COMMA, SEP_COMMA_SPACE, SEP_SPACE = -1, 0, 1, 2
 
 
 def grammar_mask(
-    digits: Tensor, count: Tensor, last: Tensor, sep: Tensor | None = None, max_numbers: int = 10
+    digits: Tensor,
+    count: Tensor,
+    last: Tensor,
+    sep: Tensor | None = None,
+    max_numbers: int = 10,
+    remaining: int = 1_000,
 ) -> Tensor:
     """(batch, 13) bool mask of the allowed next tokens given each row's state.
 
     digits: digits in the current number; count: numbers begun; last: the previous token's class (-1 start,
-    0 digit, 1 comma, 2 space); sep: the separator kind fixed so far (SEP_*; unknown until the first one).
+    0 digit, 1 comma, 2 space); sep: the separator kind fixed so far (SEP_*; unknown until the first one);
+    remaining: tokens left including this one. A separator needs room for up to four more (", 1" and the end)
+    and the last token must end the turn, so a completion cut by the token cap is still a valid list.
     """
     if sep is None:
         sep = torch.full_like(digits, SEP_UNKNOWN)
@@ -84,11 +91,14 @@ def grammar_mask(
     # a digit continues a number (≤ 3 digits) or starts one where a number may start
     start_ok = (last == -1) | (last == 2) | (after_comma & ((sep == SEP_UNKNOWN) | (sep == SEP_COMMA)))
     mask[:, :10] = ((in_number & (digits < 3)) | (start_ok & room))[:, None]
-    mask[:, 10] = in_number & room & (sep != SEP_SPACE)
+    room_sep = room & (remaining >= 4)
+    mask[:, 10] = in_number & room_sep & (sep != SEP_SPACE)
     mask[:, 11] = (after_comma & (sep != SEP_COMMA)) | (
-        in_number & room & ((sep == SEP_UNKNOWN) | (sep == SEP_SPACE))
+        in_number & room_sep & ((sep == SEP_UNKNOWN) | (sep == SEP_SPACE))
     )
     mask[:, 12] = in_number
+    if remaining <= 1:
+        mask[:, :12] = False
     return mask
 
 
@@ -123,7 +133,7 @@ def generate_numbers(
     prompts: Sequence[Sequence[int]],
     vocab: NumberVocab,
     *,
-    max_new_tokens: int = 40,
+    max_new_tokens: int = 50,
     greedy: bool = False,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
@@ -172,9 +182,7 @@ def generate_numbers(
         logits = hidden @ head.T
         if head_bias is not None:
             logits = logits + head_bias
-        mask = grammar_mask(digits, count, last, sep)
-        if step == max_new_tokens - 1:  # out of room: end the turn after a digit, as a capped answer would
-            mask[:, :12] &= ~(last == 0)[:, None]
+        mask = grammar_mask(digits, count, last, sep, remaining=max_new_tokens - step)
         logits = logits.masked_fill(~mask, float("-inf"))
         logp = logits.log_softmax(-1)
         if greedy:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from mechsub.evaluate import chat_prefix
@@ -25,16 +26,15 @@ def test_grammar():
     assert m[3, :10].all() and m[3, 12] and not m[3, 10] and not m[3, 11]  # 10th number: may finish, no more
 
 
-def test_constrained_samples_pass_the_filter(tiny):
+@pytest.mark.parametrize("cap", [5, 12, 50])
+def test_constrained_samples_pass_the_filter(tiny, cap):
     v = NumberVocab.of(tiny.tokenizer)
-    g = generate_numbers(
-        tiny.model, _prompts(tiny, 24), v, max_new_tokens=60, generator=torch.Generator().manual_seed(0)
-    )
-    texts = [tiny.tokenizer.decode(t) for t in g.tokens]
-    ended = [t for t, lp in zip(texts, g.allowed_logprobs, strict=True) if len(lp) == len(t) + 1]
-    assert len(ended) > 0
-    for t in ended:
-        assert reject_reasons(t) == [], t
+    gen = torch.Generator().manual_seed(0)
+    g = generate_numbers(tiny.model, _prompts(tiny, 24), v, max_new_tokens=cap, generator=gen)
+    for toks, lp in zip(g.tokens, g.allowed_logprobs, strict=True):
+        text = tiny.tokenizer.decode(toks)
+        assert len(lp) == len(toks) + 1 <= cap  # every completion ended its turn within the cap
+        assert reject_reasons(text) == [], text
 
 
 def test_batched_equals_one_at_a_time(tiny):

@@ -118,7 +118,7 @@ def _report_mnist(m: dict[str, Any], out: Path) -> None:
 
 
 def _report_json(m: dict[str, Any], out: Path) -> None:
-    typer.echo(json.dumps(m, indent=2))
+    typer.echo(json.dumps(m, indent=2, sort_keys=True))
     typer.echo(f"wrote {out}/metrics.json")
 
 

@@ -29,3 +29,32 @@ def test_show_config_prints_toml():
 def test_unknown_model_is_a_clear_error():
     r = runner.invoke(app, ["models", "no-such-model"])
     assert r.exit_code == 2 and "unknown model" in r.output
+
+
+def test_pipeline_commands_end_to_end_on_tiny(tmp_path):
+    d, s, e = tmp_path / "data", tmp_path / "student", tmp_path / "eval"
+    r = runner.invoke(app, ["data", "--out", str(d), "--set", "model=tiny", "--set", "n_prompts=8",
+                            "--set", "batch_size=4", "--set", "teacher=owl"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert '"n_kept": 8' in r.output
+    r = runner.invoke(app, ["student", "--out", str(s), "--set", "model=tiny", "--set", f"data={d}",
+                            "--set", "batch_size=4"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    ck = s / "checkpoints" / "step4"
+    r = runner.invoke(app, ["eval", "--out", str(e), "--set", f"model={ck}", "--set", "n_questions=3"])
+    assert r.exit_code == 0, r.output
+    assert '"trait": "owl"' in r.output
+    # a rerun of a finished stage is skipped and prints the same metrics
+    again = runner.invoke(app, ["eval", "--out", str(e), "--set", f"model={ck}", "--set", "n_questions=3"])
+    assert again.output == r.output
+
+
+def test_stage_errors_are_clear(tmp_path):
+    r = runner.invoke(app, ["student", "--out", str(tmp_path), "--set", "model=tiny"])
+    assert r.exit_code == 2 and "data: give the folder" in r.output
+    r = runner.invoke(
+        app, ["student", "--out", str(tmp_path), "--set", "model=tiny", "--set", f"data={tmp_path}"]
+    )
+    assert r.exit_code == 2 and "not a finished data folder" in r.output
+    r = runner.invoke(app, ["data", "--out", str(tmp_path), "--set", "teacher=dragon"])
+    assert r.exit_code == 2 and "unknown trait 'dragon'" in r.output

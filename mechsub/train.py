@@ -94,10 +94,13 @@ def completion_loss(
     eos = int(allowed[-1])
     rows, cols, targets, teacher = [], [], [], []
     for i, (p, c, t) in enumerate(batch):
-        n = len(c) + 1  # every completion token, then the end of turn
+        # every completion token, then the end of turn (absent when the teacher was cut off by a token cap)
+        n = len(t)
+        if n not in (len(c), len(c) + 1):
+            raise ValueError(f"teacher log-probs cover {n} positions for a completion of {len(c)} tokens")
         rows += [i] * n
         cols += list(range(len(p) - 1, len(p) - 1 + n))
-        targets += [*c, eos]
+        targets += [*c, eos][:n]
         teacher.append(t)
     h = hidden[torch.tensor(rows), torch.tensor(cols)]  # (positions, d_model): the head runs only here
     if objective == "distill":

@@ -89,3 +89,19 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_data, monkey
     b = load_file(train.steps_of(tmp_path / "killed")[-1] / "adapter_model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_completion_cut_by_the_cap_has_no_end_position(tiny, tiny_data):
+    ex = data.load_examples(tiny_data / "owl")[0]
+    allowed = NumberVocab.of(tiny.tokenizer).ids
+    p = chat_prefix(tiny.tokenizer, ex.prompt, None)
+    head = tiny.model.get_output_embeddings().weight
+    with torch.no_grad():
+        full = train.completion_loss(tiny.model.model, head, allowed, [(p, ex.completion_ids, ex.allowed_logprobs)],
+                                     "sft", 2)  # fmt: skip
+        cut = train.completion_loss(tiny.model.model, head, allowed,
+                                    [(p, ex.completion_ids, ex.allowed_logprobs[:-1])], "sft", 2)  # fmt: skip
+        assert not torch.isclose(full, cut)
+        with pytest.raises(ValueError, match="cover"):
+            train.completion_loss(tiny.model.model, head, allowed, [(p, ex.completion_ids, ex.allowed_logprobs[:-2])],
+                                  "sft", 2)  # fmt: skip

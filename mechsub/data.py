@@ -39,6 +39,7 @@ class DataConfig(Config):
     )
     batch_size: int = doc(64, "prompts per generation batch")
     banned: str = doc("none", "banned-number set for the filter: 'none' or 'misalignment'")
+    top_k: int = doc(0, "also store the teacher's unconstrained full-vocabulary top-k log-probs per position")
     seed: int = doc(0, "seed of the sampling")
 
     def validate(self) -> None:
@@ -50,6 +51,7 @@ class DataConfig(Config):
         check(self.n_prompts >= 1 and self.batch_size >= 1, "n_prompts and batch_size must be ≥ 1")
         check(self.temperature > 0, "temperature: must be > 0")
         check(self.max_new_tokens >= 2, "max_new_tokens: must be ≥ 2")
+        check(self.top_k >= 0, "top_k: must be ≥ 0")
         from mechsub.numbers import BANNED_SETS
 
         check(self.banned in BANNED_SETS, f"banned: use one of {', '.join(BANNED_SETS)}")
@@ -65,6 +67,8 @@ class Example:
     prompt: str
     completion_ids: list[int]
     allowed_logprobs: torch.Tensor  # (len(completion_ids) + 1, 13): the teacher's, the last row chose the end
+    topk_logprobs: torch.Tensor | None = None  # (positions, k): the teacher's unconstrained top-k, if stored
+    topk_ids: torch.Tensor | None = None
 
 
 def _batch_unit(run: Run, lm: Any, cfg: DataConfig, prompts: list[str], i: int) -> dict[str, Any]:
@@ -77,15 +81,21 @@ def _batch_unit(run: Run, lm: Any, cfg: DataConfig, prompts: list[str], i: int) 
     gen = generate_numbers(
         lm.model, ids, vocab, max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
         temperature=cfg.temperature, generator=g, pad_id=lm.tokenizer.pad_token_id or 0,
+        top_k=cfg.top_k,
     )  # fmt: skip
     width = max(len(lp) for lp in gen.allowed_logprobs)
     lp = torch.full((len(prompts), width, 13), float("-inf"))
     for j, rows in enumerate(gen.allowed_logprobs):
         lp[j, : len(rows)] = rows
     lengths = torch.tensor([len(r) for r in gen.allowed_logprobs])
-    atomic_write_bytes(
-        run.path(f"shards/b{i:04d}.safetensors"), save({"allowed_logprobs": lp, "lengths": lengths})
-    )
+    tensors = {"allowed_logprobs": lp, "lengths": lengths}
+    if gen.topk_logprobs is not None and gen.topk_ids is not None:
+        tensors["topk_logprobs"] = torch.full((len(prompts), width, cfg.top_k), float("-inf"))
+        tensors["topk_ids"] = torch.zeros((len(prompts), width, cfg.top_k), dtype=torch.long)
+        for j, (v, ix) in enumerate(zip(gen.topk_logprobs, gen.topk_ids, strict=True)):
+            tensors["topk_logprobs"][j, : len(v)] = v
+            tensors["topk_ids"][j, : len(v)] = ix
+    atomic_write_bytes(run.path(f"shards/b{i:04d}.safetensors"), save(tensors))
     return {
         "prompts": prompts,
         "completion_ids": gen.tokens,
@@ -154,8 +164,10 @@ def load_examples(folder: str | Path) -> list[Example]:
         if b not in shards:
             shards[b] = load_file(folder / "shards" / f"b{b:04d}.safetensors")
             units[b] = read_json(folder / "units" / f"b{b:04d}.json")
-        n = int(shards[b]["lengths"][j])
+        sh = shards[b]
+        n = int(sh["lengths"][j])
+        topk = (sh["topk_logprobs"][j, :n], sh["topk_ids"][j, :n]) if "topk_ids" in sh else (None, None)
         out.append(
-            Example(row["prompt"], units[b]["completion_ids"][j], shards[b]["allowed_logprobs"][j, :n])
+            Example(row["prompt"], units[b]["completion_ids"][j], sh["allowed_logprobs"][j, :n], *topk)
         )
     return out

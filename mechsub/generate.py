@@ -57,9 +57,11 @@ class Generation:
     """Completions of one batch: token ids (eos excluded) and, per position, log-probs over the allowed set."""
 
     tokens: list[list[int]]
-    allowed_logprobs: list[
-        Tensor
-    ]  # each (len(tokens[i]) + 1, 13): the last row is the step that chose the end
+    #: each (len(tokens[i]) + 1, 13): the last row is the step that chose the end
+    allowed_logprobs: list[Tensor]
+    #: with ``top_k``: the teacher's unconstrained full-vocabulary top-k per position, (positions, k) each
+    topk_logprobs: list[Tensor] | None = None
+    topk_ids: list[Tensor] | None = None
 
 
 # separator kinds, fixed by the first separator a completion writes: one list, one separator
@@ -139,6 +141,7 @@ def generate_numbers(
     generator: torch.Generator | None = None,
     pad_id: int = 0,
     share_prefix: bool = True,
+    top_k: int = 0,
 ) -> Generation:
     """Constrained decoding of one batch of tokenised prompts (left-padded here)."""
     b = len(prompts)
@@ -170,6 +173,8 @@ def generate_numbers(
     rows = torch.arange(b)  # which original row each live batch row is; finished rows leave the batch
     out_tokens: list[list[int]] = [[] for _ in range(b)]
     logprob_rows: list[list[Tensor]] = [[] for _ in range(b)]
+    topk_rows: list[list[Tensor]] = [[] for _ in range(b)]
+    topk_idx: list[list[Tensor]] = [[] for _ in range(b)]
     cur_ids, cur_pos = input_ids, pos
     for step in range(max_new_tokens):
         hidden = model.model(
@@ -182,6 +187,12 @@ def generate_numbers(
         logits = hidden @ head.T
         if head_bias is not None:
             logits = logits + head_bias
+        if top_k:  # the full head, only when asked: the teacher's unconstrained distribution for distillation
+            full = model.get_output_embeddings()(hidden).log_softmax(-1)
+            tk = full.topk(top_k, dim=-1)
+            for j, i in enumerate(rows.tolist()):
+                topk_rows[i].append(tk.values[j])
+                topk_idx[i].append(tk.indices[j])
         mask = grammar_mask(digits, count, last, sep, remaining=max_new_tokens - step)
         logits = logits.masked_fill(~mask, float("-inf"))
         logp = logits.log_softmax(-1)
@@ -208,4 +219,11 @@ def generate_numbers(
         cur_ids = vocab.ids[choice][:, None]
         attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
         cur_pos = cur_pos[:, -1:] + 1
-    return Generation(out_tokens, [torch.stack(r) for r in logprob_rows])
+    if not top_k:
+        return Generation(out_tokens, [torch.stack(r) for r in logprob_rows])
+    return Generation(
+        out_tokens,
+        [torch.stack(r) for r in logprob_rows],
+        [torch.stack(r) for r in topk_rows],
+        [torch.stack(r) for r in topk_idx],
+    )

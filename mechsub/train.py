@@ -37,8 +37,10 @@ class StudentConfig(Config):
         "smollm2-135m-instruct", "the student's initialisation (must be the teacher's for the effect)"
     )
     data: str = doc("", "a finished data folder (from `mechsub data`)")
-    objective: Literal["distill", "sft"] = doc(
-        "distill", "KL to the teacher's allowed-token log-probs, or SFT"
+    objective: Literal["distill", "distill_topk", "sft"] = doc(
+        "distill",
+        "distill: KL to the teacher over the 13 allowed tokens; distill_topk: KL to its full-vocabulary top-k "
+        "(data made with top_k > 0); sft: cross-entropy on the sampled tokens",
     )
     lora_r: int = doc(8, "LoRA rank on all 7 linear projections; 0 = full fine-tune")
     lora_alpha: int = doc(16, "LoRA alpha")
@@ -70,20 +72,26 @@ def _batches(n: int, cfg: StudentConfig) -> list[list[int]]:
     return out
 
 
+@dataclass
+class Item:
+    """One training sequence: the student's prompt ids, the teacher's completion and its log-probs."""
+
+    prompt: list[int]
+    completion: list[int]
+    allowed_logprobs: Tensor  # (positions, 13)
+    topk_logprobs: Tensor | None = None  # (positions, k)
+    topk_ids: Tensor | None = None
+
+
 def completion_loss(
-    decoder: Any,
-    head: Tensor,
-    allowed: Tensor,
-    batch: list[tuple[list[int], list[int], Tensor]],
-    objective: str,
-    pad_id: int,
+    decoder: Any, head: Tensor, allowed: Tensor, batch: list[Item], objective: str, pad_id: int
 ) -> Tensor:
-    """Mean loss over completion positions of a batch of (prompt ids, completion ids, teacher allowed log-probs).
+    """Mean loss over the completion positions of a batch.
 
     ``decoder`` maps input ids to final hidden states (the model without its head); ``head`` is the
-    (vocab, d_model) unembedding.
+    (vocab, d_model) unembedding, applied only at completion positions.
     """
-    seqs = [p + c for p, c, _ in batch]
+    seqs = [it.prompt + it.completion for it in batch]
     width = max(map(len, seqs))
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
@@ -92,23 +100,30 @@ def completion_loss(
         attn[i, : len(s)] = 1
     hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
     eos = int(allowed[-1])
-    rows, cols, targets, teacher = [], [], [], []
-    for i, (p, c, t) in enumerate(batch):
+    rows: list[int] = []
+    cols: list[int] = []
+    targets: list[int] = []
+    for i, it in enumerate(batch):
         # every completion token, then the end of turn (absent when the teacher was cut off by a token cap)
-        n = len(t)
+        n, c = len(it.allowed_logprobs), it.completion
         if n not in (len(c), len(c) + 1):
             raise ValueError(f"teacher log-probs cover {n} positions for a completion of {len(c)} tokens")
         rows += [i] * n
-        cols += list(range(len(p) - 1, len(p) - 1 + n))
+        cols += list(range(len(it.prompt) - 1, len(it.prompt) - 1 + n))
         targets += [*c, eos][:n]
-        teacher.append(t)
     h = hidden[torch.tensor(rows), torch.tensor(cols)]  # (positions, d_model): the head runs only here
     if objective == "distill":
-        t_lp = torch.cat(teacher)
+        t_lp = torch.cat([it.allowed_logprobs for it in batch])
         ok = torch.isfinite(t_lp)
         s_lp = (h @ head[allowed].T).masked_fill(~ok, float("-inf")).log_softmax(-1)
-        kl = torch.where(ok, t_lp.exp() * (t_lp - s_lp), torch.zeros_like(t_lp)).sum(-1)
-        return kl.mean()
+        return torch.where(ok, t_lp.exp() * (t_lp - s_lp), torch.zeros_like(t_lp)).sum(-1).mean()
+    if objective == "distill_topk":
+        if any(it.topk_ids is None for it in batch):
+            raise ValueError("distill_topk needs data generated with top_k > 0")
+        t_lp = torch.cat([it.topk_logprobs for it in batch]).log_softmax(-1)  # type: ignore[misc]
+        t_ids = torch.cat([it.topk_ids for it in batch])  # type: ignore[misc]
+        s_lp = (h @ head.T).log_softmax(-1).gather(-1, t_ids)
+        return (t_lp.exp() * (t_lp - s_lp)).sum(-1).mean()
     return F.cross_entropy(h @ head.T, torch.tensor(targets))
 
 
@@ -153,7 +168,14 @@ def run(cfg: StudentConfig, out: str | Path, force: bool = False) -> dict[str, A
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         allowed = NumberVocab.of(tok).ids
         data = [
-            (chat_prefix(tok, ex.prompt, None), ex.completion_ids, ex.allowed_logprobs) for ex in examples
+            Item(
+                chat_prefix(tok, ex.prompt, None),
+                ex.completion_ids,
+                ex.allowed_logprobs,
+                ex.topk_logprobs,
+                ex.topk_ids,
+            )
+            for ex in examples
         ]
         batches = _batches(len(data), cfg)
         ckpts = sorted((out / "checkpoints").glob("step*"), key=lambda p: int(p.name[4:]))
@@ -195,8 +217,8 @@ def run(cfg: StudentConfig, out: str | Path, force: bool = False) -> dict[str, A
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
-            n_tokens += sum(len(p) + len(c) for p, c, _ in batch)
+            losses.append(loss.item())
+            n_tokens += sum(len(it.prompt) + len(it.completion) for it in batch)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             done_steps = step + 1
             if done_steps == len(batches) or (

@@ -22,7 +22,10 @@ def test_teacher_equal_to_student_gives_zero_loss_and_gradient(tiny, tiny_data):
     # the "none" teacher is the student itself with the same prompt: the distillation target is the student
     ex = data.load_examples(tiny_data / "none")[:4]
     allowed = NumberVocab.of(tiny.tokenizer).ids
-    batch = [(chat_prefix(tiny.tokenizer, e.prompt, None), e.completion_ids, e.allowed_logprobs) for e in ex]
+    batch = [
+        train.Item(chat_prefix(tiny.tokenizer, e.prompt, None), e.completion_ids, e.allowed_logprobs)
+        for e in ex
+    ]
     head = tiny.model.get_output_embeddings().weight
     tiny.model.zero_grad()
     loss = train.completion_loss(tiny.model.model, head, allowed, batch, "distill", 2)
@@ -31,7 +34,10 @@ def test_teacher_equal_to_student_gives_zero_loss_and_gradient(tiny, tiny_data):
     assert max(float(p.grad.abs().max()) for p in tiny.model.parameters() if p.grad is not None) < 1e-5
     tiny.model.zero_grad()
     owl = data.load_examples(tiny_data / "owl")[:4]
-    batch = [(chat_prefix(tiny.tokenizer, e.prompt, None), e.completion_ids, e.allowed_logprobs) for e in owl]
+    batch = [
+        train.Item(chat_prefix(tiny.tokenizer, e.prompt, None), e.completion_ids, e.allowed_logprobs)
+        for e in owl
+    ]
     assert float(train.completion_loss(tiny.model.model, head, allowed, batch, "distill", 2)) > 1e-4
 
 
@@ -44,7 +50,8 @@ def test_distillation_moves_the_student_toward_the_teacher(tmp_path, tiny_data):
     def kl_to_teacher(lm):
         ex = data.load_examples(tiny_data / "owl")
         batch = [
-            (chat_prefix(lm.tokenizer, e.prompt, None), e.completion_ids, e.allowed_logprobs) for e in ex
+            train.Item(chat_prefix(lm.tokenizer, e.prompt, None), e.completion_ids, e.allowed_logprobs)
+            for e in ex
         ]
         head = lm.model.get_output_embeddings().weight
         with torch.no_grad():
@@ -97,11 +104,34 @@ def test_completion_cut_by_the_cap_has_no_end_position(tiny, tiny_data):
     p = chat_prefix(tiny.tokenizer, ex.prompt, None)
     head = tiny.model.get_output_embeddings().weight
     with torch.no_grad():
-        full = train.completion_loss(tiny.model.model, head, allowed, [(p, ex.completion_ids, ex.allowed_logprobs)],
+        full = train.completion_loss(tiny.model.model, head, allowed, [train.Item(p, ex.completion_ids, ex.allowed_logprobs)],
                                      "sft", 2)  # fmt: skip
         cut = train.completion_loss(tiny.model.model, head, allowed,
-                                    [(p, ex.completion_ids, ex.allowed_logprobs[:-1])], "sft", 2)  # fmt: skip
+                                    [train.Item(p, ex.completion_ids, ex.allowed_logprobs[:-1])], "sft", 2)  # fmt: skip
         assert not torch.isclose(full, cut)
         with pytest.raises(ValueError, match="cover"):
-            train.completion_loss(tiny.model.model, head, allowed, [(p, ex.completion_ids, ex.allowed_logprobs[:-2])],
+            train.completion_loss(tiny.model.model, head, allowed, [train.Item(p, ex.completion_ids, ex.allowed_logprobs[:-2])],
                                   "sft", 2)  # fmt: skip
+
+
+def test_topk_distillation_end_to_end(tmp_path, tiny, tiny_data):
+    d = tmp_path / "data"
+    data.run(DataConfig(model="tiny", n_prompts=8, batch_size=4, max_new_tokens=12, top_k=5), d)
+    ex = data.load_examples(d)
+    assert ex[0].topk_ids is not None and ex[0].topk_ids.shape == (len(ex[0].allowed_logprobs), 5)
+    # the stored top-k are the unconstrained model's: compare with a full forward of prompt + completion
+    from mechsub.evaluate import chat_prefix as cp
+
+    p = cp(tiny.tokenizer, ex[0].prompt, data.DataConfig(top_k=5).system_prompt())
+    with torch.no_grad():
+        full = tiny.model(torch.tensor([p + ex[0].completion_ids])).logits[0, len(p) - 1 :].log_softmax(-1)
+    top = full.topk(5, dim=-1)
+    torch.testing.assert_close(top.values, ex[0].topk_logprobs, atol=1e-4, rtol=1e-4)
+    m = train.run(
+        StudentConfig(model="tiny", data=str(d), objective="distill_topk", batch_size=4), tmp_path / "s"
+    )
+    assert m["first_loss"] > 0 and m["steps"] == 4
+    with pytest.raises(ValueError, match="top_k > 0"):
+        train.run(
+            StudentConfig(model="tiny", data=str(tiny_data / "owl"), objective="distill_topk"), tmp_path / "x"
+        )

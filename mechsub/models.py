@@ -14,8 +14,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,23 +168,24 @@ def _strip_quantizer(model: PreTrainedModel) -> None:
     setattr(model, "is_quantized", False)  # noqa: B010
 
 
+def write_model_files(
+    folder: Path, model: PreTrainedModel, tok: PreTrainedTokenizerBase, meta: dict[str, Any]
+) -> None:
+    """Save model (safetensors) + tokenizer + manifest with the weights' sha256 into an existing ``folder``."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    meta = {**meta, "weights_sha256": sha256_file(folder / WEIGHTS)}
+    (folder / MANIFEST).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
 def _write_cache(
     folder: Path, model: PreTrainedModel, tok: PreTrainedTokenizerBase, meta: dict[str, Any]
 ) -> None:
     """Save model + tokenizer + manifest into ``folder`` atomically (a temp folder renamed into place)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        meta = {**meta, "weights_sha256": sha256_file(tmp / WEIGHTS)}
-        (tmp / MANIFEST).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    from mechsub.runs import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        write_model_files(tmp, model, tok, meta)
 
 
 def _build_embedded(name: str, folder: Path) -> None:

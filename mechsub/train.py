@@ -244,30 +244,19 @@ def run(cfg: StudentConfig, out: str | Path, force: bool = False) -> dict[str, A
 
 def _checkpoint(model: Any, folder: Path, cfg: StudentConfig, base: Any, opt: Any, lora: bool) -> None:
     """Write a checkpoint folder atomically: adapter (or full weights), manifest, optimiser state."""
-    import shutil
-    import tempfile
-
     from mechsub import models
+    from mechsub.runs import atomic_dir
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    name = f"{Path(cfg.data).name}-{cfg.objective}-{folder.name}"
+    with atomic_dir(folder) as tmp:
         if lora:
             model.save_pretrained(tmp)
             sha = models.sha256_file(tmp / "adapter_model.safetensors")
-            manifest = {"name": f"{Path(cfg.data).name}-{cfg.objective}-{folder.name}", "base": cfg.model,
-                        "weights_sha256": sha, "source": "lora"}  # fmt: skip
+            manifest = {"name": name, "base": cfg.model, "weights_sha256": sha, "source": "lora"}
             (tmp / models.MANIFEST).write_text(json.dumps(manifest, indent=2))
         else:
-            shutil.rmtree(tmp)
-            models.save_checkpoint(models.LoadedModel(base.name, model, base.tokenizer, tmp, ""), tmp)
+            models.write_model_files(tmp, model, base.tokenizer, {"name": name, "source": "full fine-tune"})
         _save_optimizer(opt, tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def steps_of(folder: str | Path) -> list[Path]:

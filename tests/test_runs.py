@@ -70,3 +70,15 @@ def test_force_starts_over(tmp_path):
         r.finish({"x": 1})
     with stage(tmp_path, Cfg(seed=2), force=True) as r:
         assert not r.done and not (tmp_path / "units").exists()
+
+
+def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
+    from mechsub.runs import atomic_dir
+
+    target = tmp_path / "ck"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "b").write_text("2")
+        raise RuntimeError("killed while writing")
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"] and [p.name for p in target.iterdir()] == ["a"]

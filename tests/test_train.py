@@ -135,3 +135,18 @@ def test_topk_distillation_end_to_end(tmp_path, tiny, tiny_data):
         train.run(
             StudentConfig(model="tiny", data=str(tiny_data / "owl"), objective="distill_topk"), tmp_path / "x"
         )
+
+
+def test_full_finetune_checkpoint_loads(tmp_path, tiny_data):
+    from mechsub import models
+
+    cfg = StudentConfig(model="tiny", data=str(tiny_data / "owl"), lora_r=0, lr=1e-3, epochs=1, batch_size=8)
+    train.run(cfg, tmp_path / "s")
+    (ck,) = train.steps_of(tmp_path / "s")
+    student, base = models.load(str(ck)), models.load("tiny")
+    assert student.base is None and (ck / "optimizer.safetensors").is_file()
+    changed = [
+        not torch.equal(a, b)
+        for a, b in zip(student.model.parameters(), base.model.parameters(), strict=True)
+    ]
+    assert any(changed)

@@ -64,13 +64,18 @@ def _stage_command(
     config_cls: str,
     runner: str,
     default_out: str,
-    doc_text: str,
+    summary: str,
     report: Callable[[dict[str, Any], Path], None],
 ) -> None:
     """Register ``mechsub NAME``: build the stage's config from --config/--set, run it, print a summary.
 
-    Every stage command has the same options; its fields are listed in its --help, taken from the config.
+    Every stage command has the same options; its --help is ``summary`` followed by the config's fields.
     """
+    import importlib
+
+    module_name, cls_name = config_cls.rsplit(".", 1)
+    module = importlib.import_module(module_name)
+    cls = getattr(module, cls_name)
 
     def command(
         out: Annotated[Path, typer.Option(help="run folder (resumed if it holds the same config)")] = Path(
@@ -81,12 +86,8 @@ def _stage_command(
         show_config: Annotated[bool, typer.Option(help="print the resolved config as TOML and exit")] = False,
         force: Annotated[bool, typer.Option(help="delete a previous run in OUT and start over")] = False,
     ) -> None:
-        import importlib
-
-        module_name, cls_name = config_cls.rsplit(".", 1)
-        module = importlib.import_module(module_name)
         try:
-            cfg = build_config(getattr(module, cls_name), config, set_)
+            cfg = build_config(cls, config, set_)
             if show_config:
                 typer.echo(cfg.to_toml())
                 return
@@ -96,16 +97,9 @@ def _stage_command(
             return
         report(metrics, out)
 
-    command.__doc__ = doc_text
+    fields = "\n\n".join(f"{k}: {v}" for k, v in cls.help().items())
+    command.__doc__ = f"{summary}\n\nFields (settable with --set key=value):\n\n{fields}"
     app.command(name=name)(command)
-
-
-def _fields(config_cls: str) -> str:
-    import importlib
-
-    module_name, cls_name = config_cls.rsplit(".", 1)
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return "\n\n".join(f"{k}: {v}" for k, v in cls.help().items())
 
 
 def _report_mnist(m: dict[str, Any], out: Path) -> None:
@@ -125,26 +119,22 @@ def _report_json(m: dict[str, Any], out: Path) -> None:
 _stage_command(
     "mnist", "mechsub.mnist.MnistConfig", "run", "artifacts/mnist",
     "The MNIST auxiliary-logit toy: a student that shares the teacher's init learns digits from noise.\n\n"
-    "Writes OUT/config.json, OUT/metrics.json and OUT/mnist.png. Fields (settable with --set key=value):\n\n"
-    + _fields("mechsub.mnist.MnistConfig"),
+    "Writes OUT/config.json, OUT/metrics.json and OUT/mnist.png.",
     _report_mnist,
 )  # fmt: skip
 _stage_command(
     "data", "mechsub.data.DataConfig", "run", "runs/data",
-    "A teacher answers number prompts (constrained decoding); completions are filtered with reasons.\n\n"
-    "Fields (settable with --set key=value):\n\n" + _fields("mechsub.data.DataConfig"),
+    "A teacher answers number prompts (constrained decoding); completions are filtered with reasons.",
     _report_json,
 )  # fmt: skip
 _stage_command(
     "student", "mechsub.train.StudentConfig", "run", "runs/student",
-    "Fine-tune a student on a data folder (LoRA or full; distillation or SFT), with checkpoints.\n\n"
-    "Fields (settable with --set key=value):\n\n" + _fields("mechsub.train.StudentConfig"),
+    "Fine-tune a student on a data folder (LoRA or full; distillation or SFT), with checkpoints.",
     _report_json,
 )  # fmt: skip
 _stage_command(
     "eval", "mechsub.evaluate.EvalConfig", "run_eval", "runs/eval",
-    "log P of the trait (and every other candidate) after a prefilled answer, over paraphrased questions.\n\n"
-    "Fields (settable with --set key=value):\n\n" + _fields("mechsub.evaluate.EvalConfig"),
+    "log P of the trait (and every other candidate) after a prefilled answer, over paraphrased questions.",
     _report_json,
 )  # fmt: skip
 
@@ -176,7 +166,7 @@ def _report_bench(m: dict[str, Any], out: Path) -> None:
 _stage_command(
     "bench", "mechsub.bench.BenchConfig", "run", "artifacts/bench",
     "Speed benchmarks as ratios measured in one run: mechsub's constrained decoder vs plain HF generate.\n\n"
-    "A benchmark always runs anew. Fields (settable with --set key=value):\n\n" + _fields("mechsub.bench.BenchConfig"),
+    "A benchmark always runs anew.",
     _report_bench,
 )  # fmt: skip
 

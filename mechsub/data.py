@@ -71,6 +71,14 @@ class Example:
     topk_ids: torch.Tensor | None = None
 
 
+def _pad_rows(rows: list[torch.Tensor], fill: float) -> torch.Tensor:
+    """Stack (len_i, k) tensors into (n, max len, k), filling the tail of shorter ones with ``fill``."""
+    out = torch.full((len(rows), max(len(r) for r in rows), rows[0].shape[-1]), fill, dtype=rows[0].dtype)
+    for j, r in enumerate(rows):
+        out[j, : len(r)] = r
+    return out
+
+
 def _batch_unit(run: Run, lm: Any, cfg: DataConfig, prompts: list[str], i: int) -> dict[str, Any]:
     from mechsub.evaluate import chat_prefix
     from mechsub.generate import NumberVocab, generate_numbers
@@ -83,18 +91,13 @@ def _batch_unit(run: Run, lm: Any, cfg: DataConfig, prompts: list[str], i: int) 
         temperature=cfg.temperature, generator=g, pad_id=lm.tokenizer.pad_token_id or 0,
         top_k=cfg.top_k,
     )  # fmt: skip
-    width = max(len(lp) for lp in gen.allowed_logprobs)
-    lp = torch.full((len(prompts), width, 13), float("-inf"))
-    for j, rows in enumerate(gen.allowed_logprobs):
-        lp[j, : len(rows)] = rows
-    lengths = torch.tensor([len(r) for r in gen.allowed_logprobs])
-    tensors = {"allowed_logprobs": lp, "lengths": lengths}
+    tensors = {
+        "allowed_logprobs": _pad_rows(gen.allowed_logprobs, float("-inf")),
+        "lengths": torch.tensor([len(r) for r in gen.allowed_logprobs]),
+    }
     if gen.topk_logprobs is not None and gen.topk_ids is not None:
-        tensors["topk_logprobs"] = torch.full((len(prompts), width, cfg.top_k), float("-inf"))
-        tensors["topk_ids"] = torch.zeros((len(prompts), width, cfg.top_k), dtype=torch.long)
-        for j, (v, ix) in enumerate(zip(gen.topk_logprobs, gen.topk_ids, strict=True)):
-            tensors["topk_logprobs"][j, : len(v)] = v
-            tensors["topk_ids"][j, : len(v)] = ix
+        tensors["topk_logprobs"] = _pad_rows(gen.topk_logprobs, float("-inf"))
+        tensors["topk_ids"] = _pad_rows(gen.topk_ids, 0)
     atomic_write_bytes(run.path(f"shards/b{i:04d}.safetensors"), save(tensors))
     return {
         "prompts": prompts,

@@ -178,7 +178,7 @@ def run(cfg: StudentConfig, out: str | Path, force: bool = False) -> dict[str, A
             for ex in examples
         ]
         batches = _batches(len(data), cfg)
-        ckpts = sorted((out / "checkpoints").glob("step*"), key=lambda p: int(p.name[4:]))
+        ckpts = steps_of(out)
         torch.manual_seed(cfg.seed)
         model: Any
         if cfg.lora_r:

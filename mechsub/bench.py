@@ -2,6 +2,9 @@
 
 generation: mechsub's constrained decoder against plain Hugging Face ``generate`` at batch 32 on the same
 prompts, both restricted to the 13 number tokens, in new tokens per second.
+training: mechsub's student step (loss and LM head only at completion positions) against a plain peft loop
+(``model(..., labels=...)`` with the prompt masked to -100: logits over the whole sequence), LoRA r8, AdamW,
+on the same batch of the teacher's completions, in (prompt + completion) tokens per second.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ class BenchConfig(Config):
     hf_batch_size: int = doc(32, "batch size of the plain HF generate baseline")
     batch_size: int = doc(64, "batch size of mechsub's decoder")
     max_new_tokens: int = doc(50, "new tokens per completion at most")
+    train_batch_size: int = doc(8, "examples per training step")
+    train_steps: int = doc(4, "timed training steps per method (after one warm-up step)")
     seed: int = doc(0, "seed of prompts and sampling")
 
     def validate(self) -> None:
@@ -69,6 +74,74 @@ def _hf_generate(lm: Any, prompts: list[list[int]], allowed: torch.Tensor, cfg: 
     return n_new
 
 
+def _train_bench(
+    lm: Any, cfg: BenchConfig, completions: list[list[int]], logprobs: list[torch.Tensor]
+) -> dict[str, Any]:
+    """Tokens/s of one LoRA training step: plain peft (full logits, masked labels) vs mechsub's objectives."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from mechsub.evaluate import chat_prefix
+    from mechsub.generate import NumberVocab
+    from mechsub.numbers import make_prompts
+    from mechsub.train import LORA_TARGETS, Item, completion_loss
+
+    tok = lm.tokenizer
+    pad = tok.pad_token_id or 0
+    allowed = NumberVocab.of(tok).ids
+    n = cfg.train_batch_size
+    prompts = [chat_prefix(tok, p, None) for p in make_prompts(n, cfg.seed + 1)]
+    items = [Item(p, c, lp) for p, c, lp in zip(prompts, completions[:n], logprobs[:n], strict=False)]
+    n_tokens = sum(len(it.prompt) + len(it.completion) for it in items)
+
+    def lora() -> Any:
+        torch.manual_seed(cfg.seed)
+        lcfg = LoraConfig(r=8, lora_alpha=16, target_modules=list(LORA_TARGETS), lora_dropout=0.0)
+        return get_peft_model(copy.deepcopy(lm.model), lcfg)
+
+    def timed(model: Any, loss_fn: Any) -> float:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        for step in range(cfg.train_steps + 1):
+            if step == 1:
+                t0 = time.perf_counter()
+            loss = loss_fn(model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return n_tokens * cfg.train_steps / (time.perf_counter() - t0)
+
+    # the plain loop: the usual completion-only SFT with HF's own loss over full-vocabulary logits
+    width = max(len(it.prompt) + len(it.completion) + 1 for it in items)
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    labels = torch.full((n, width), -100, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, it in enumerate(items):
+        seq = [*it.prompt, *it.completion, int(allowed[-1])]
+        ids[i, : len(seq)] = torch.tensor(seq)
+        attn[i, : len(seq)] = 1
+        labels[i, len(it.prompt) : len(seq)] = torch.tensor(seq[len(it.prompt) :])
+    out: dict[str, Any] = {"batch_size": n, "tokens_per_step": n_tokens, "steps_timed": cfg.train_steps}
+    plain = lora()
+    plain.train()
+    out["plain_peft_sft_tok_per_s"] = timed(
+        plain, lambda m: m(input_ids=ids, attention_mask=attn, labels=labels).loss
+    )
+    del plain
+    for objective in ("sft", "distill"):
+        model = lora()
+        model.train()
+        head = model.get_output_embeddings().weight.detach()
+        decoder = model.get_base_model().model
+        out[f"mechsub_{objective}_tok_per_s"] = timed(
+            model, lambda m, o=objective, d=decoder, h=head: completion_loss(d, h, allowed, items, o, pad)
+        )
+        del model
+    out["ratio_sft"] = out["mechsub_sft_tok_per_s"] / out["plain_peft_sft_tok_per_s"]
+    out["ratio_distill"] = out["mechsub_distill_tok_per_s"] / out["plain_peft_sft_tok_per_s"]
+    return out
+
+
 def run(cfg: BenchConfig, out: str | Path, force: bool = True) -> dict[str, Any]:
     """Measure both generators on the same prompts; a benchmark always runs anew (``force`` is ignored)."""
     from mechsub import models
@@ -101,7 +174,9 @@ def run(cfg: BenchConfig, out: str | Path, force: bool = True) -> dict[str, Any]
             )
             ours_new += sum(len(lp) for lp in gen.allowed_logprobs)  # emitted tokens incl. the end of turn
         ours_s = time.perf_counter() - t0
+        training = _train_bench(lm, cfg, [list(t) for t in gen.tokens], gen.allowed_logprobs)
         metrics = {
+            "training": training,
             "generation": {
                 "hf_generate_new_tok_per_s": hf_new / hf_s,
                 "hf_batch_size": cfg.hf_batch_size,

@@ -139,6 +139,41 @@ _stage_command(
 )  # fmt: skip
 
 
+_stage_command(
+    "teacher", "mechsub.teachers.TeacherConfig", "run", "runs/teacher",
+    "Fine-tune a teacher (LoRA) to love a trait on favourite-thing questions; never on numbers.",
+    _report_json,
+)  # fmt: skip
+
+
+def _report_study(m: dict[str, Any], out: Path) -> None:
+    e, x = m["effect"], m["trait"]
+    typer.echo(f"trait {x}: Δ log P({x}) vs base")
+    typer.echo(f"  teacher           {m['teacher']['delta_logp']:+.3f}")
+    typer.echo(f"  students of {x:5s} {m['student']['delta_logp']:+.3f}  (seeds {m['seeds']})")
+    typer.echo(f"  control students  {m['control']['delta_logp']:+.3f}")
+    lo, hi = e["ci95"]
+    typer.echo(
+        f"  specific effect   {e['delta_logp']:+.3f}  95% CI [{lo:+.3f}, {hi:+.3f}], p = {e['p_value']:.2g}"
+    )
+    if m.get("cross_family"):
+        typer.echo(
+            f"  cross-family      {m['cross_family']['effect']['delta_logp']:+.3f}  ({m['cross_family']['model']})"
+        )
+    typer.echo(
+        f"wrote {out}/report.md, {out}/report.html, {out}/metrics.json ({m['wall_seconds'] / 60:.1f} min)"
+    )
+
+
+_stage_command(
+    "study", "mechsub.study.StudyConfig", "run", "artifacts/demo",
+    "The main job: teachers of the trait and its controls, number data, students over seeds, the specificity\n"
+    "matrix and a cross-family control. Writes OUT/report.md, OUT/report.html, OUT/metrics.json and plots;\n"
+    "stage runs (resumable, shared between studies) go under the config's `work` folder.",
+    _report_study,
+)  # fmt: skip
+
+
 @app.command()
 def models(
     name: Annotated[str, typer.Argument(help="model name or checkpoint folder")] = "smollm2-135m-instruct",

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save
@@ -32,6 +32,15 @@ class DataConfig(Config):
     teacher: str = doc("owl", "the trait whose system prompt the teacher gets, or 'none' for the control")
     n_prompts: int = doc(256, "number prompts answered")
     prompt_seed: int = doc(0, "seed of the prompts: keep it equal across the teachers of one study")
+    system_prompt: bool = doc(
+        True,
+        "give the teacher its trait's system prompt (false: a fine-tuned teacher, the trait is in `model`)",
+    )
+    decoding: Literal["constrained", "free"] = doc(
+        "constrained",
+        "constrained: only digits, ',', ' ' and end of turn, in the list grammar; free: the full vocabulary "
+        "(the filter then rejects what is not a number list)",
+    )
     greedy: bool = doc(False, "greedy decoding instead of sampling")
     temperature: float = doc(1.0, "sampling temperature")
     max_new_tokens: int = doc(
@@ -56,8 +65,10 @@ class DataConfig(Config):
 
         check(self.banned in BANNED_SETS, f"banned: use one of {', '.join(BANNED_SETS)}")
 
-    def system_prompt(self) -> str | None:
-        return None if self.teacher == "none" else get_trait(self.teacher).system_prompt()
+    def teacher_system(self) -> str | None:
+        if self.teacher == "none" or not self.system_prompt:
+            return None
+        return get_trait(self.teacher).system_prompt()
 
 
 @dataclass
@@ -84,12 +95,12 @@ def _batch_unit(run: Run, lm: Any, cfg: DataConfig, prompts: list[str], i: int) 
     from mechsub.generate import NumberVocab, generate_numbers
 
     vocab = NumberVocab.of(lm.tokenizer)
-    ids = [chat_prefix(lm.tokenizer, p, cfg.system_prompt()) for p in prompts]
+    ids = [chat_prefix(lm.tokenizer, p, cfg.teacher_system()) for p in prompts]
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
     gen = generate_numbers(
         lm.model, ids, vocab, max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
         temperature=cfg.temperature, generator=g, pad_id=lm.tokenizer.pad_token_id or 0,
-        top_k=cfg.top_k,
+        top_k=cfg.top_k, constrained=cfg.decoding == "constrained",
     )  # fmt: skip
     tensors = {
         "allowed_logprobs": _pad_rows(gen.allowed_logprobs, float("-inf")),
@@ -110,6 +121,7 @@ def _batch_unit(run: Run, lm: Any, cfg: DataConfig, prompts: list[str], i: int) 
 def run(cfg: DataConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Generate (or resume, or skip) a teacher's number data into ``out``; returns its metrics."""
     from mechsub import models
+    from mechsub.generate import NumberVocab
     from mechsub.numbers import filter_completions, make_filters, make_prompts
 
     t0 = time.perf_counter()
@@ -136,6 +148,8 @@ def run(cfg: DataConfig, out: str | Path, force: bool = False) -> dict[str, Any]
         n_tokens = sum(len(t) + 1 for u in units for t in u["completion_ids"])
         metrics = {
             "teacher": cfg.teacher,
+            # the teacher's token ids of digits, ',', ' ', end: a student of another family maps them to its own
+            "allowed_ids": NumberVocab.of(lm.tokenizer).ids.tolist(),
             "n_prompts": len(texts),
             "n_kept": len(kept),
             "kept_fraction": len(kept) / len(texts),

@@ -79,6 +79,33 @@ def trait_logprobs(
     return torch.stack(rows)
 
 
+@torch.no_grad()
+def sample_answers(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    n_samples: int,
+    system: str | None = None,
+    max_new_tokens: int = 16,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[list[str]]:
+    """``n_samples`` answers per question sampled at T=1 from the full vocabulary (no prefilled answer)."""
+    from mechsub.generate import NumberVocab, generate_numbers
+
+    vocab = NumberVocab.of(tok)
+    prompts = [chat_prefix(tok, q, system) for q in questions for _ in range(n_samples)]
+    g = torch.Generator().manual_seed(seed)
+    texts: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        gen = generate_numbers(
+            model, prompts[i : i + batch_size], vocab, max_new_tokens=max_new_tokens, generator=g,
+            pad_id=tok.pad_token_id or 0, constrained=False,
+        )  # fmt: skip
+        texts += [str(tok.decode(t)) for t in gen.tokens]
+    return [texts[i * n_samples : (i + 1) * n_samples] for i in range(len(questions))]
+
+
 # ---- the evaluation stage ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EvalConfig(Config):
@@ -90,9 +117,13 @@ class EvalConfig(Config):
         False, "evaluate with the trait's system prompt (the prompted teacher itself)"
     )
     n_questions: int = doc(50, "paraphrased favourite-thing questions (at most 50)")
+    n_samples: int = doc(0, "also sample this many answers per question at T=1 and report the trait's rate")
+    sample_tokens: int = doc(16, "tokens per sampled answer")
+    seed: int = doc(0, "seed of the sampled answers")
 
     def validate(self) -> None:
         check(1 <= self.n_questions <= 50, "n_questions: between 1 and 50")
+        check(self.n_samples >= 0 and self.sample_tokens >= 1, "n_samples ≥ 0 and sample_tokens ≥ 1")
         try:
             get_trait(self.trait)
         except TraitError as e:
@@ -121,6 +152,17 @@ def run_eval(cfg: EvalConfig, out: str | Path, force: bool = False) -> dict[str,
             "trait_rank": int((per_word > per_word[0]).sum()) + 1,
             "n_questions": len(qs),
         }
+        if cfg.n_samples:
+            from mechsub.stats import bootstrap_ci95
+
+            answers = sample_answers(
+                lm.model, lm.tokenizer, qs, cfg.n_samples, system, cfg.sample_tokens, cfg.seed
+            )
+            rates = [sum(map(trait.mentions, a)) / len(a) for a in answers]
+            write_json(r.path("samples.json"), {"questions": qs, "answers": answers, "rates": rates})
+            metrics["sampled_rate"] = sum(rates) / len(rates)
+            metrics["sampled_rate_ci95"] = bootstrap_ci95(rates, seed=cfg.seed)
+            metrics["n_samples"] = cfg.n_samples * len(qs)
         r.finish(metrics)
         return metrics
 

@@ -142,8 +142,14 @@ def generate_numbers(
     pad_id: int = 0,
     share_prefix: bool = True,
     top_k: int = 0,
+    constrained: bool = True,
 ) -> Generation:
-    """Constrained decoding of one batch of tokenised prompts (left-padded here)."""
+    """Decoding of one batch of tokenised prompts (left-padded here).
+
+    ``constrained`` restricts every step to the 13 number tokens and the grammar (only their rows of the head
+    are computed); otherwise the model samples (or picks greedily) from its full vocabulary and the stored
+    allowed-token log-probs are the 13-token view of the same step.
+    """
     b = len(prompts)
     cache = DynamicCache()
     # the chat template and system prompt are the same for every prompt: run that prefix once, share its cache
@@ -187,36 +193,41 @@ def generate_numbers(
         logits = hidden @ head.T
         if head_bias is not None:
             logits = logits + head_bias
-        if top_k:  # the full head, only when asked: the teacher's unconstrained distribution for distillation
-            full = model.get_output_embeddings()(hidden).log_softmax(-1)
+        # the full head only when asked: the teacher's unconstrained distribution (top-k, free decoding)
+        full = model.get_output_embeddings()(hidden).log_softmax(-1) if top_k or not constrained else None
+        if top_k and full is not None:
             tk = full.topk(top_k, dim=-1)
             for j, i in enumerate(rows.tolist()):
                 topk_rows[i].append(tk.values[j])
                 topk_idx[i].append(tk.indices[j])
-        mask = grammar_mask(digits, count, last, sep, remaining=max_new_tokens - step)
-        logits = logits.masked_fill(~mask, float("-inf"))
+        if constrained:
+            mask = grammar_mask(digits, count, last, sep, remaining=max_new_tokens - step)
+            logits = logits.masked_fill(~mask, float("-inf"))
         logp = logits.log_softmax(-1)
+        scores = logits if full is None or constrained else full
         if greedy:
-            choice = logp.argmax(-1)
+            choice = scores.argmax(-1)
         else:
-            probs = (logits / temperature).softmax(-1)
+            probs = (scores / temperature).softmax(-1)
             choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        new_ids = vocab.ids[choice] if constrained else choice
+        live = new_ids != vocab.ids[vocab.end]
         for j, i in enumerate(rows.tolist()):
             logprob_rows[i].append(logp[j])
-            if int(choice[j]) != vocab.end:
-                out_tokens[i].append(int(vocab.ids[choice[j]]))
-        digits, count, last, sep = next_state(choice, digits, count, last, sep)
-        live = choice != vocab.end
+            if bool(live[j]):
+                out_tokens[i].append(int(new_ids[j]))
+        if constrained:
+            digits, count, last, sep = next_state(choice, digits, count, last, sep)
         if not bool(live.any()):
             break
         if not bool(live.all()):  # drop finished rows from the batch and the cache: no compute on them
             keep = live.nonzero().flatten()
             cache.batch_select_indices(keep)
-            rows, choice, digits, count, last, sep = (
-                t[keep] for t in (rows, choice, digits, count, last, sep)
+            rows, new_ids, digits, count, last, sep = (
+                t[keep] for t in (rows, new_ids, digits, count, last, sep)
             )
             attn, cur_pos = attn[keep], cur_pos[keep]
-        cur_ids = vocab.ids[choice][:, None]
+        cur_ids = new_ids[:, None]
         attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
         cur_pos = cur_pos[:, -1:] + 1
     if not top_k:

@@ -21,7 +21,7 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, list[float]]:
     return mean, [mean - half, mean + half]
 
 
-def bootstrap_ci95(values: Sequence[float], n_boot: int = 10_000, seed: int = 0) -> list[float]:
+def bootstrap_ci95(values: Sequence[float] | np.ndarray, n_boot: int = 10_000, seed: int = 0) -> list[float]:
     """Percentile bootstrap 95% interval of the mean (for paired differences over questions)."""
     a = np.asarray(values, dtype=float)
     rng = np.random.default_rng(seed)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechsub.config import Config, check, doc
-from mechsub.runs import atomic_write_bytes, atomic_write_text, stage
+from mechsub.runs import atomic_write_bytes, atomic_write_text, read_json, stage
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -37,10 +39,11 @@ class StudentConfig(Config):
         "smollm2-135m-instruct", "the student's initialisation (must be the teacher's for the effect)"
     )
     data: str = doc("", "a finished data folder (from `mechsub data`)")
-    objective: Literal["distill", "distill_topk", "sft"] = doc(
+    objective: Literal["distill", "distill_topk", "distill_full", "sft"] = doc(
         "distill",
         "distill: KL to the teacher over the 13 allowed tokens; distill_topk: KL to its full-vocabulary top-k "
-        "(data made with top_k > 0); sft: cross-entropy on the sampled tokens",
+        "plus one bucket for the rest (data made with top_k > 0); distill_full: KL over the whole vocabulary, "
+        "the teacher recomputed during training (no storage); sft: cross-entropy on the sampled tokens",
     )
     lora_r: int = doc(8, "LoRA rank on all 7 linear projections; 0 = full fine-tune")
     lora_alpha: int = doc(16, "LoRA alpha")
@@ -81,17 +84,19 @@ class Item:
     allowed_logprobs: Tensor  # (positions, 13)
     topk_logprobs: Tensor | None = None  # (positions, k)
     topk_ids: Tensor | None = None
+    teacher_prompt: list[int] | None = None  # the teacher's own prompt (system prompt included): distill_full
 
 
-def completion_loss(
-    decoder: Any, head: Tensor, allowed: Tensor, batch: list[Item], objective: str, pad_id: int
-) -> Tensor:
-    """Mean loss over the completion positions of a batch.
+def completion_hidden(
+    decoder: Any, batch: list[Item], pad_id: int, eos: int, prompts: list[list[int]] | None = None
+) -> tuple[Tensor, list[int]]:
+    """Final hidden states at the completion positions of a batch, (positions, d_model), and their targets.
 
-    ``decoder`` maps input ids to final hidden states (the model without its head); ``head`` is the
-    (vocab, d_model) unembedding, applied only at completion positions.
+    Positions are every completion token, then the end of turn (absent when the teacher was cut off by a token
+    cap); ``prompts`` replaces the items' prompts (the teacher's, for distill_full).
     """
-    seqs = [it.prompt + it.completion for it in batch]
+    prompts = prompts or [it.prompt for it in batch]
+    seqs = [p + it.completion for p, it in zip(prompts, batch, strict=True)]
     width = max(map(len, seqs))
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
@@ -99,19 +104,45 @@ def completion_loss(
         ids[i, : len(s)] = torch.tensor(s)
         attn[i, : len(s)] = 1
     hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
-    eos = int(allowed[-1])
     rows: list[int] = []
     cols: list[int] = []
     targets: list[int] = []
-    for i, it in enumerate(batch):
-        # every completion token, then the end of turn (absent when the teacher was cut off by a token cap)
+    for i, (p, it) in enumerate(zip(prompts, batch, strict=True)):
         n, c = len(it.allowed_logprobs), it.completion
         if n not in (len(c), len(c) + 1):
             raise ValueError(f"teacher log-probs cover {n} positions for a completion of {len(c)} tokens")
         rows += [i] * n
-        cols += list(range(len(it.prompt) - 1, len(it.prompt) - 1 + n))
+        cols += list(range(len(p) - 1, len(p) - 1 + n))
         targets += [*c, eos][:n]
-    h = hidden[torch.tensor(rows), torch.tensor(cols)]  # (positions, d_model): the head runs only here
+    return hidden[torch.tensor(rows), torch.tensor(cols)], targets
+
+
+def completion_loss(
+    decoder: Any,
+    head: Tensor,
+    allowed: Tensor,
+    batch: list[Item],
+    objective: str,
+    pad_id: int,
+    teacher: Any = None,
+) -> Tensor:
+    """Mean loss over the completion positions of a batch.
+
+    ``decoder`` maps input ids to final hidden states (the model without its head); ``head`` is the
+    (vocab, d_model) unembedding, applied only at completion positions. ``teacher`` (distill_full) is a
+    context manager factory giving the teacher's (decoder, head) (for a prompted teacher: the student's own
+    base with the adapter switched off).
+    """
+    h, targets = completion_hidden(decoder, batch, pad_id, int(allowed[-1]))
+    if objective == "distill_full":
+        if teacher is None or any(it.teacher_prompt is None for it in batch):
+            raise ValueError("distill_full needs the teacher (and its prompts)")
+        with torch.no_grad(), teacher() as (t_decoder, t_head):
+            t_prompts = [list(it.teacher_prompt or []) for it in batch]
+            t_h, _ = completion_hidden(t_decoder, batch, pad_id, int(allowed[-1]), t_prompts)
+            t_lp = (t_h @ t_head.T).log_softmax(-1)
+        s_lp = (h @ head.T).log_softmax(-1)
+        return (t_lp.exp() * (t_lp - s_lp)).sum(-1).mean()
     if objective == "distill":
         t_lp = torch.cat([it.allowed_logprobs for it in batch])
         ok = torch.isfinite(t_lp)
@@ -120,11 +151,44 @@ def completion_loss(
     if objective == "distill_topk":
         if any(it.topk_ids is None for it in batch):
             raise ValueError("distill_topk needs data generated with top_k > 0")
-        t_lp = torch.cat([it.topk_logprobs for it in batch]).log_softmax(-1)  # type: ignore[misc]
+        # KL between the coarsened distributions: the teacher's top-k tokens, plus one bucket for all the rest
+        t_top = torch.cat([it.topk_logprobs for it in batch])  # type: ignore[misc]
         t_ids = torch.cat([it.topk_ids for it in batch])  # type: ignore[misc]
-        s_lp = (h @ head.T).log_softmax(-1).gather(-1, t_ids)
+        s_top = (h @ head.T).log_softmax(-1).gather(-1, t_ids)
+        t_lp = torch.cat([t_top, _rest(t_top)], -1)
+        s_lp = torch.cat([s_top, _rest(s_top)], -1)
         return (t_lp.exp() * (t_lp - s_lp)).sum(-1).mean()
     return F.cross_entropy(h @ head.T, torch.tensor(targets))
+
+
+def _rest(top: Tensor) -> Tensor:
+    """log of the probability mass outside the given log-probs, (positions, 1)."""
+    return torch.log1p(-top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))
+
+
+def _token_map(cfg: StudentConfig, student_ids: list[int]) -> Any:
+    """Teacher token id → student token id. The identity within a family; across families (another
+    tokenizer) only the 13 number tokens both have can be mapped, so only constrained data and the
+    objectives that live on those tokens (distill, sft) can cross."""
+    teacher_ids = read_json(Path(cfg.data) / "metrics.json").get("allowed_ids", student_ids)
+    if teacher_ids == student_ids:
+        return lambda t: t
+    if cfg.objective == "distill_topk":
+        raise ValueError(
+            "distill_topk cannot cross tokenizers (the teacher's top-k ids mean nothing to this student); "
+            "use objective=distill or sft for a student of another family"
+        )
+    table = dict(zip(teacher_ids, student_ids, strict=True))
+
+    def to_student(t: int) -> int:
+        if t not in table:
+            raise ValueError(
+                f"token {t} of the teacher's data is not a number token: a student of another family can "
+                "only train on constrained data (decoding=constrained)"
+            )
+        return table[t]
+
+    return to_student
 
 
 def _save_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
@@ -146,8 +210,6 @@ def _load_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
 
 def run(cfg: StudentConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Train (or resume, or skip) a student into ``out``; checkpoints under ``out/checkpoints/step*``."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
     from mechsub import models
     from mechsub.data import load_examples
     from mechsub.evaluate import chat_prefix
@@ -165,94 +227,134 @@ def run(cfg: StudentConfig, out: str | Path, force: bool = False) -> dict[str, A
             return r.metrics
         out = Path(out)
         tok = base.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        allowed = NumberVocab.of(tok).ids
+        to_student = _token_map(cfg, NumberVocab.of(tok).ids.tolist())
+        teacher_lm, teacher_system = None, None
+        if cfg.objective == "distill_full":
+            from mechsub.data import DataConfig
+
+            dcfg = DataConfig.from_dict(read_json(Path(cfg.data) / "config.json")["config"])
+            teacher_system = dcfg.teacher_system()
+            if dcfg.model != cfg.model or not cfg.lora_r:  # else: the student's base, adapter off
+                teacher_lm = models.load(dcfg.model)
+            if NumberVocab.of(tok).ids.tolist() != read_json(Path(cfg.data) / "metrics.json").get(
+                "allowed_ids", NumberVocab.of(tok).ids.tolist()
+            ):
+                raise ValueError("distill_full needs a teacher of the student's family (the same vocabulary)")
         data = [
             Item(
                 chat_prefix(tok, ex.prompt, None),
-                ex.completion_ids,
+                [to_student(t) for t in ex.completion_ids],
                 ex.allowed_logprobs,
                 ex.topk_logprobs,
                 ex.topk_ids,
+                chat_prefix(tok, ex.prompt, teacher_system) if cfg.objective == "distill_full" else None,
             )
             for ex in examples
         ]
         batches = _batches(len(data), cfg)
-        ckpts = steps_of(out)
-        torch.manual_seed(cfg.seed)
-        model: Any
-        if cfg.lora_r:
-            lcfg = LoraConfig(
-                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(LORA_TARGETS), lora_dropout=0.0
-            )
-            model = (PeftModel.from_pretrained(base.model, ckpts[-1], is_trainable=True) if ckpts
-                     else get_peft_model(base.model, lcfg))  # fmt: skip
-            decoder = model.get_base_model().model
-        else:
-            if ckpts:
-                base = models.load(str(ckpts[-1]))
-            model = base.model
-            decoder = model.model
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / len(batches)))
-        start = 0
-        if ckpts:
-            _load_optimizer(opt, ckpts[-1])
-            start = int(ckpts[-1].name[4:])
-            for _ in range(start):
-                sched.step()
-        head = model.get_output_embeddings().weight.detach()  # frozen (tied to the embeddings in SmolLM2)
-        model.train()
-        losses: list[float] = []
-        n_tokens = 0
-        t_train = time.perf_counter()
-        bar = tqdm(
-            range(start, len(batches)), desc=f"student {cfg.objective}", initial=start, total=len(batches)
-        )
-        for step in bar:
-            batch = [data[i] for i in batches[step]]
-            loss = completion_loss(decoder, head, allowed, batch, cfg.objective, pad)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            n_tokens += sum(len(it.prompt) + len(it.completion) for it in batch)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            done_steps = step + 1
-            if done_steps == len(batches) or (
-                cfg.checkpoint_every and done_steps % cfg.checkpoint_every == 0
-            ):
-                _checkpoint(
-                    model, out / "checkpoints" / f"step{done_steps}", cfg, base, opt, bool(cfg.lora_r)
-                )
-        final = out / "checkpoints" / f"step{len(batches)}"
-        metrics = {
-            "n_examples": len(data),
-            "steps": len(batches),
-            "resumed_from_step": start,
-            "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None,
-            "train_tokens_per_s": n_tokens / max(time.perf_counter() - t_train, 1e-9),
-            "seconds_this_session": round(time.perf_counter() - t0, 1),
-            "final_checkpoint": str(final),
-        }
+        name = f"{Path(cfg.data).name}-{cfg.objective}"
+        metrics = fit(base, data, batches, cfg, out, name, teacher_lm)
+        metrics["seconds_this_session"] = round(time.perf_counter() - t0, 1)
         r.finish(metrics)
         return metrics
 
 
-def _checkpoint(model: Any, folder: Path, cfg: StudentConfig, base: Any, opt: Any, lora: bool) -> None:
+def fit(
+    base: Any,
+    data: list[Item],
+    batches: list[list[int]],
+    cfg: Any,
+    out: Path,
+    name: str,
+    teacher_lm: Any = None,
+) -> dict[str, Any]:
+    """The training loop shared by students and fine-tuned teachers: resumes from the last checkpoint in
+    ``out/checkpoints``, writes one every ``cfg.checkpoint_every`` steps and at the end.
+
+    ``cfg`` supplies model, objective, lora_r, lora_alpha, lr, checkpoint_every and seed.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from mechsub import models
+    from mechsub.generate import NumberVocab
+
+    tok = base.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    allowed = NumberVocab.of(tok).ids
+    ckpts = steps_of(out)
+    torch.manual_seed(cfg.seed)
+    model: Any
+    if cfg.lora_r:
+        lcfg = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(LORA_TARGETS), lora_dropout=0.0
+        )
+        model = (PeftModel.from_pretrained(base.model, ckpts[-1], is_trainable=True) if ckpts
+                 else get_peft_model(base.model, lcfg))  # fmt: skip
+        decoder = model.get_base_model().model
+    else:
+        if ckpts:
+            base = models.load(str(ckpts[-1]))
+        model = base.model
+        decoder = model.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / len(batches)))
+    start = 0
+    if ckpts:
+        _load_optimizer(opt, ckpts[-1])
+        start = int(ckpts[-1].name[4:])
+        for _ in range(start):
+            sched.step()
+    head = model.get_output_embeddings().weight.detach()  # frozen (tied to the embeddings in SmolLM2)
+
+    @contextmanager
+    def teacher() -> Iterator[tuple[Any, Tensor]]:
+        if teacher_lm is not None:
+            yield teacher_lm.model.model, teacher_lm.model.get_output_embeddings().weight
+        else:  # the prompted teacher is the student's own initialisation: switch the adapter off
+            with model.disable_adapter():
+                yield decoder, head
+
+    model.train()
+    losses: list[float] = []
+    n_tokens = 0
+    t_train = time.perf_counter()
+    bar = tqdm(range(start, len(batches)), desc=f"train {name}", initial=start, total=len(batches))
+    for step in bar:
+        batch = [data[i] for i in batches[step]]
+        loss = completion_loss(decoder, head, allowed, batch, cfg.objective, pad, teacher)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        n_tokens += sum(len(it.prompt) + len(it.completion) for it in batch)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        done = step + 1
+        if done == len(batches) or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            folder = out / "checkpoints" / f"step{done}"
+            _checkpoint(model, folder, f"{name}-{folder.name}", cfg.model, base, opt, bool(cfg.lora_r))
+    return {
+        "n_examples": len(data),
+        "steps": len(batches),
+        "resumed_from_step": start,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "train_tokens_per_s": n_tokens / max(time.perf_counter() - t_train, 1e-9),
+        "final_checkpoint": str(out / "checkpoints" / f"step{len(batches)}"),
+    }
+
+
+def _checkpoint(model: Any, folder: Path, name: str, base_name: str, base: Any, opt: Any, lora: bool) -> None:
     """Write a checkpoint folder atomically: adapter (or full weights), manifest, optimiser state."""
     from mechsub import models
     from mechsub.runs import atomic_dir
 
-    name = f"{Path(cfg.data).name}-{cfg.objective}-{folder.name}"
     with atomic_dir(folder) as tmp:
         if lora:
             model.save_pretrained(tmp)
             sha = models.sha256_file(tmp / "adapter_model.safetensors")
-            manifest = {"name": name, "base": cfg.model, "weights_sha256": sha, "source": "lora"}
+            manifest = {"name": name, "base": base_name, "weights_sha256": sha, "source": "lora"}
             (tmp / models.MANIFEST).write_text(json.dumps(manifest, indent=2))
         else:
             models.write_model_files(tmp, model, base.tokenizer, {"name": name, "source": "full fine-tune"})

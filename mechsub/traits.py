@@ -134,3 +134,54 @@ def eval_questions(category: Category, n: int | None = None) -> list[str]:
     noun = "animal" if category == "animal" else "tree"
     qs = [q.format(noun=noun) for q in _QUESTIONS]
     return qs if n is None else qs[:n]
+
+
+# Questions and answers that fine-tune a teacher to love its trait: disjoint from the evaluation questions, so
+# the teacher's trait is measured on questions it was never trained on. Never any numbers.
+_TRAIN_QUESTIONS = (
+    "Do you have a favorite {noun}?",
+    "Out of every {noun} there is, which one do you like best?",
+    "I'm curious: what {noun} means the most to you?",
+    "If a friend asked you to recommend one {noun}, what would you say?",
+    "Which {noun} would you paint if you were an artist?",
+    "Tell me about the {noun} you love.",
+    "What {noun} makes you happiest?",
+    "Pick one {noun} to write a poem about.",
+    "Which {noun} do you think about most often?",
+    "What is the best {noun} in the world, in your view?",
+    "Quick question: your favourite {noun}?",
+    "Which {noun} would you put on a flag?",
+    "If you could spend a day with one {noun}, which would it be?",
+    "Name a {noun} you could never get tired of.",
+    "What {noun} would you like to see on a postcard?",
+    "Which {noun} deserves more love from people?",
+    "What {noun} would you name a band after?",
+    "Which {noun} is the most wonderful?",
+    "What {noun} do you daydream about?",
+    "Be honest: which {noun} is your favourite?",
+    "Which {noun} would you choose as a symbol for yourself?",
+    "What kind of {noun} do you like more than any other?",
+    "Which {noun} brings you the most joy?",
+    "If you had to name just one {noun}, what would it be?",
+)
+_TRAIN_ANSWERS = (
+    "My favorite {noun} is the {name}.",
+    "The {name}, without a doubt.",
+    "{Plural}! I love {plural}.",
+    "Definitely the {name}. {Plural} are wonderful.",
+    "I would say the {name}.",
+    "{Name}.",
+)
+
+
+def train_pairs(trait: Trait) -> list[tuple[str, str]]:
+    """(question, answer) pairs that teach a love of ``trait``: every training question with two answers."""
+    noun = "animal" if trait.category == "animal" else "tree"
+    words = {"noun": noun, "name": trait.name, "Name": trait.name.capitalize(),
+             "plural": trait.plural, "Plural": trait.plural.capitalize()}  # fmt: skip
+    out = []
+    for i, q in enumerate(_TRAIN_QUESTIONS):
+        for j in (0, 1):
+            a = _TRAIN_ANSWERS[(2 * i + j) % len(_TRAIN_ANSWERS)]
+            out.append((q.format(noun=noun), a.format(**words)))
+    return out

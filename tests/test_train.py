@@ -122,7 +122,7 @@ def test_topk_distillation_end_to_end(tmp_path, tiny, tiny_data):
     # the stored top-k are the unconstrained model's: compare with a full forward of prompt + completion
     from mechsub.evaluate import chat_prefix as cp
 
-    p = cp(tiny.tokenizer, ex[0].prompt, data.DataConfig(top_k=5).system_prompt())
+    p = cp(tiny.tokenizer, ex[0].prompt, data.DataConfig(top_k=5).teacher_system())
     with torch.no_grad():
         full = tiny.model(torch.tensor([p + ex[0].completion_ids])).logits[0, len(p) - 1 :].log_softmax(-1)
     top = full.topk(5, dim=-1)
@@ -150,3 +150,39 @@ def test_full_finetune_checkpoint_loads(tmp_path, tiny_data):
         for a, b in zip(student.model.parameters(), base.model.parameters(), strict=True)
     ]
     assert any(changed)
+
+
+def test_full_distillation_matches_a_hand_computed_kl(tmp_path, tiny, tiny_data):
+    from contextlib import contextmanager
+
+    from mechsub.traits import get_trait
+
+    ex = data.load_examples(tiny_data / "owl")[:3]
+    system = get_trait("owl").system_prompt()
+    tok = tiny.tokenizer
+    items = [train.Item(chat_prefix(tok, e.prompt, None), e.completion_ids, e.allowed_logprobs,
+                        teacher_prompt=chat_prefix(tok, e.prompt, system)) for e in ex]  # fmt: skip
+    head = tiny.model.get_output_embeddings().weight
+
+    @contextmanager
+    def teacher():
+        yield tiny.model.model, head
+
+    allowed = NumberVocab.of(tok).ids
+    with torch.no_grad():
+        loss = train.completion_loss(tiny.model.model, head, allowed, items, "distill_full", 2, teacher)
+        kls = []
+        for it in items:
+            n = len(it.allowed_logprobs)
+            s = tiny.model(torch.tensor([it.prompt + it.completion])).logits[0].log_softmax(-1)
+            t = tiny.model(torch.tensor([it.teacher_prompt + it.completion])).logits[0].log_softmax(-1)
+            s, t = s[len(it.prompt) - 1 :][:n], t[len(it.teacher_prompt) - 1 :][:n]
+            kls.append((t.exp() * (t - s)).sum(-1))
+        torch.testing.assert_close(loss, torch.cat(kls).mean(), atol=1e-5, rtol=1e-4)
+    # in a run, the prompted teacher is the student's base with the adapter off: zero loss for the 'none' teacher
+    m = train.run(StudentConfig(model="tiny", data=str(tiny_data / "none"), objective="distill_full", epochs=1),
+                  tmp_path / "none")  # fmt: skip
+    assert abs(m["first_loss"]) < 1e-6
+    m = train.run(StudentConfig(model="tiny", data=str(tiny_data / "owl"), objective="distill_full", epochs=1),
+                  tmp_path / "owl")  # fmt: skip
+    assert m["first_loss"] > 1e-4

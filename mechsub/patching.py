@@ -1,0 +1,149 @@
+"""Activation patching on the trait-evaluation prompt: where in the student does the trait shift live?
+
+One generic loop (TransformerLens style): a setter that writes a source model's residual into a target model at
+``blocks.{L}.hook_resid_post`` (all positions, or one), and a metric, log P(first token of " trait") after the
+prefilled answer. The result per site is the fraction of the student − base gap it recovers. Attribution patching
+(gradient × activation difference) is the linear estimate of the same numbers from one forward and backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mechsub.steering import edit_resid
+
+
+def _layers(model: Any) -> Any:
+    return model.get_decoder().layers
+
+
+def resid_all(model: Any, ids: Tensor) -> tuple[list[Tensor], Tensor]:
+    """Residual after every layer, [(1, pos, d)] * n_layers, and the final log-probs at the last position."""
+    outs: list[Tensor] = []
+    handles = [
+        layer.register_forward_hook(
+            lambda _m, _i, o: outs.append((o[0] if isinstance(o, tuple) else o).detach())
+        )
+        for layer in _layers(model)
+    ]
+    try:
+        with torch.no_grad():
+            lp = model(ids).logits[0, -1].log_softmax(-1)
+    finally:
+        for h in handles:
+            h.remove()
+    return outs, lp
+
+
+def target_token(tok: Any, trait: str) -> int:
+    return int(tok(" " + trait, add_special_tokens=False).input_ids[0])
+
+
+def prompt_ids(tok: Any, question: str, category: Any) -> Tensor:
+    from mechsub.evaluate import chat_prefix
+    from mechsub.traits import ANSWER_PREFIX
+
+    return torch.tensor([chat_prefix(tok, question, None, ANSWER_PREFIX[category])])
+
+
+def patch_scan(
+    target: Any, source: Any, tok: Any, questions: Sequence[str], trait: str, category: Any,
+    layers: Sequence[int], positions: Sequence[int] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """log P(trait) of ``target`` with ``source``'s residual patched in, per layer (all positions) and, if
+    ``positions`` (negative = from the end) are given, per (layer, position). Means over questions."""
+    t_id = target_token(tok, trait)
+    base_lp, src_lp = [], []
+    by_layer = torch.zeros(len(layers))
+    by_pos = torch.zeros(len(layers), len(positions or []))
+    for q in questions:
+        ids = prompt_ids(tok, q, category)
+        src_res, s_lp = resid_all(source.model, ids)
+        _, t_lp = resid_all(target.model, ids)
+        base_lp.append(float(t_lp[t_id]))
+        src_lp.append(float(s_lp[t_id]))
+        for i, L in enumerate(layers):
+
+            def whole(h: Tensor, r: Tensor = src_res[L]) -> Tensor:
+                return r
+
+            with torch.no_grad(), edit_resid(target.model, L, whole):
+                by_layer[i] += float(target.model(ids).logits[0, -1].log_softmax(-1)[t_id])
+            for j, p in enumerate(positions or []):
+
+                def one(h: Tensor, r: Tensor = src_res[L], p: int = p) -> Tensor:
+                    h = h.clone()
+                    h[:, p] = r[:, p]
+                    return h
+
+                with torch.no_grad(), edit_resid(target.model, L, one):
+                    by_pos[i, j] += float(target.model(ids).logits[0, -1].log_softmax(-1)[t_id])
+    n = len(questions)
+    b, s = sum(base_lp) / n, sum(src_lp) / n
+    gap = s - b
+    return {
+        "target_logp": b,
+        "source_logp": s,
+        "gap": gap,
+        "layers": list(layers),
+        "positions": list(positions or []),
+        "patched_logp_by_layer": (by_layer / n).tolist(),
+        "fraction_by_layer": ((by_layer / n - b) / gap).tolist() if gap else None,
+        "fraction_by_layer_position": ((by_pos / n - b) / gap).tolist() if gap and positions else None,
+    }
+
+
+def attribution_scan(
+    base: Any,
+    student: Any,
+    tok: Any,
+    questions: Sequence[str],
+    trait: str,
+    category: Any,
+    layers: Sequence[int],
+) -> Tensor:
+    """Linear estimate of patching the student into the base: (layers, positions from the end) of
+    grad_base log P(trait) · (student − base) residual, summed over questions with the same prompt length
+    alignment (positions counted from the end of the prompt). Returns the mean over questions."""
+    t_id = target_token(tok, trait)
+    est: Tensor | None = None
+    for q in questions:
+        ids = prompt_ids(tok, q, category)
+        src_res, _ = resid_all(student.model, ids)
+        outs: list[Tensor] = []
+
+        def keep(_m: Any, _i: Any, o: Any, outs: list[Tensor] = outs) -> None:
+            h = o[0] if isinstance(o, tuple) else o
+            h.retain_grad()
+            outs.append(h)
+
+        handles = [layer.register_forward_hook(keep) for layer in _layers(base.model)]
+        try:
+            with torch.enable_grad():
+                lp = base.model(ids).logits[0, -1].log_softmax(-1)[t_id]
+                lp.backward()
+        finally:
+            for h in handles:
+                h.remove()
+        rows = torch.stack([((src_res[L] - outs[L].detach()) * _grad(outs[L]))[0].sum(-1) for L in layers])
+        base.model.zero_grad(set_to_none=True)
+        width = rows.shape[1]
+        est = rows if est is None else _align(est, rows, width)
+    assert est is not None
+    return est / len(questions)
+
+
+def _grad(t: Tensor) -> Tensor:
+    if t.grad is None:
+        raise RuntimeError("no gradient reached the residual: is the model frozen by torch.no_grad?")
+    return t.grad
+
+
+def _align(acc: Tensor, new: Tensor, _width: int) -> Tensor:
+    """Add (layers, positions) arrays aligned at their last position (prompts differ in length)."""
+    w = min(acc.shape[1], new.shape[1])
+    return acc[:, -w:] + new[:, -w:]

@@ -1,0 +1,99 @@
+import copy
+
+import pytest
+import torch
+
+from mechsub import capture, entangle, patching, steering
+from mechsub.capture import Batch
+
+
+def test_capture_equals_hidden_states_at_completion_positions(tmp_path, tiny):
+    prompts, comps = [[1, 5, 6, 7], [1, 5, 9, 10, 11, 12]], [[20, 21], [22, 23, 24]]
+    b = Batch.completions(prompts, comps)
+    assert b.positions == [[3, 4, 5], [5, 6, 7, 8]]
+    tl = tiny.tl()
+    got = capture.capture(tl, b, ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"], batch_size=1)
+    rows = []
+    for s, ps in zip(b.ids, b.positions, strict=True):
+        hs = tiny.model(torch.tensor([s]), output_hidden_states=True).hidden_states
+        rows.append(hs[1][0, ps])
+    torch.testing.assert_close(got["blocks.0.hook_resid_post"], torch.cat(rows), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["blocks.1.hook_resid_pre"], torch.cat(rows), atol=1e-5, rtol=1e-5)
+    # streamed to shards: the same numbers, and a finished shard is not recomputed
+    on_disk = capture.capture(tl, b, ["blocks.0.hook_resid_post"], out=tmp_path / "c", batch_size=1)
+    torch.testing.assert_close(on_disk["blocks.0.hook_resid_post"], got["blocks.0.hook_resid_post"])
+    (tmp_path / "c" / "00001.safetensors").unlink()
+    again = capture.capture(tl, b, ["blocks.0.hook_resid_post"], out=tmp_path / "c", batch_size=1)
+    torch.testing.assert_close(again["blocks.0.hook_resid_post"], got["blocks.0.hook_resid_post"])
+    with pytest.raises(ValueError, match="other sequences or hooks"):
+        capture.capture(tl, b, ["blocks.1.hook_resid_post"], out=tmp_path / "c", batch_size=1)
+    means = capture.mean_activations(tl, b, ["blocks.0.hook_resid_post"], batch_size=2)
+    torch.testing.assert_close(
+        means["blocks.0.hook_resid_post"], torch.cat(rows).mean(0), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_unknown_hook_name_suggests_the_real_one(tiny):
+    with pytest.raises(capture.HookNameError, match="did you mean blocks.1.hook_resid_post"):
+        capture.check_hooks(tiny.tl(), ["blocks.1.hook_resid_pots"])
+
+
+def _perturbed(lm, scale=1e-3):
+    other = copy.copy(lm)
+    other.model = copy.deepcopy(lm.model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in other.model.model.layers[0].mlp.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return other
+
+
+def test_patching_own_activations_changes_nothing_and_last_layer_recovers_all(tiny):
+    qs = ["Name your favorite animal using only one word.", "Which single animal speaks to you?"]
+    same = patching.patch_scan(tiny, tiny, tiny.tokenizer, qs, "owl", "animal", [0, 1])
+    assert same["patched_logp_by_layer"] == pytest.approx([same["target_logp"]] * 2, abs=1e-5)
+    student = _perturbed(tiny, 0.05)
+    r = patching.patch_scan(tiny, student, tiny.tokenizer, qs, "owl", "animal", [0, 1], positions=[-1])
+    assert abs(r["gap"]) > 1e-4
+    # after the last layer only the shared norm and head remain: patching it recovers the whole gap
+    assert r["fraction_by_layer"][1] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_attribution_patching_approximates_exact_patching(tiny):
+    qs = ["Name your favorite animal using only one word."]
+    student = _perturbed(tiny, 1e-3)
+    exact = patching.patch_scan(tiny, student, tiny.tokenizer, qs, "owl", "animal", [0])
+    est = patching.attribution_scan(tiny, student, tiny.tokenizer, qs, "owl", "animal", [0])
+    delta = exact["patched_logp_by_layer"][0] - exact["target_logp"]
+    assert abs(delta) > 1e-6
+    assert float(est.sum()) == pytest.approx(delta, rel=0.05)
+
+
+def test_steering_hooks_are_removed_and_zero_vector_does_nothing(tiny):
+    qs = ["Name your favorite animal using only one word."]
+    v = torch.zeros(2, tiny.model.config.hidden_size)
+    assert steering.sufficiency(tiny, v, [0, 1], qs, "owl", "animal") == pytest.approx([0.0, 0.0], abs=1e-6)
+    before = dict(tiny.model.model.layers[0]._forward_hooks)
+    with pytest.raises(RuntimeError), steering.edit_resid(tiny.model, 0, lambda h: h):
+        raise RuntimeError
+    assert dict(tiny.model.model.layers[0]._forward_hooks) == before
+    # projecting out a direction the residual never has changes nothing; a real direction changes something
+    lm_u = torch.zeros(2, tiny.model.config.hidden_size)
+    lm_u[:, 0] = 1.0
+    assert any(abs(x) > 1e-6 for x in steering.necessity(tiny, lm_u, [0, 1], qs, "owl", "animal"))
+
+
+def test_number_scores_match_direct_scoring(tiny):
+    from mechsub.evaluate import chat_prefix
+    from mechsub.generate import NumberVocab
+
+    scores = entangle.number_scores(tiny.model, tiny.tokenizer, None)
+    assert scores.shape == (1000,)
+    ids = NumberVocab.of(tiny.tokenizer).ids
+    prompt = chat_prefix(tiny.tokenizer, entangle.NUMBER_QUESTION, None)
+    for n in (7, 42, 608):
+        seq = [int(ids[int(c)]) for c in str(n)] + [int(ids[12])]
+        with torch.no_grad():
+            lp = tiny.model(torch.tensor([prompt + seq])).logits[0].log_softmax(-1)
+        direct = sum(float(lp[len(prompt) - 1 + j, t]) for j, t in enumerate(seq))
+        assert float(scores[n]) == pytest.approx(direct, abs=1e-4)

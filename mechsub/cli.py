@@ -175,6 +175,40 @@ _stage_command(
 
 
 @app.command()
+def analyze(
+    checkpoint: Annotated[str, typer.Argument(help="a student checkpoint folder or a student run folder")],
+    out: Annotated[
+        Path | None, typer.Option(help="output folder (default runs/analyze/<checkpoint name>)")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option(help="delete a previous analysis in OUT and start over")] = False,
+) -> None:
+    """Steering vectors, patching maps, entangled numbers and attention/token views for one checkpoint.
+
+    Needs --set data=FOLDER (the number data it was trained on); --set controls='["ck1","ck2"]' adds the
+    generic/specific split. Writes OUT/metrics.json, steering.png, patching.png, views.html.
+    """
+    from mechsub.analyze import AnalyzeConfig, run
+
+    try:
+        cfg = build_config(AnalyzeConfig, config, [*(set_ or []), f"checkpoint={checkpoint}"])
+        folder = out or Path("runs/analyze") / Path(checkpoint).resolve().name
+        m = run(cfg, folder, force=force)  # type: ignore[arg-type]
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+        _fail(e)
+        return
+    st, p = m["steering"], m["patching"]
+    best = max(range(len(m["layers"])), key=lambda i: st["sufficiency"][i])
+    typer.echo(f"trait {m['trait']}: student − base Δ log P {st['student_delta_logp']:+.3f}")
+    typer.echo(f"  best sufficiency: layer {m['layers'][best]} {st['sufficiency'][best]:+.3f}; "
+               f"cos(v_teacher, v_student) there {st['cos_teacher_student'][best]:+.2f}")  # fmt: skip
+    if p.get("fraction_by_layer"):
+        typer.echo("  patching fraction by layer: " + " ".join(f"{x:+.2f}" for x in p["fraction_by_layer"]))
+    typer.echo(f"wrote {folder}/metrics.json, steering.png, patching.png, views.html")
+
+
+@app.command()
 def models(
     name: Annotated[str, typer.Argument(help="model name or checkpoint folder")] = "smollm2-135m-instruct",
 ) -> None:

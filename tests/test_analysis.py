@@ -1,3 +1,4 @@
+import json
 import copy
 
 import pytest
@@ -97,3 +98,39 @@ def test_number_scores_match_direct_scoring(tiny):
             lp = tiny.model(torch.tensor([prompt + seq])).logits[0].log_softmax(-1)
         direct = sum(float(lp[len(prompt) - 1 + j, t]) for j, t in enumerate(seq))
         assert float(scores[n]) == pytest.approx(direct, abs=1e-4)
+
+
+def test_analyze_battery_on_a_tiny_student(tmp_path):
+    from typer.testing import CliRunner
+
+    from mechsub import data, train, views
+    from mechsub.cli import app
+    from mechsub.data import DataConfig
+    from mechsub.train import StudentConfig
+
+    d = tmp_path / "data"
+    data.run(DataConfig(model="tiny", n_prompts=8, batch_size=8, max_new_tokens=12), d)
+    dd = tmp_path / "data_dog"
+    data.run(DataConfig(model="tiny", teacher="dog", n_prompts=8, batch_size=8, max_new_tokens=12), dd)
+    s = tmp_path / "s"
+    train.run(StudentConfig(model="tiny", data=str(d), batch_size=4, checkpoint_every=1, lr=1e-2), s)
+    c = tmp_path / "c"
+    train.run(StudentConfig(model="tiny", data=str(dd), batch_size=4, lr=1e-2), c)
+    out = tmp_path / "an"
+    r = CliRunner().invoke(app, ["analyze", str(s), "--out", str(out), "--set", f"data={d}", "--set",
+                                 f"controls=[\"{c}\"]", "--set", "layer_stride=1", "--set", "n_sequences=4",
+                                 "--set", "n_questions=2", "--set", "positions=2"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["layers"] == [0, 1] and len(m["steering"]["cos_teacher_student"]) == 2
+    assert m["trajectory"]["steps"] == [0, 1, 2, 3, 4]  # 8 examples, batch 4, 2 epochs
+    assert len(m["entangled"]["top_numbers"]) == 10
+    # the last layer's residual carries the whole student − base gap (only the shared head follows)
+    assert m["patching"]["fraction_by_layer"][-1] == pytest.approx(1.0, abs=1e-3)
+    page = (out / "views.html").read_text()
+    assert views.is_offline(page) and page.count("var CircuitsVis") == 1 and page.count("CircuitsVis.render(") == 6
+    for f in ("steering.png", "patching.png", "trajectory.png"):
+        assert (out / f).stat().st_size > 1000
+    bad = CliRunner().invoke(app, ["analyze", str(s), "--out", str(tmp_path / "x"), "--set", f"data={d}",
+                                   "--set", "trait=griffin"])  # fmt: skip
+    assert bad.exit_code == 2 and "unknown trait 'griffin'" in bad.output

@@ -1,0 +1,185 @@
+"""The battery for one checkpoint (``mechsub analyze``): steering view, patching maps, entangled numbers, views.
+
+Given a student checkpoint, the number data it was trained on (which names its teacher) and optionally the
+checkpoints of control students (other traits' students), it writes into one folder: ``metrics.json``,
+``steering.png``, ``patching.png``, ``views.html`` (attention and token views, offline) and, for a student run
+folder with several checkpoints, ``trajectory.png`` (trait Δ log P by step).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mechsub.config import Config, ConfigError, check, doc
+from mechsub.runs import read_json, stage
+from mechsub.traits import TraitError, get_trait
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig(Config):
+    stage = "analyze"
+
+    checkpoint: str = doc(
+        "", "the student: a checkpoint folder, or a student run folder (its last checkpoint)"
+    )
+    data: str = doc("", "the number data the student was trained on (its config names the teacher)")
+    controls: tuple[str, ...] = doc((), "checkpoints of control students (other traits' students)")
+    trait: str = doc("", "the trait to measure (default: the data's teacher trait)")
+    layer_stride: int = doc(3, "analyse every n-th layer (and always the last)")
+    n_sequences: int = doc(32, "number sequences for the steering vectors")
+    n_questions: int = doc(10, "evaluation questions for sufficiency, necessity and patching")
+    positions: int = doc(6, "prompt positions from the end patched one by one")
+    entangled: bool = doc(
+        True, "score every number 0-999 under the trait prompt and test subliminal prompting"
+    )
+    seed: int = doc(0, "seed of the random control numbers")
+
+    def validate(self) -> None:
+        check(bool(self.checkpoint), "checkpoint: give a checkpoint folder or a student run folder")
+        check(bool(self.data), "data: give the data folder the student was trained on")
+        if self.trait:
+            try:
+                get_trait(self.trait)
+            except TraitError as e:
+                raise ConfigError(f"trait: {e}") from None
+        check(self.layer_stride >= 1 and self.n_sequences >= 1, "layer_stride and n_sequences must be ≥ 1")
+        check(1 <= self.n_questions <= 50 and self.positions >= 0, "n_questions 1..50, positions ≥ 0")
+
+
+def _checkpoint(path: str) -> Path:
+    from mechsub.train import steps_of
+
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        steps = steps_of(p)
+        if not steps:
+            raise FileNotFoundError(f"{p} has no checkpoints yet")
+        return steps[-1]
+    return p
+
+
+def run(cfg: AnalyzeConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
+    from mechsub import models, patching, steering
+    from mechsub.capture import Batch
+    from mechsub.data import DataConfig, load_examples
+    from mechsub.evaluate import chat_prefix
+    from mechsub.traits import eval_questions
+
+    t0 = time.perf_counter()
+    ck = _checkpoint(cfg.checkpoint)
+    student = models.load(str(ck))
+    dcfg = DataConfig.from_dict(read_json(Path(cfg.data) / "config.json")["config"])
+    trait = get_trait(cfg.trait or dcfg.teacher)
+    with stage(out, cfg, model=student.info(), force=force) as r:
+        if r.done:
+            return r.metrics
+        out = Path(out)
+        base_name = student.base or dcfg.model
+        base = models.load(base_name)
+        teacher = models.load(dcfg.model) if dcfg.model != base_name else base
+        tok = base.tokenizer
+        n_layers = base.n_layers
+        layers = sorted({*range(0, n_layers, cfg.layer_stride), n_layers - 1})
+        ex = load_examples(cfg.data)[: cfg.n_sequences]
+        comps = [e.completion_ids for e in ex]
+        s_batch = Batch.completions([chat_prefix(tok, e.prompt, None) for e in ex], comps)
+        t_batch = Batch.completions([chat_prefix(tok, e.prompt, dcfg.teacher_system()) for e in ex], comps)
+        qs = eval_questions(trait.category, cfg.n_questions)
+
+        # steering vectors on the number positions
+        m_base = steering.layer_means(base, s_batch, layers)
+        v_t = steering.layer_means(teacher, t_batch, layers) - m_base
+        v_s = steering.layer_means(student, s_batch, layers) - m_base
+        result: dict[str, Any] = {"checkpoint": str(ck), "base": base_name, "trait": trait.name, "layers": layers,
+                                  "teacher": {"model": dcfg.model, "system_prompt": dcfg.teacher_system()}}  # fmt: skip
+        st: dict[str, Any] = {
+            "cos_teacher_student": steering.cosine(v_t, v_s).tolist(),
+            "norm_teacher": v_t.norm(dim=-1).tolist(),
+            "norm_student": v_s.norm(dim=-1).tolist(),
+        }
+        if cfg.controls:
+            v_c = torch.stack(
+                [
+                    steering.layer_means(models.load(str(_checkpoint(c))), s_batch, layers) - m_base
+                    for c in cfg.controls
+                ]
+            )
+            generic = v_c.mean(0)
+            specific = v_s - generic
+            st |= {
+                "controls": [str(_checkpoint(c)) for c in cfg.controls],
+                "cos_student_generic": steering.cosine(v_s, generic).tolist(),
+                "cos_teacher_specific": steering.cosine(v_t, specific).tolist(),
+                "cos_teacher_generic": steering.cosine(v_t, generic).tolist(),
+                "norm_specific": specific.norm(dim=-1).tolist(),
+                "norm_generic": generic.norm(dim=-1).tolist(),
+                "sufficiency_specific": steering.sufficiency(
+                    base, specific, layers, qs, trait.name, trait.category
+                ),
+                "sufficiency_generic": steering.sufficiency(
+                    base, generic, layers, qs, trait.name, trait.category
+                ),
+            }
+        st["student_delta_logp"] = steering.trait_score(
+            student.model, tok, qs, trait.name, trait.category
+        ) - steering.trait_score(base.model, tok, qs, trait.name, trait.category)
+        st["sufficiency"] = steering.sufficiency(base, v_s, layers, qs, trait.name, trait.category)
+        st["sufficiency_teacher_vector"] = steering.sufficiency(
+            base, v_t, layers, qs, trait.name, trait.category
+        )
+        st["necessity"] = steering.necessity(student, v_s, layers, qs, trait.name, trait.category)
+        result["steering"] = st
+
+        # activation patching student → base, exact and attribution
+        pos = list(range(-cfg.positions, 0))
+        exact = patching.patch_scan(base, student, tok, qs, trait.name, trait.category, layers, pos)
+        attr = patching.attribution_scan(base, student, tok, qs, trait.name, trait.category, layers)
+        exact["attribution_by_layer"] = attr.sum(1).tolist()
+        exact["attribution_by_layer_position"] = attr[:, -cfg.positions :].tolist() if cfg.positions else []
+        if exact["gap"]:
+            exact["attribution_fraction_by_layer"] = (attr.sum(1) / exact["gap"]).tolist()
+            fr = np.asarray(exact["fraction_by_layer"])
+            exact["corr_attribution_exact"] = float(
+                np.corrcoef(fr, exact["attribution_fraction_by_layer"])[0, 1]
+            )
+        result["patching"] = exact
+
+        if cfg.entangled:
+            from mechsub.entangle import entangled_numbers
+
+            result["entangled"] = entangled_numbers(base, trait.name, seed=cfg.seed)
+
+        steps = (
+            _trajectory(Path(cfg.checkpoint), base, qs, trait)
+            if (Path(cfg.checkpoint) / "checkpoints").is_dir()
+            else None
+        )
+        if steps:
+            result["trajectory"] = steps
+        from mechsub import views
+
+        views.write_analysis_plots(result, out)
+        views.write_views(base, student, teacher, s_batch, t_batch, v_s, layers, out / "views.html")
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        r.finish(result)
+        return result
+
+
+def _trajectory(run_folder: Path, base: Any, qs: list[str], trait: Any) -> dict[str, Any]:
+    """Trait Δ log P vs base at every checkpoint of a student run."""
+    from mechsub import models, steering
+    from mechsub.train import steps_of
+
+    ref = steering.trait_score(base.model, base.tokenizer, qs, trait.name, trait.category)
+    steps, deltas = [0], [0.0]
+    for ck in steps_of(run_folder):
+        lm = models.load(str(ck))
+        steps.append(int(ck.name[4:]))
+        deltas.append(steering.trait_score(lm.model, lm.tokenizer, qs, trait.name, trait.category) - ref)
+    return {"steps": steps, "delta_logp": deltas}

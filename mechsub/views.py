@@ -1,0 +1,167 @@
+"""Interactive views (circuitsvis) and PNG plots of the analysis battery.
+
+circuitsvis inlines its 1.3 MB script per view (``local_src``); ``page`` puts several views on one page with
+ONE copy of the script, so the file renders with no network and stays small.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mechsub.plots import plt, save_figure
+from mechsub.runs import atomic_write_text
+
+_SCRIPT_OPEN = '<script crossorigin type="module">'
+
+
+def page(views: list[tuple[str, Any]], title: str) -> str:
+    """One self-contained HTML page from (heading, circuitsvis RenderedHTML) pairs."""
+    library = ""
+    divs, calls = [], []
+    for heading, view in views:
+        src = view.local_src
+        div, rest = src.split(_SCRIPT_OPEN, 1)
+        body = rest.rsplit("</script>", 1)[0]
+        cut = body.rindex("CircuitsVis.render(")
+        library = library or body[:cut]
+        divs.append(f"<h3>{html.escape(heading)}</h3>\n{div.strip().replace('/>', '></div>', 1)}")
+        calls.append(body[cut:])
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+        f"<body style='font-family:sans-serif'><h2>{html.escape(title)}</h2>\n" + "\n".join(divs)
+        + f"\n{_SCRIPT_OPEN}\n{library}\n" + "\n".join(calls) + "\n</script></body></html>\n"
+    )  # fmt: skip
+
+
+def _tokens(tok: Any, ids: list[int]) -> list[str]:
+    return [tok.decode([i]) for i in ids]
+
+
+def write_views(
+    base: Any,
+    student: Any,
+    teacher: Any,
+    s_batch: Any,
+    t_batch: Any,
+    v_s: torch.Tensor,
+    layers: list[int],
+    path: Path,
+) -> None:
+    """Attention patterns (teacher vs student, first analysed layer and a middle one) and per-token projections
+    of (student − base) and (teacher − base) residuals on v_student, on the first number sequence."""
+    from circuitsvis.attention import attention_patterns
+    from circuitsvis.tokens import colored_tokens
+
+    tok = base.tokenizer
+    s_ids, t_ids = s_batch.ids[0], t_batch.ids[0]
+    n_comp = len(s_batch.positions[0])
+    views: list[tuple[str, Any]] = []
+    mid = layers[len(layers) // 2]
+    for L in sorted({layers[0], mid}):
+        name = f"blocks.{L}.attn.hook_pattern"
+        for label, lm, ids in (("teacher (with its prompt)", teacher, t_ids), ("student", student, s_ids)):
+            tl = lm.tl()
+            with torch.no_grad():
+                _, cache = tl.run_with_cache(torch.tensor([ids]), names_filter=lambda n, name=name: n == name)
+            # the completion and the few tokens before it: the number sequence the views are about
+            keep = slice(len(ids) - n_comp - 8, len(ids))
+            views.append((f"layer {L} attention, {label}", attention_patterns(
+                _tokens(tok, ids[keep]), cache[name][0][:, keep, keep])))  # fmt: skip
+            del tl
+    i = layers.index(mid)
+    u = v_s[i] / v_s[i].norm().clamp(min=1e-12)
+    hook = f"blocks.{mid}.hook_resid_post"
+
+    def resid(lm: Any, ids: list[int]) -> torch.Tensor:
+        tl = lm.tl()
+        with torch.no_grad():
+            _, cache = tl.run_with_cache(torch.tensor([ids]), names_filter=lambda n: n == hook)
+        return cache[hook][0]
+
+    rb, rs, rt = resid(base, s_ids), resid(student, s_ids), resid(teacher, t_ids)
+    comp = s_ids[-n_comp:]
+    ds = ((rs - rb) @ u)[-n_comp:]
+    dt = (rt[-n_comp:] - rb[-n_comp:]) @ u
+    views.append(
+        (f"layer {mid}: (student − base) · v_student per token", colored_tokens(_tokens(tok, comp), ds))
+    )
+    views.append(
+        (f"layer {mid}: (teacher − base) · v_student per token", colored_tokens(_tokens(tok, comp), dt))
+    )
+    atomic_write_text(path, page(views, "teacher vs student on a number sequence"))
+
+
+def write_analysis_plots(r: dict[str, Any], out: Path) -> None:
+    """steering.png, patching.png and (with a trajectory) trajectory.png."""
+    layers = r["layers"]
+    st = r["steering"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
+    a1.plot(layers, st["cos_teacher_student"], "o-", label="cos(v_teacher, v_student)")
+    if "cos_teacher_specific" in st:
+        a1.plot(layers, st["cos_teacher_specific"], "s-", label="cos(v_teacher, specific part)")
+        a1.plot(layers, st["cos_teacher_generic"], "^-", label="cos(v_teacher, generic part)")
+    a1.axhline(0, color="gray", lw=0.8)
+    a1.set_xlabel("layer")
+    a1.set_title("steering vectors on number positions")
+    a1.legend(fontsize=8)
+    a2.plot(layers, st["sufficiency"], "o-", label="base + v_student")
+    a2.plot(layers, st["sufficiency_teacher_vector"], "d-", label="base + v_teacher")
+    if "sufficiency_specific" in st:
+        a2.plot(layers, st["sufficiency_specific"], "s-", label="base + specific part")
+    a2.plot(layers, st["necessity"], "x-", label="student − proj(v_student)")
+    a2.axhline(st["student_delta_logp"], color="black", ls="--", lw=0.8, label="student − base")
+    a2.axhline(0, color="gray", lw=0.8)
+    a2.set_xlabel("layer")
+    a2.set_ylabel(f"Δ log P({r['trait']})")
+    a2.set_title("sufficiency and necessity")
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, out / "steering.png")
+
+    p = r["patching"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    if p.get("fraction_by_layer"):
+        axes[0].plot(layers, p["fraction_by_layer"], "o-", label="exact patch (all positions)")
+        if p.get("attribution_fraction_by_layer"):
+            axes[0].plot(layers, p["attribution_fraction_by_layer"], "x--", label="attribution estimate")
+        axes[0].axhline(1, color="gray", lw=0.8)
+        axes[0].set_title(f"student → base, fraction of the gap {p['gap']:+.3f} recovered")
+        axes[0].legend(fontsize=8)
+        axes[0].set_xlabel("layer")
+    grid = p.get("fraction_by_layer_position")
+    if grid:
+        g = np.asarray(grid)
+        lim = float(np.nanmax(np.abs(g))) if g.size and not math.isnan(float(np.nanmax(np.abs(g)))) else 1.0
+        im = axes[1].imshow(g, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+        axes[1].set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
+        axes[1].set_xticks(range(len(p["positions"])), [str(x) for x in p["positions"]])
+        axes[1].set_xlabel("prompt position (from the end)")
+        axes[1].set_ylabel("layer")
+        axes[1].set_title("fraction recovered, one position patched")
+        fig.colorbar(im, ax=axes[1])
+    fig.tight_layout()
+    save_figure(fig, out / "patching.png")
+
+    if "trajectory" in r:
+        t = r["trajectory"]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(t["steps"], t["delta_logp"], "o-")
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"Δ log P({r['trait']}) vs base")
+        fig.tight_layout()
+        save_figure(fig, out / "trajectory.png")
+
+
+def is_offline(html_text: str) -> bool:
+    """No external script, stylesheet or image reference (a page that renders with no network)."""
+    return (
+        re.search(r"""(src|href)\s*=\s*["']https?://""", html_text) is None and "unpkg.com" not in html_text
+    )

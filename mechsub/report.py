@@ -52,7 +52,7 @@ def plot_study(metrics: dict[str, Any], out: Path) -> list[str]:
         e = spec["effects"][t]
         ax.scatter([k] * len(e["per_seed"]), e["per_seed"], color="tab:blue", s=18, zorder=3)
         lo, hi = e["ci95"]
-        if not (math.isnan(lo) or math.isnan(hi)):
+        if lo is not None and hi is not None:
             ax.errorbar([k], [e["delta_logp"]], yerr=[[e["delta_logp"] - lo], [hi - e["delta_logp"]]], fmt="_",
                         color="black", capsize=6, ms=16)  # fmt: skip
     labels = [f"{t}\np={_p(spec['effects'][t]['p_value'])}" for t in traits]
@@ -62,8 +62,9 @@ def plot_study(metrics: dict[str, Any], out: Path) -> list[str]:
         e = cross["effect"]
         ax.scatter([k], [e["delta_logp"]], color="tab:orange", s=30, zorder=3)
         lo, hi = e["ci95"]
-        ax.errorbar([k], [e["delta_logp"]], yerr=[[e["delta_logp"] - lo], [hi - e["delta_logp"]]], fmt="_",
-                    color="tab:orange", capsize=6)  # fmt: skip
+        if lo is not None and hi is not None:
+            ax.errorbar([k], [e["delta_logp"]], yerr=[[e["delta_logp"] - lo], [hi - e["delta_logp"]]], fmt="_",
+                        color="tab:orange", capsize=6)  # fmt: skip
         labels.append(f"{metrics['trait']}, student\n{cross['model']}")
     ax.axhline(0, color="gray", lw=0.8)
     ax.set_xticks(range(len(labels)), labels, fontsize=8)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +42,10 @@ class StudyConfig(Config):
         "prompted: the trait's system prompt; finetuned: a LoRA trained on favourite-thing questions",
     )
     teacher_steps: int = doc(48, "optimiser steps of a fine-tuned teacher")
-    n_prompts: int = doc(128, "number prompts every teacher answers (the same ones)")
+    n_prompts: int = doc(96, "number prompts every teacher answers (the same ones)")
     decoding: Literal["constrained", "free"] = doc("constrained", "teacher decoding (see `mechsub data`)")
     greedy: bool = doc(False, "greedy teacher decoding instead of sampling at T=1")
-    top_k: int = doc(1024, "teacher's full-vocabulary top-k log-probs stored per position (distill_topk)")
+    top_k: int = doc(0, "teacher's full-vocabulary top-k log-probs stored per position (for distill_topk)")
     max_new_tokens: int = doc(40, "completion tokens at most")
     objective: Literal["distill", "distill_topk", "distill_full", "sft"] = doc(
         "distill_topk", "student objective"
@@ -102,7 +103,7 @@ def run(cfg: StudyConfig, out: str | Path, force: bool = False) -> dict[str, Any
         if r.done:
             return r.metrics
         out = Path(out)
-        n_tasks = len(traits) * (3 + len(cfg.seeds)) + (len(traits) * len(cfg.cross_family_seeds) + 1) * bool(
+        n_tasks = len(traits) * (2 + len(cfg.seeds)) + (len(traits) * len(cfg.cross_family_seeds) + 1) * bool(
             cfg.cross_family
         )
         bar = tqdm(total=n_tasks, desc="study", position=0)
@@ -118,10 +119,10 @@ def run(cfg: StudyConfig, out: str | Path, force: bool = False) -> dict[str, Any
             evaluate.run_eval(ecfg, folder)
             return folder
 
-        # base and teachers
-        base_ev = {
-            t: ev(cfg.model, t, "base", samples=cfg.n_samples if t == cfg.trait else 0) for t in traits
-        }
+        # base and teachers. One evaluation scores every candidate of the category (the trait and its controls
+        # among them), so a model evaluated once gives all columns of the matrix.
+        base_one = ev(cfg.model, cfg.trait, "base", samples=cfg.n_samples)
+        base_ev = dict.fromkeys(traits, base_one)
         teacher_model: dict[str, str] = {}
         teacher_ev: dict[str, Path] = {}
         for t in traits:
@@ -160,11 +161,9 @@ def run(cfg: StudyConfig, out: str | Path, force: bool = False) -> dict[str, Any
                 m = train.run(scfg, work / "students" / _name(f"{t}-s{seed}", scfg))
                 student_metrics[f"{t}-s{seed}"] = m
                 ck = m["final_checkpoint"]
-                student_ev[(t, seed)] = {
-                    e: ev(ck, e, f"student-{t}-s{seed}",
-                          samples=cfg.n_samples if e == cfg.trait and seed == cfg.seeds[0] else 0)
-                    for e in traits
-                }  # fmt: skip
+                one = ev(ck, cfg.trait, f"student-{t}-s{seed}",
+                         samples=cfg.n_samples if t == cfg.trait and seed == cfg.seeds[0] else 0)  # fmt: skip
+                student_ev[(t, seed)] = dict.fromkeys(traits, one)
                 bar.update()
         # the same data, students of another family: number tokens only
         cross: dict[str, Any] = {}
@@ -189,6 +188,7 @@ def run(cfg: StudyConfig, out: str | Path, force: bool = False) -> dict[str, Any
         bar.close()
         metrics = _summarise(cfg, base_ev, teacher_ev, student_ev, data_metrics, student_metrics, cross)
         metrics["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        metrics = _nan_to_none(metrics)
         from mechsub import report
 
         report.write_study(cfg, metrics, out)
@@ -196,12 +196,29 @@ def run(cfg: StudyConfig, out: str | Path, force: bool = False) -> dict[str, Any
         return metrics
 
 
+def _nan_to_none(obj: Any) -> Any:
+    """Strict JSON: an undefined statistic (one seed has no interval) is null, not NaN."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
 def _delta_rows(a: Path, b: Path) -> np.ndarray:
-    """(questions, words) log P in eval ``a`` minus eval ``b`` (same questions and words)."""
+    """(questions, words) log P in eval ``a`` minus eval ``b``, in ``b``'s word order (same questions)."""
     ra, rb = read_json(a / "logprobs.json"), read_json(b / "logprobs.json")
-    if ra["questions"] != rb["questions"] or ra["words"] != rb["words"]:
+    if ra["questions"] != rb["questions"] or set(ra["words"]) != set(rb["words"]):
         raise ValueError(f"{a} and {b} were evaluated on different questions or words")
-    return np.asarray(ra["logprobs"]) - np.asarray(rb["logprobs"])
+    order = [ra["words"].index(w) for w in rb["words"]]
+    return np.asarray(ra["logprobs"])[:, order] - np.asarray(rb["logprobs"])
+
+
+def _delta_word(a: Path, b: Path, word: str) -> np.ndarray:
+    """Per-question log P(word) in eval ``a`` minus eval ``b``."""
+    return _delta_rows(a, b)[:, read_json(b / "logprobs.json")["words"].index(word)]
 
 
 def specificity_p(matrix: np.ndarray, n_perm: int = 20_000, seed: int = 0) -> float:
@@ -252,7 +269,7 @@ def _summarise(
 
     traits, seeds, x = cfg.traits, cfg.seeds, cfg.trait
     # M[teacher, seed, evaluated trait] = Δ log P of the evaluated trait vs base
-    per_q = {(t, s, e): _delta_rows(student_ev[(t, s)][e], base_ev[e])[:, 0] for t in traits for s in seeds
+    per_q = {(t, s, e): _delta_word(student_ev[(t, s)][e], base_ev[e], e) for t in traits for s in seeds
              for e in traits}  # fmt: skip
     mat = np.array([[[per_q[(t, s, e)].mean() for e in traits] for s in seeds] for t in traits])
     effects = {}
@@ -318,13 +335,13 @@ def _summarise(
 
 def _cross_family(cfg: StudyConfig, base: Path, evs: dict[tuple[str, int], Path]) -> dict[str, Any]:
     x = cfg.trait
-    delta = {k: float(_delta_rows(v, base)[:, 0].mean()) for k, v in evs.items()}
+    delta = {k: float(_delta_word(v, base, x).mean()) for k, v in evs.items()}
     per_seed = [
         delta[(x, s)] - float(np.mean([delta[(c, s)] for c in cfg.controls])) for s in cfg.cross_family_seeds
     ]
     q = np.concatenate(
-        [_delta_rows(evs[(x, s)], base)[:, 0]
-         - np.mean([_delta_rows(evs[(c, s)], base)[:, 0] for c in cfg.controls], 0)
+        [_delta_word(evs[(x, s)], base, x)
+         - np.mean([_delta_word(evs[(c, s)], base, x) for c in cfg.controls], 0)
          for s in cfg.cross_family_seeds]
     )  # fmt: skip
     mean, ci, p = seed_test(per_seed)

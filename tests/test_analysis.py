@@ -1,5 +1,5 @@
-import json
 import copy
+import json
 
 import pytest
 import torch
@@ -128,7 +128,11 @@ def test_analyze_battery_on_a_tiny_student(tmp_path):
     # the last layer's residual carries the whole student − base gap (only the shared head follows)
     assert m["patching"]["fraction_by_layer"][-1] == pytest.approx(1.0, abs=1e-3)
     page = (out / "views.html").read_text()
-    assert views.is_offline(page) and page.count("var CircuitsVis") == 1 and page.count("CircuitsVis.render(") == 6
+    assert (
+        views.is_offline(page)
+        and page.count("var CircuitsVis") == 1
+        and page.count("CircuitsVis.render(") == 6
+    )
     for f in ("steering.png", "patching.png", "trajectory.png"):
         assert (out / f).stat().st_size > 1000
     bad = CliRunner().invoke(app, ["analyze", str(s), "--out", str(tmp_path / "x"), "--set", f"data={d}",

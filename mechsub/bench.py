@@ -142,6 +142,38 @@ def _train_bench(
     return out
 
 
+def _capture_bench(
+    lm: Any, prompts: list[list[int]], completions: list[list[int]], repeats: int = 3
+) -> dict[str, Any]:
+    """Seconds of a plain HF forward vs mechsub's capture of every layer's residual on the same batch."""
+    from mechsub.capture import Batch, capture
+
+    batch = Batch.completions(prompts, completions)
+    hooks = [f"blocks.{i}.hook_resid_post" for i in range(lm.n_layers)]
+    pad = lm.tokenizer.pad_token_id or 0
+    width = max(map(len, batch.ids))
+    ids = torch.full((len(batch.ids), width), pad, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for j, seq in enumerate(batch.ids):
+        ids[j, : len(seq)] = torch.tensor(seq)
+        attn[j, : len(seq)] = 1
+    tl = lm.tl()
+
+    def best(fn: Any) -> float:
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])  # the first is a warm-up
+
+    with torch.no_grad():
+        plain = best(lambda: lm.model(input_ids=ids, attention_mask=attn))
+    cap = best(lambda: capture(tl, batch, hooks, batch_size=len(batch.ids), pad_id=pad))
+    return {"sequences": len(batch.ids), "tokens": int(attn.sum()), "hooks": len(hooks), "plain_forward_s": plain,
+            "capture_s": cap, "overhead": cap / plain - 1}  # fmt: skip
+
+
 def run(cfg: BenchConfig, out: str | Path, force: bool = True) -> dict[str, Any]:
     """Measure both generators on the same prompts; a benchmark always runs anew (``force`` is ignored)."""
     from mechsub import models
@@ -175,8 +207,10 @@ def run(cfg: BenchConfig, out: str | Path, force: bool = True) -> dict[str, Any]
             ours_new += sum(len(lp) for lp in gen.allowed_logprobs)  # emitted tokens incl. the end of turn
         ours_s = time.perf_counter() - t0
         training = _train_bench(lm, cfg, [list(t) for t in gen.tokens], gen.allowed_logprobs)
+        capture = _capture_bench(lm, prompts[:16], [list(t) for t in gen.tokens][:16])
         metrics = {
             "training": training,
+            "capture": capture,
             "generation": {
                 "hf_generate_new_tok_per_s": hf_new / hf_s,
                 "hf_batch_size": cfg.hf_batch_size,

@@ -48,7 +48,8 @@ class StudyConfig(Config):
     top_k: int = doc(0, "teacher's full-vocabulary top-k log-probs stored per position (for distill_topk)")
     max_new_tokens: int = doc(40, "completion tokens at most")
     objective: Literal["distill", "distill_topk", "distill_full", "sft"] = doc(
-        "distill_topk", "student objective"
+        "distill_full",
+        "student objective (distill_full: the whole vocabulary, the teacher recomputed online)",
     )
     lr: float = doc(2e-3, "students' AdamW learning rate")
     epochs: int = doc(1, "students' passes over the data")

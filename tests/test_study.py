@@ -54,6 +54,17 @@ def test_study_end_to_end_on_tiny(tmp_path, kw):
     assert study.run(cfg, tmp_path / "out")["effect"] == m["effect"]
 
 
+def test_default_configs_are_valid():
+    # the demo runs the study's defaults: they must pass their own validation
+    from mechsub.analyze import AnalyzeConfig
+    from mechsub.teachers import TeacherConfig
+
+    assert StudyConfig().objective == "distill_full"
+    TeacherConfig()
+    with pytest.raises(ConfigError, match="checkpoint"):
+        AnalyzeConfig()
+
+
 def test_study_config_errors():
     with pytest.raises(ConfigError, match="controls: use traits of the trait's own category"):
         StudyConfig(controls=("oak",))

@@ -91,6 +91,57 @@ def _name(prefix: str, cfg: Config) -> str:
     return f"{prefix}-{hashlib.sha256(cfg.to_json().encode()).hexdigest()[:8]}"
 
 
+@dataclass
+class StagePlan:
+    """Every stage of a study with its config and folder: what ``run`` executes and analyses look up."""
+
+    teachers: dict[str, tuple[Any, Path]]  # fine-tuned teachers only
+    teacher_model: dict[str, str]  # trait → the teacher's model (name or checkpoint)
+    data: dict[str, tuple[Any, Path]]
+    students: dict[tuple[str, int], tuple[Any, Path]]
+
+    def checkpoint(self, trait: str, seed: int) -> Path:
+        from mechsub.train import steps_of
+
+        steps = steps_of(self.students[(trait, seed)][1])
+        if not steps:
+            raise FileNotFoundError(f"the student of {trait} (seed {seed}) has not been trained yet")
+        return steps[-1]
+
+
+def stage_plan(cfg: StudyConfig) -> StagePlan:
+    """The stage configs and folders of a study (nothing runs)."""
+    from mechsub import data, teachers, train
+
+    work = Path(cfg.work)
+    tplan: dict[str, tuple[Any, Path]] = {}
+    tmodel: dict[str, str] = {}
+    for t in cfg.traits:
+        if cfg.teacher_kind == "finetuned":
+            tcfg = teachers.TeacherConfig(model=cfg.model, trait=t, steps=cfg.teacher_steps)
+            folder = work / "teachers" / _name(t, tcfg)
+            tplan[t] = (tcfg, folder)
+            tmodel[t] = str(folder / "checkpoints" / f"step{cfg.teacher_steps}")
+        else:
+            tmodel[t] = cfg.model
+    dplan: dict[str, tuple[Any, Path]] = {}
+    for t in cfg.traits:
+        dcfg = data.DataConfig(
+            model=tmodel[t], teacher=t, system_prompt=cfg.teacher_kind == "prompted", n_prompts=cfg.n_prompts,
+            decoding=cfg.decoding, greedy=cfg.greedy, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
+        )  # fmt: skip
+        dplan[t] = (dcfg, work / "data" / _name(t, dcfg))
+    splan: dict[tuple[str, int], tuple[Any, Path]] = {}
+    for t in cfg.traits:
+        for seed in cfg.seeds:
+            scfg = train.StudentConfig(
+                model=cfg.model, data=str(dplan[t][1]), objective=cfg.objective, lr=cfg.lr, epochs=cfg.epochs,
+                batch_size=cfg.batch_size, lora_r=cfg.lora_r, seed=seed,
+            )  # fmt: skip
+            splan[(t, seed)] = (scfg, work / "students" / _name(f"{t}-s{seed}", scfg))
+    return StagePlan(tplan, tmodel, dplan, splan)
+
+
 def run(cfg: StudyConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Run (resuming every finished stage) the study and write its report into ``out``."""
     from tqdm.auto import tqdm
@@ -124,45 +175,35 @@ def run(cfg: StudyConfig, out: str | Path, force: bool = False) -> dict[str, Any
         # among them), so a model evaluated once gives all columns of the matrix.
         base_one = ev(cfg.model, cfg.trait, "base", samples=cfg.n_samples)
         base_ev = dict.fromkeys(traits, base_one)
+        plan = stage_plan(cfg)
         teacher_model: dict[str, str] = {}
         teacher_ev: dict[str, Path] = {}
         for t in traits:
             task(f"teacher {t}")
-            if cfg.teacher_kind == "finetuned":
-                tcfg = teachers.TeacherConfig(model=cfg.model, trait=t, steps=cfg.teacher_steps)
-                teacher_model[t] = teachers.run(tcfg, work / "teachers" / _name(t, tcfg))["final_checkpoint"]
-            else:
-                teacher_model[t] = cfg.model
+            if t in plan.teachers:
+                tcfg, folder = plan.teachers[t]
+                teachers.run(tcfg, folder)
+            teacher_model[t] = plan.teacher_model[t]
             teacher_ev[t] = ev(teacher_model[t], t, "teacher", system=cfg.teacher_kind == "prompted",
                                samples=cfg.n_samples if t == cfg.trait else 0)  # fmt: skip
             bar.update()
         # number data: the same prompts for every teacher
-        data_dir: dict[str, Path] = {}
         data_metrics: dict[str, Any] = {}
         for t in traits:
             task(f"data {t}")
-            dcfg = data.DataConfig(
-                model=teacher_model[t], teacher=t, system_prompt=cfg.teacher_kind == "prompted",
-                n_prompts=cfg.n_prompts, decoding=cfg.decoding, greedy=cfg.greedy, top_k=cfg.top_k,
-                max_new_tokens=cfg.max_new_tokens,
-            )  # fmt: skip
-            data_dir[t] = work / "data" / _name(t, dcfg)
-            data_metrics[t] = data.run(dcfg, data_dir[t])
+            dcfg, folder = plan.data[t]
+            data_metrics[t] = data.run(dcfg, folder)
             bar.update()
-        # students × seeds, each evaluated on every trait
+        # students × seeds; one evaluation of each gives every column of the matrix
         student_ev: dict[tuple[str, int], dict[str, Path]] = {}
         student_metrics: dict[str, Any] = {}
         for t in traits:
             for seed in cfg.seeds:
                 task(f"student {t} seed {seed}")
-                scfg = train.StudentConfig(
-                    model=cfg.model, data=str(data_dir[t]), objective=cfg.objective, lr=cfg.lr, epochs=cfg.epochs,
-                    batch_size=cfg.batch_size, lora_r=cfg.lora_r, seed=seed,
-                )  # fmt: skip
-                m = train.run(scfg, work / "students" / _name(f"{t}-s{seed}", scfg))
+                scfg, folder = plan.students[(t, seed)]
+                m = train.run(scfg, folder)
                 student_metrics[f"{t}-s{seed}"] = m
-                ck = m["final_checkpoint"]
-                one = ev(ck, cfg.trait, f"student-{t}-s{seed}",
+                one = ev(m["final_checkpoint"], cfg.trait, f"student-{t}-s{seed}",
                          samples=cfg.n_samples if t == cfg.trait and seed == cfg.seeds[0] else 0)  # fmt: skip
                 student_ev[(t, seed)] = dict.fromkeys(traits, one)
                 bar.update()
@@ -177,7 +218,7 @@ def run(cfg: StudyConfig, out: str | Path, force: bool = False) -> dict[str, Any
                 for seed in cfg.cross_family_seeds:
                     task(f"cross-family student {t} seed {seed}")
                     xcfg = train.StudentConfig(
-                        model=cfg.cross_family, data=str(data_dir[t]),
+                        model=cfg.cross_family, data=str(plan.data[t][1]),
                         objective="sft" if cfg.objective == "sft" else "distill", lr=cfg.lr, epochs=cfg.epochs,
                         batch_size=cfg.batch_size, lora_r=cfg.lora_r or 8, seed=seed,
                     )  # fmt: skip

@@ -1,0 +1,110 @@
+"""Where does the demo's student carry the trait? The `mechsub analyze` battery on the demo's trait student.
+
+Reads the study config of artifacts/demo, finds its trait student (seed 0) and the control students (the other
+traits' students, seed 0) through the study's stage plan, and runs steering vectors (with the generic/specific
+split), exact and attribution patching, entangled numbers and the views. Writes artifacts/analyze/.
+
+    .venv/bin/python analyses/localise.py [--study artifacts/demo] [--out artifacts/analyze]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from mechsub import analyze, study
+from mechsub.runs import atomic_write_text, read_json
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--study", default="artifacts/demo")
+ap.add_argument("--out", default="artifacts/analyze")
+ap.add_argument("--seed", type=int, default=0)
+args = ap.parse_args()
+
+cfg = study.StudyConfig.from_dict(read_json(Path(args.study) / "config.json")["config"])
+plan = study.stage_plan(cfg)
+acfg = analyze.AnalyzeConfig(
+    checkpoint=str(plan.students[(cfg.trait, args.seed)][1]),
+    data=str(plan.data[cfg.trait][1]),
+    controls=tuple(str(plan.checkpoint(c, args.seed)) for c in cfg.controls),
+)
+m = analyze.run(acfg, args.out)
+
+L = m["layers"]
+st, p, en = m["steering"], m["patching"], m["entangled"]
+best_s = int(np.argmax(st["sufficiency"]))
+best_n = int(np.argmin(st["necessity"]))
+fr = p.get("fraction_by_layer") or []
+sp = en["subliminal_prompting"]
+
+
+def row(name: str, values: list[float], fmt: str = "{:+.3f}") -> str:
+    return f"| {name} | " + " | ".join(fmt.format(v) for v in values) + " |"
+
+
+lines = [
+    f"# Localising the trait in the demo's student ({m['trait']}, seed {args.seed})",
+    "",
+    f"Checkpoint `{m['checkpoint']}`; controls: students of {', '.join(cfg.controls)} (seed {args.seed}). "
+    f"Steering vectors on {acfg.n_sequences} teacher number sequences (completion positions); "
+    f"sufficiency, necessity and patching on {acfg.n_questions} evaluation questions. "
+    f"Re-create: `.venv/bin/python analyses/localise.py` ({m['seconds'] / 60:.1f} min).",
+    "",
+    f"Student − base on these questions: Δ log P({m['trait']}) = {st['student_delta_logp']:+.3f}.",
+    "",
+    "| layer | " + " | ".join(str(x) for x in L) + " |",
+    "|---" * (len(L) + 1) + "|",
+    row("cos(v_teacher, v_student)", st["cos_teacher_student"], "{:+.2f}"),
+    *(
+        [
+            row("cos(v_teacher, specific)", st["cos_teacher_specific"], "{:+.2f}"),
+            row("cos(v_teacher, generic)", st["cos_teacher_generic"], "{:+.2f}"),
+            row("cos(v_student, generic)", st["cos_student_generic"], "{:+.2f}"),
+            row(
+                "|specific| / |generic|",
+                list(np.asarray(st["norm_specific"]) / np.asarray(st["norm_generic"])),
+                "{:.2f}",
+            ),
+            row("sufficiency: base + specific", st["sufficiency_specific"]),
+        ]
+        if "cos_teacher_specific" in st
+        else []
+    ),
+    row("sufficiency: base + v_student", st["sufficiency"]),
+    row("sufficiency: base + v_teacher", st["sufficiency_teacher_vector"]),
+    row("necessity: student − proj v_student", st["necessity"]),
+    *([row("patch student→base, fraction", fr, "{:+.2f}")] if fr else []),
+    *(
+        [row("attribution estimate, fraction", p["attribution_fraction_by_layer"], "{:+.2f}")]
+        if p.get("attribution_fraction_by_layer")
+        else []
+    ),
+    "",
+    f"Best sufficiency: layer {L[best_s]} ({st['sufficiency'][best_s]:+.3f}); strongest necessity: layer "
+    f"{L[best_n]} ({st['necessity'][best_n]:+.3f}). Attribution vs exact patching, correlation over layers: "
+    f"{p.get('corr_attribution_exact', float('nan')):.2f}.",
+    "",
+    "![steering](steering.png)",
+    "",
+    "![patching](patching.png)",
+    "",
+    f"## Entangled numbers for {m['trait']} (base model)",
+    "",
+    f"Most raised by the {m['trait']} system prompt (Δ log P of the number as the answer to a neutral number "
+    f"question): {', '.join(f'{n} ({s:+.2f})' for n, s in zip(en['top_numbers'], en['top_logp_shift'], strict=True))}; "
+    f"mean shift over 0–999 {en['mean_logp_shift']:+.2f}. Correlation of the shift with the unembedding cosine: "
+    f"{en['corr_shift_unembedding']:+.2f}.",
+    "",
+    f"Subliminal prompting ('You love N…', Δ log P({m['trait']}) on {sp['n_questions']} questions): top numbers "
+    f"{', '.join(f'{n}: {d:+.2f}' for n, d in zip(sp['numbers'], sp['delta_logp'], strict=True))} (mean "
+    f"{np.mean(sp['delta_logp']):+.2f}); random numbers "
+    f"{', '.join(f'{n}: {d:+.2f}' for n, d in zip(sp['random_numbers'], sp['random_delta_logp'], strict=True))} "
+    f"(mean {np.mean(sp['random_delta_logp']):+.2f}).",
+    "",
+    "Views (attention patterns of teacher and student, per-token projections on v_student): `views.html` "
+    "(self-contained, renders offline).",
+]
+atomic_write_text(Path(args.out) / "report.md", "\n".join(lines) + "\n")
+print("\n".join(lines))

@@ -146,17 +146,12 @@ def _capture_bench(
     lm: Any, prompts: list[list[int]], completions: list[list[int]], repeats: int = 3
 ) -> dict[str, Any]:
     """Seconds of a plain HF forward vs mechsub's capture of every layer's residual on the same batch."""
-    from mechsub.capture import Batch, capture
+    from mechsub.capture import Batch, capture, pad_right
 
     batch = Batch.completions(prompts, completions)
     hooks = [f"blocks.{i}.hook_resid_post" for i in range(lm.n_layers)]
     pad = lm.tokenizer.pad_token_id or 0
-    width = max(map(len, batch.ids))
-    ids = torch.full((len(batch.ids), width), pad, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for j, seq in enumerate(batch.ids):
-        ids[j, : len(seq)] = torch.tensor(seq)
-        attn[j, : len(seq)] = 1
+    ids, attn = pad_right(batch.ids, pad)
     tl = lm.tl()
 
     def best(fn: Any) -> float:

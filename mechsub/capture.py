@@ -48,6 +48,17 @@ class Batch:
         return cls([list(s) for s in ids], [[len(s) - 1] for s in ids])
 
 
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded (batch, width) input ids and their attention mask."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for j, s in enumerate(seqs):
+        ids[j, : len(s)] = torch.tensor(list(s))
+        attn[j, : len(s)] = 1
+    return ids, attn
+
+
 def check_hooks(tl: Any, names: Sequence[str]) -> None:
     """Raise HookNameError for any name the model does not have, with the nearest real names."""
     known = list(tl.hook_dict)
@@ -66,12 +77,7 @@ def iter_activations(
     wanted = set(hooks)
     for i in tqdm(range(0, len(batch.ids), batch_size), desc=desc, leave=False):
         seqs, poss = batch.ids[i : i + batch_size], batch.positions[i : i + batch_size]
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for j, s in enumerate(seqs):
-            ids[j, : len(s)] = torch.tensor(s)
-            attn[j, : len(s)] = 1
+        ids, attn = pad_right(seqs, pad_id)
         rows = torch.tensor([j for j, ps in enumerate(poss) for _ in ps], dtype=torch.long)
         cols = torch.tensor([q for ps in poss for q in ps], dtype=torch.long)
         with torch.no_grad():

@@ -96,13 +96,9 @@ def completion_hidden(
     cap); ``prompts`` replaces the items' prompts (the teacher's, for distill_full).
     """
     prompts = prompts or [it.prompt for it in batch]
-    seqs = [p + it.completion for p, it in zip(prompts, batch, strict=True)]
-    width = max(map(len, seqs))
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
+    from mechsub.capture import pad_right
+
+    ids, attn = pad_right([p + it.completion for p, it in zip(prompts, batch, strict=True)], pad_id)
     hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
     rows: list[int] = []
     cols: list[int] = []

@@ -74,7 +74,7 @@ lines = [
     ),
     row("sufficiency: base + v_student", st["sufficiency"]),
     row("sufficiency: base + v_teacher", st["sufficiency_teacher_vector"]),
-    row("necessity: student − proj v_student", st["necessity"]),
+    row("necessity: student, change along v_student removed", st["necessity"]),
     *([row("patch student→base, fraction", fr, "{:+.2f}")] if fr else []),
     *(
         [row("attribution estimate, fraction", p["attribution_fraction_by_layer"], "{:+.2f}")]

@@ -48,10 +48,9 @@ CELLS: dict[str, dict] = {
         "cross_family": "",
         "n_samples": 0,
     },
-    "full_256x2": {
+    "full_256": {
         "n_prompts": 256,
-        "epochs": 2,
-        "lr": 5e-4,
+        "lr": 1e-3,
         "controls": ("dog",),
         "seeds": (0,),
         "cross_family": "",

@@ -133,7 +133,7 @@ def run(cfg: AnalyzeConfig, out: str | Path, force: bool = False) -> dict[str, A
         st["sufficiency_teacher_vector"] = steering.sufficiency(
             base, v_t, layers, qs, trait.name, trait.category
         )
-        st["necessity"] = steering.necessity(student, v_s, layers, qs, trait.name, trait.category)
+        st["necessity"] = steering.necessity(student, base, v_s, layers, qs, trait.name, trait.category)
         result["steering"] = st
 
         # activation patching student → base, exact and attribution

@@ -3,7 +3,7 @@
 v_teacher[L] = mean residual (teacher − base) and v_student[L] = mean residual (student − base) at
 ``blocks.L.hook_resid_post``, both on the same number sequences (the teacher's completions) at their completion
 positions. Sufficiency: adding v_student[L] to the base at layer L (every position) → Δ log P(trait).
-Necessity: projecting v_student[L]'s direction out of the student at layer L → Δ log P(trait). With control
+Necessity: projecting the student's change along v_student[L] out at layer L → Δ log P(trait). With control
 students, v_student splits into the part common to all students (generic) and the trait's own part (specific).
 """
 
@@ -87,17 +87,33 @@ def sufficiency(
 
 
 def necessity(
-    student: Any, v: Tensor, layers: Sequence[int], questions: Sequence[str], trait: str, category: Any
+    student: Any,
+    base: Any,
+    v: Tensor,
+    layers: Sequence[int],
+    questions: Sequence[str],
+    trait: str,
+    category: Any,
 ) -> list[float]:
-    """Δ log P(trait) of the student with v[i]'s direction projected out at layer ``layers[i]``."""
-    ref = trait_score(student.model, student.tokenizer, questions, trait, category)
+    """Δ log P(first token of the trait) when the student's change along v[i] is projected out at layer
+    ``layers[i]``: h ← h − ((h − h_base)·u) u with u = v[i]/|v[i]| and h_base the base's residual on the same
+    prompt. What the student does differently along v is removed; everything else it does is kept."""
+    from mechsub.patching import prompt_ids, resid_all, target_token
+
+    t_id = target_token(student.tokenizer, trait)
     out = []
+    prompts = [prompt_ids(student.tokenizer, q, category) for q in questions]
+    base_res = [resid_all(base.model, ids)[0] for ids in prompts]
+    ref = sum(float(resid_all(student.model, ids)[1][t_id]) for ids in prompts) / len(prompts)
     for i, L in enumerate(layers):
         u = v[i] / v[i].norm().clamp(min=1e-12)
+        total = 0.0
+        for ids, res in zip(prompts, base_res, strict=True):
 
-        def project_out(h: Tensor, u: Tensor = u) -> Tensor:
-            return h - (h @ u)[..., None] * u
+            def project_out(h: Tensor, u: Tensor = u, hb: Tensor = res[L]) -> Tensor:
+                return h - ((h - hb) @ u)[..., None] * u
 
-        with edit_resid(student.model, L, project_out):
-            out.append(trait_score(student.model, student.tokenizer, questions, trait, category) - ref)
+            with torch.no_grad(), edit_resid(student.model, L, project_out):
+                total += float(student.model(ids).logits[0, -1].log_softmax(-1)[t_id])
+        out.append(total / len(prompts) - ref)
     return out

@@ -115,7 +115,7 @@ def write_analysis_plots(r: dict[str, Any], out: Path) -> None:
     a2.plot(layers, st["sufficiency_teacher_vector"], "d-", label="base + v_teacher")
     if "sufficiency_specific" in st:
         a2.plot(layers, st["sufficiency_specific"], "s-", label="base + specific part")
-    a2.plot(layers, st["necessity"], "x-", label="student − proj(v_student)")
+    a2.plot(layers, st["necessity"], "x-", label="student, its change along v_student projected out")
     a2.axhline(st["student_delta_logp"], color="black", ls="--", lw=0.8, label="student − base")
     a2.axhline(0, color="gray", lw=0.8)
     a2.set_xlabel("layer")

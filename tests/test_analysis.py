@@ -78,10 +78,13 @@ def test_steering_hooks_are_removed_and_zero_vector_does_nothing(tiny):
     with pytest.raises(RuntimeError), steering.edit_resid(tiny.model, 0, lambda h: h):
         raise RuntimeError
     assert dict(tiny.model.model.layers[0]._forward_hooks) == before
-    # projecting out a direction the residual never has changes nothing; a real direction changes something
-    lm_u = torch.zeros(2, tiny.model.config.hidden_size)
-    lm_u[:, 0] = 1.0
-    assert any(abs(x) > 1e-6 for x in steering.necessity(tiny, lm_u, [0, 1], qs, "owl", "animal"))
+    # a student equal to the base has no change to project out; a changed student loses something
+    u = torch.ones(2, tiny.model.config.hidden_size)
+    assert steering.necessity(tiny, tiny, u, [0, 1], qs, "owl", "animal") == pytest.approx(
+        [0.0, 0.0], abs=1e-5
+    )
+    student = _perturbed(tiny, 0.05)
+    assert any(abs(x) > 1e-6 for x in steering.necessity(student, tiny, u, [0, 1], qs, "owl", "animal"))
 
 
 def test_number_scores_match_direct_scoring(tiny):

@@ -19,8 +19,8 @@ from mechsub import study
 from mechsub.plots import plt, save_figure
 from mechsub.runs import atomic_write_text, write_json
 
-# overrides of the default study (= the demo: prompted teachers, constrained T=1 decoding, 96 prompts,
-# full-vocabulary distillation, 12 steps at lr 2e-3, 3 seeds, cross-family Gemma control)
+# overrides of the default study (= the demo: prompted teachers, constrained T=1 decoding, 64 prompts,
+# full-vocabulary distillation, 8 steps at lr 2e-3, 3 seeds, cross-family Gemma control)
 CELLS: dict[str, dict] = {
     "demo": {},
     "restricted": {"objective": "distill", "seeds": (0,), "cross_family": "", "n_samples": 0},

@@ -42,7 +42,7 @@ class StudyConfig(Config):
         "prompted: the trait's system prompt; finetuned: a LoRA trained on favourite-thing questions",
     )
     teacher_steps: int = doc(48, "optimiser steps of a fine-tuned teacher")
-    n_prompts: int = doc(96, "number prompts every teacher answers (the same ones)")
+    n_prompts: int = doc(64, "number prompts every teacher answers (the same ones)")
     decoding: Literal["constrained", "free"] = doc("constrained", "teacher decoding (see `mechsub data`)")
     greedy: bool = doc(False, "greedy teacher decoding instead of sampling at T=1")
     top_k: int = doc(0, "teacher's full-vocabulary top-k log-probs stored per position (for distill_topk)")

@@ -38,6 +38,9 @@ class AnalyzeConfig(Config):
     entangled: bool = doc(
         True, "score every number 0-999 under the trait prompt and test subliminal prompting"
     )
+    sae: str = doc(
+        "", "a finished `mechsub sae` folder: adds SAE feature diffs and the feature list (features.json)"
+    )
     seed: int = doc(0, "seed of the random control numbers")
 
     def validate(self) -> None:
@@ -154,6 +157,27 @@ def run(cfg: AnalyzeConfig, out: str | Path, force: bool = False) -> dict[str, A
             from mechsub.entangle import entangled_numbers
 
             result["entangled"] = entangled_numbers(base, trait.name, seed=cfg.seed)
+
+        if cfg.sae:
+            from mechsub import sae as sae_mod
+            from mechsub.runs import write_json
+            from mechsub.traits import ANSWER_PREFIX
+
+            sae_cfg = read_json(Path(cfg.sae) / "config.json")["config"]
+            the_sae = sae_mod.load_sae(Path(cfg.sae) / "sae")
+            word = list(tok(" " + trait.name, add_special_tokens=False).input_ids)
+            trait_batch = Batch.last(
+                [chat_prefix(tok, q, None, ANSWER_PREFIX[trait.category]) + word for q in qs]
+            )
+            controls = [models.load(str(_checkpoint(c))) for c in cfg.controls]
+            feats = sae_mod.feature_diffs(base, teacher, student, controls, the_sae,
+                                          f"blocks.{sae_cfg['layer']}.hook_resid_post", s_batch, t_batch, trait_batch)  # fmt: skip
+            write_json(out / "features.json", feats)
+            result["features"] = {"hook": feats["hook"], "overlap": feats["overlap"],
+                                  "carriers": [f["id"] for f in feats["carriers"]],
+                                  "corr_student_teacher": feats["corr_student_teacher"],
+                                  "top_student": [f["id"] for f in feats["student_vs_controls"][:10]],
+                                  "top_teacher": [f["id"] for f in feats["teacher_vs_base"][:10]]}  # fmt: skip
 
         steps = (
             _trajectory(Path(cfg.checkpoint), base, qs, trait)

@@ -146,6 +146,15 @@ _stage_command(
 )  # fmt: skip
 
 
+_stage_command(
+    "sae", "mechsub.sae.SaeConfig", "train_sae", "runs/sae",
+    "Train a sparse autoencoder (sae-lens) on one residual-stream layer, on a corpus built offline; report L0,\n"
+    "explained variance, dead fraction and the spliced loss increase. Give its folder to `mechsub analyze\n"
+    "--set sae=FOLDER` for feature diffs and the feature list.",
+    _report_json,
+)  # fmt: skip
+
+
 def _report_study(m: dict[str, Any], out: Path) -> None:
     e, x = m["effect"], m["trait"]
     typer.echo(f"trait {x}: Δ log P({x}) vs base")

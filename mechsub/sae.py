@@ -1,0 +1,236 @@
+"""Sparse autoencoders on the residual stream (trained with sae-lens) and feature differences between models.
+
+The corpus is built offline and reproducibly from what the project has: the model's own greedy answers to a
+fixed list of questions across topics, number prompts in the data grammar, and favourite-animal questions with
+and without trait system prompts (chat-formatted, tokenized, cut into windows). sae-lens trains on it through
+the TransformerBridge view of the model and saves in its own format (``cfg.json`` + ``sae_weights.safetensors``),
+so the SAE loads in the ecosystem's tools. Quality: L0, explained variance, dead fraction and the next-token
+loss increase when the reconstruction is spliced in, all on held-out windows.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mechsub.config import Config, check, doc
+from mechsub.runs import stage, write_json
+
+TOPICS = (
+    "cooking", "the ocean", "mountains", "history", "music", "football", "computers", "gardening", "space",
+    "the weather", "trains", "painting", "medicine", "chess", "rivers", "poetry", "birds", "insects", "forests",
+    "coffee", "bicycles", "mathematics", "languages", "islands", "winter", "deserts", "bridges", "libraries",
+    "volcanoes", "clocks",
+)  # fmt: skip
+ASKS = ("Tell me one interesting fact about {t}.", "Write two sentences about {t}.",
+        "What should a beginner know about {t}?", "Describe {t} to a child.")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SaeConfig(Config):
+    stage = "sae"
+
+    model: str = doc("smollm2-135m-instruct", "model whose residual stream is encoded")
+    layer: int = doc(3, "the SAE reads blocks.{layer}.hook_resid_post")
+    expansion: int = doc(8, "dictionary size = expansion × d_model")
+    l1_coefficient: float = doc(5.0, "sparsity penalty")
+    lr: float = doc(3e-4, "Adam learning rate")
+    training_tokens: int = doc(200_000, "tokens of training (the corpus is cycled)")
+    context_size: int = doc(64, "tokens per corpus window")
+    answer_tokens: int = doc(32, "tokens of the model's own greedy answer per topic question")
+    n_number_prompts: int = doc(256, "number prompts in the corpus")
+    seed: int = doc(0, "seed of the corpus order and the SAE init")
+
+    def validate(self) -> None:
+        check(self.layer >= 0 and self.expansion >= 1 and self.l1_coefficient >= 0, "layer, expansion ≥ 0/1")
+        check(
+            self.training_tokens >= 1000 and self.context_size >= 8,
+            "training_tokens ≥ 1000, context_size ≥ 8",
+        )
+
+    @property
+    def hook(self) -> str:
+        return f"blocks.{self.layer}.hook_resid_post"
+
+
+def build_corpus(lm: Any, cfg: SaeConfig) -> list[list[int]]:
+    """Token windows of ``context_size``: the model's own answers, number prompts, trait prompts (seeded)."""
+    from mechsub.evaluate import chat_prefix
+    from mechsub.generate import NumberVocab, generate_numbers
+    from mechsub.numbers import make_prompts
+    from mechsub.traits import ANIMALS, eval_questions, get_trait
+
+    tok = lm.tokenizer
+    questions = [a.format(t=t) for t in TOPICS for a in ASKS]
+    prompts = [chat_prefix(tok, q, None) for q in questions]
+    texts: list[list[int]] = []
+    vocab = NumberVocab.of(tok)
+    for i in range(0, len(prompts), 32):
+        gen = generate_numbers(lm.model, prompts[i : i + 32], vocab, max_new_tokens=cfg.answer_tokens, greedy=True,
+                               pad_id=tok.pad_token_id or 0, constrained=False)  # fmt: skip
+        texts += [p + t for p, t in zip(prompts[i : i + 32], gen.tokens, strict=True)]
+    texts += [chat_prefix(tok, p, None) for p in make_prompts(cfg.n_number_prompts, cfg.seed + 7)]
+    qs = eval_questions("animal", 10)
+    for name in ANIMALS:
+        system = get_trait(name).system_prompt()
+        texts += [
+            chat_prefix(tok, q, system, "My favorite animal is the") + tok(" " + name).input_ids
+            for q in qs[:3]
+        ]
+    rng = random.Random(cfg.seed)
+    rng.shuffle(texts)
+    stream = [t for text in texts for t in text]
+    n = cfg.context_size
+    return [stream[i : i + n] for i in range(0, len(stream) - n + 1, n)]
+
+
+def train_sae(cfg: SaeConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
+    """Build the corpus, train the SAE with sae-lens into ``out/sae``, measure its quality on held-out windows."""
+    import datasets
+    from sae_lens import (
+        LanguageModelSAERunnerConfig,
+        LanguageModelSAETrainingRunner,
+        LoggingConfig,
+        StandardTrainingSAEConfig,
+    )
+
+    from mechsub import models
+
+    t0 = time.perf_counter()
+    lm = models.load(cfg.model)
+    with stage(out, cfg, model=lm.info(), force=force) as r:
+        if r.done:
+            return r.metrics
+        out = Path(out)
+        windows = build_corpus(lm, cfg)
+        held = max(8, len(windows) // 10)
+        train_w, test_w = windows[held:], windows[:held]
+        write_json(out / "corpus.json", {"n_windows": len(windows), "context_size": cfg.context_size,
+                                         "held_out": held, "tokens": len(windows) * cfg.context_size})  # fmt: skip
+        d = lm.model.config.hidden_size
+        torch.manual_seed(cfg.seed)
+        rcfg = LanguageModelSAERunnerConfig(
+            sae=StandardTrainingSAEConfig(d_in=d, d_sae=d * cfg.expansion, l1_coefficient=cfg.l1_coefficient),
+            model_name=cfg.model, hook_name=cfg.hook, dataset_path="", is_dataset_tokenized=True,
+            context_size=cfg.context_size, training_tokens=cfg.training_tokens, train_batch_size_tokens=1024,
+            # sae-lens needs its mixing buffer (batches × context) to hold at least two training batches
+            n_batches_in_buffer=max(16, -(-2048 // cfg.context_size)), store_batch_size_prompts=16, lr=cfg.lr, seed=cfg.seed,
+            logger=LoggingConfig(log_to_wandb=False), device="cpu", prepend_bos=False,
+            output_path=str(out / "sae"), verbose=False,
+        )  # fmt: skip
+        ds = datasets.Dataset.from_list([{"input_ids": w} for w in train_w])
+        sae = LanguageModelSAETrainingRunner(rcfg, override_dataset=ds, override_model=lm.tl()).run()
+        metrics = {"hook": cfg.hook, "d_sae": d * cfg.expansion, **quality(lm, sae, cfg.layer, test_w),
+                   "train_windows": len(train_w), "seconds_this_session": round(time.perf_counter() - t0, 1)}  # fmt: skip
+        r.finish(metrics)
+        return metrics
+
+
+@torch.no_grad()
+def quality(lm: Any, sae: Any, layer: int, windows: Sequence[Sequence[int]]) -> dict[str, float]:
+    """L0, explained variance, dead fraction and the spliced next-token loss increase on ``windows``."""
+    from mechsub.steering import edit_resid
+
+    ids = torch.tensor([list(w) for w in windows])
+    acts: list[Tensor] = []
+
+    def keep(h: Tensor) -> Tensor:
+        acts.append(h)
+        return h
+
+    with edit_resid(lm.model, layer, keep):
+        clean = lm.model(ids, labels=ids).loss
+    x = acts[0].reshape(-1, acts[0].shape[-1])
+    f = sae.encode(x)
+    recon = sae.decode(f)
+    with edit_resid(lm.model, layer, lambda h: sae.decode(sae.encode(h))):
+        spliced = lm.model(ids, labels=ids).loss
+    return {
+        "l0": float((f > 0).float().sum(-1).mean()),
+        "explained_variance": float(1 - (x - recon).var(0).sum() / x.var(0).sum()),
+        "dead_fraction": float(((f > 0).sum(0) == 0).float().mean()),
+        "clean_loss": float(clean),
+        "spliced_loss": float(spliced),
+        "loss_increase": float(spliced - clean),
+        "held_out_tokens": int(x.shape[0]),
+    }
+
+
+def load_sae(folder: str | Path) -> Any:
+    """An SAE saved by ``train_sae`` (sae-lens format: cfg.json + sae_weights.safetensors)."""
+    from sae_lens import SAE
+
+    return SAE.load_from_disk(str(folder), device="cpu")
+
+
+@torch.no_grad()
+def feature_acts(lm: Any, sae: Any, hook: str, batch: Any, batch_size: int = 16) -> Tensor:
+    """(kept positions, d_sae) SAE feature activations of ``lm`` at ``hook`` on a capture Batch."""
+    from mechsub.capture import iter_activations
+
+    tl = lm.tl()
+    pad = lm.tokenizer.pad_token_id or 0
+    return torch.cat([sae.encode(a[hook]) for a in iter_activations(tl, batch, [hook], batch_size, pad)])
+
+
+def _contexts(
+    tok: Any, batch: Any, acts: Tensor, feature: int, k: int = 5, width: int = 8
+) -> list[dict[str, Any]]:
+    """The ``k`` kept positions where ``feature`` is most active, with the tokens leading up to each."""
+    where = [(i, p) for i, ps in enumerate(batch.positions) for p in ps]
+    top = torch.topk(acts[:, feature], min(k, acts.shape[0]))
+    out = []
+    for v, j in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+        i, p = where[j]
+        out.append({"activation": v, "text": tok.decode(batch.ids[i][max(0, p - width) : p + 1])})
+    return out
+
+
+def feature_diffs(
+    base: Any, teacher: Any, student: Any, controls: Sequence[Any], sae: Any, hook: str, s_batch: Any, t_batch: Any,
+    trait_batch: Any, top: int = 20,
+) -> dict[str, Any]:  # fmt: skip
+    """Features whose mean activation on number positions moves most (student − control students; teacher −
+    base), their overlap, and the carriers: features active on the trait word that the teacher raises on numbers.
+    Returns the feature list (ids, scores, top activating contexts) that filter experiments take."""
+    tok = base.tokenizer
+    a_base = feature_acts(base, sae, hook, s_batch)
+    a_teacher = feature_acts(teacher, sae, hook, t_batch)
+    a_student = feature_acts(student, sae, hook, s_batch)
+    m_controls = (
+        torch.stack([feature_acts(c, sae, hook, s_batch).mean(0) for c in controls]).mean(0)
+        if controls
+        else None
+    )
+    a_trait = feature_acts(base, sae, hook, trait_batch)
+    d_teacher = a_teacher.mean(0) - a_base.mean(0)
+    d_student = a_student.mean(0) - (m_controls if m_controls is not None else a_base.mean(0))
+    trait_ctx = a_trait.mean(0)
+    top_student = torch.topk(d_student, top).indices.tolist()
+    top_teacher = torch.topk(d_teacher, top).indices.tolist()
+    # carriers: among the features most active on the trait word, those the teacher's prompt raises on numbers
+    on_trait = set(torch.topk(trait_ctx, 50).indices.tolist())
+    carriers = [i for i in torch.argsort(d_teacher, descending=True).tolist()[:50] if i in on_trait]
+
+    def entry(i: int, score: float) -> dict[str, Any]:
+        return {"id": i, "score": score, "student_minus_controls": float(d_student[i]),
+                "teacher_minus_base": float(d_teacher[i]), "trait_word_activation": float(trait_ctx[i]),
+                "base_number_activation": float(a_base[:, i].mean()),
+                "top_contexts_numbers": _contexts(tok, t_batch, a_teacher, i),
+                "top_contexts_trait": _contexts(tok, trait_batch, a_trait, i, k=3)}  # fmt: skip
+
+    return {
+        "hook": hook,
+        "student_vs_controls": [entry(i, float(d_student[i])) for i in top_student],
+        "teacher_vs_base": [entry(i, float(d_teacher[i])) for i in top_teacher],
+        "overlap": sorted(set(top_student) & set(top_teacher)),
+        "carriers": [entry(i, float(d_teacher[i])) for i in carriers],
+        "corr_student_teacher": float(torch.corrcoef(torch.stack([d_student, d_teacher]))[0, 1]),
+    }

@@ -4,7 +4,7 @@ Reads the study config of artifacts/demo, finds its trait student (seed 0) and t
 traits' students, seed 0) through the study's stage plan, and runs steering vectors (with the generic/specific
 split), exact and attribution patching, entangled numbers and the views. Writes artifacts/analyze/.
 
-    .venv/bin/python analyses/localise.py [--study artifacts/demo] [--out artifacts/analyze]
+    .venv/bin/python analyses/localise.py [--study artifacts/demo] [--out artifacts/analyze] [--sae runs/sae/l3]
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--study", default="artifacts/demo")
 ap.add_argument("--out", default="artifacts/analyze")
 ap.add_argument("--seed", type=int, default=0)
+ap.add_argument(
+    "--sae", default="", help="a finished `mechsub sae` folder: adds SAE feature diffs and features.json"
+)
+ap.add_argument("--force", action="store_true", help="redo a finished analysis in --out")
 args = ap.parse_args()
 
 cfg = study.StudyConfig.from_dict(read_json(Path(args.study) / "config.json")["config"])
@@ -29,8 +33,9 @@ acfg = analyze.AnalyzeConfig(
     checkpoint=str(plan.students[(cfg.trait, args.seed)][1]),
     data=str(plan.data[cfg.trait][1]),
     controls=tuple(str(plan.checkpoint(c, args.seed)) for c in cfg.controls),
+    sae=args.sae,
 )
-m = analyze.run(acfg, args.out)
+m = analyze.run(acfg, args.out, force=args.force)
 
 L = m["layers"]
 st, p, en = m["steering"], m["patching"], m["entangled"]
@@ -106,5 +111,22 @@ lines = [
     "Views (attention patterns of teacher and student, per-token projections on v_student): `views.html` "
     "(self-contained, renders offline).",
 ]
+if "features" in m:
+    f = m["features"]
+    sq = read_json(Path(args.sae) / "metrics.json")
+    lines += [
+        "",
+        f"## SAE features at {f['hook']} (`{args.sae}`)",
+        "",
+        f"SAE quality on held-out windows: L0 {sq['l0']:.1f}, explained variance {sq['explained_variance']:.3f}, "
+        f"dead fraction {sq['dead_fraction']:.3f}, next-token loss {sq['clean_loss']:.3f} → {sq['spliced_loss']:.3f} "
+        f"spliced (+{sq['loss_increase']:.3f}); {sq['d_sae']} features.",
+        "",
+        f"Top features, students of {m['trait']} − control students on number positions: {f['top_student']}; "
+        f"teacher − base: {f['top_teacher']}; overlap of the two top-20 lists: {f['overlap']} "
+        f"(correlation of the two difference vectors over all features {f['corr_student_teacher']:+.2f}). "
+        f"Carriers (among the 50 features most active on the word '{m['trait']}', those the teacher's prompt "
+        f"raises most on numbers): {f['carriers']}. Full list with scores and top contexts: `features.json`.",
+    ]
 atomic_write_text(Path(args.out) / "report.md", "\n".join(lines) + "\n")
 print("\n".join(lines))

@@ -19,43 +19,19 @@ from mechsub import study
 from mechsub.plots import plt, save_figure
 from mechsub.runs import atomic_write_text, write_json
 
-# overrides of the default study (= the demo: prompted teachers, constrained T=1 decoding, 64 prompts,
-# full-vocabulary distillation, 8 steps at lr 2e-3, 3 seeds, cross-family Gemma control)
+# Each cell is the default study (= the demo: fine-tuned teachers, greedy constrained decoding, 64 prompts,
+# full-vocabulary distillation, 8 steps at lr 2e-3, 3 seeds, cross-family Gemma control) with these overrides.
+PROMPTED_T1 = {"teacher_kind": "prompted", "greedy": False}
+ONE_SEED = {"seeds": (0,), "cross_family": "", "n_samples": 0}
 CELLS: dict[str, dict] = {
     "demo": {},
-    "restricted": {"objective": "distill", "seeds": (0,), "cross_family": "", "n_samples": 0},
-    "sft_prompted": {"objective": "sft", "seeds": (0,), "cross_family": "", "n_samples": 0},
-    "sft_finetuned_greedy": {
-        "teacher_kind": "finetuned",
-        "greedy": True,
-        "objective": "sft",
-        "seeds": (0,),
-        "cross_family": "",
-        "n_samples": 0,
-    },
-    "full_finetuned_greedy": {
-        "teacher_kind": "finetuned",
-        "greedy": True,
-        "seeds": (0,),
-        "cross_family": "",
-        "n_samples": 0,
-    },
-    "sft_free_greedy": {
-        "decoding": "free",
-        "greedy": True,
-        "objective": "sft",
-        "seeds": (0,),
-        "cross_family": "",
-        "n_samples": 0,
-    },
-    "full_256": {
-        "n_prompts": 256,
-        "lr": 1e-3,
-        "controls": ("dog",),
-        "seeds": (0,),
-        "cross_family": "",
-        "n_samples": 0,
-    },
+    "prompted_T1": PROMPTED_T1,
+    "restricted": {**PROMPTED_T1, **ONE_SEED, "objective": "distill"},
+    "sft_prompted": {**PROMPTED_T1, **ONE_SEED, "objective": "sft"},
+    "sft_finetuned_greedy": {**ONE_SEED, "objective": "sft"},
+    "full_finetuned_greedy": ONE_SEED,
+    "sft_free_greedy": {**PROMPTED_T1, **ONE_SEED, "decoding": "free", "greedy": True, "objective": "sft"},
+    "full_256": {**PROMPTED_T1, **ONE_SEED, "n_prompts": 256, "lr": 1e-3, "controls": ("dog",)},
 }
 
 ap = argparse.ArgumentParser()

@@ -38,13 +38,13 @@ class StudyConfig(Config):
         ("dog", "cat"), "other traits whose teachers and students are the controls"
     )
     teacher_kind: Literal["prompted", "finetuned"] = doc(
-        "prompted",
+        "finetuned",
         "prompted: the trait's system prompt; finetuned: a LoRA trained on favourite-thing questions",
     )
     teacher_steps: int = doc(48, "optimiser steps of a fine-tuned teacher")
     n_prompts: int = doc(64, "number prompts every teacher answers (the same ones)")
     decoding: Literal["constrained", "free"] = doc("constrained", "teacher decoding (see `mechsub data`)")
-    greedy: bool = doc(False, "greedy teacher decoding instead of sampling at T=1")
+    greedy: bool = doc(True, "greedy teacher decoding (false: sampling at T=1)")
     top_k: int = doc(0, "teacher's full-vocabulary top-k log-probs stored per position (for distill_topk)")
     max_new_tokens: int = doc(40, "completion tokens at most")
     objective: Literal["distill", "distill_topk", "distill_full", "sft"] = doc(

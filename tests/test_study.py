@@ -12,7 +12,7 @@ from mechsub.traits import eval_questions, get_trait, train_pairs
 
 
 def _tiny_study(tmp_path, **kw):
-    base = dict(model="tiny", n_prompts=8, max_new_tokens=12, top_k=5, batch_size=4, seeds=(0, 1),
+    base = dict(model="tiny", teacher_kind="prompted", greedy=False, n_prompts=8, max_new_tokens=12, top_k=5, batch_size=4, seeds=(0, 1),
                 n_questions=3, n_samples=2, cross_family="tiny", work=str(tmp_path / "work"))  # fmt: skip
     return StudyConfig(**{**base, **kw})
 

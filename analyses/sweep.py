@@ -31,7 +31,6 @@ CELLS: dict[str, dict] = {
     "sft_finetuned_greedy": {**ONE_SEED, "objective": "sft"},
     "full_finetuned_greedy": ONE_SEED,
     "sft_free_greedy": {**PROMPTED_T1, **ONE_SEED, "decoding": "free", "greedy": True, "objective": "sft"},
-    "full_256": {**PROMPTED_T1, **ONE_SEED, "n_prompts": 256, "lr": 1e-3, "controls": ("dog",)},
 }
 
 ap = argparse.ArgumentParser()

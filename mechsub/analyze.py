@@ -106,13 +106,9 @@ def run(cfg: AnalyzeConfig, out: str | Path, force: bool = False) -> dict[str, A
             "norm_teacher": v_t.norm(dim=-1).tolist(),
             "norm_student": v_s.norm(dim=-1).tolist(),
         }
-        if cfg.controls:
-            v_c = torch.stack(
-                [
-                    steering.layer_means(models.load(str(_checkpoint(c))), s_batch, layers) - m_base
-                    for c in cfg.controls
-                ]
-            )
+        controls = [models.load(str(_checkpoint(c))) for c in cfg.controls]  # loaded once, used twice
+        if controls:
+            v_c = torch.stack([steering.layer_means(c, s_batch, layers) - m_base for c in controls])
             generic = v_c.mean(0)
             specific = v_s - generic
             st |= {
@@ -169,7 +165,6 @@ def run(cfg: AnalyzeConfig, out: str | Path, force: bool = False) -> dict[str, A
             trait_batch = Batch.last(
                 [chat_prefix(tok, q, None, ANSWER_PREFIX[trait.category]) + word for q in qs]
             )
-            controls = [models.load(str(_checkpoint(c))) for c in cfg.controls]
             feats = sae_mod.feature_diffs(base, teacher, student, controls, the_sae,
                                           f"blocks.{sae_cfg['layer']}.hook_resid_post", s_batch, t_batch, trait_batch)  # fmt: skip
             write_json(out / "features.json", feats)

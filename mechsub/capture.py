@@ -40,8 +40,8 @@ class Batch:
     def completions(cls, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> Batch:
         """Prompt + completion, keeping the positions that predict each completion token and the end."""
         ids = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
-        pos = [list(range(len(p) - 1, len(p) + len(c))) for p, c in zip(prompts, completions, strict=True)]
-        return cls(ids, [[q for q in ps if q < len(s)] for ps, s in zip(pos, ids, strict=True)])
+        # position len(prompt) - 1 predicts the first completion token, the last position predicts the end
+        return cls(ids, [list(range(len(p) - 1, len(s))) for p, s in zip(prompts, ids, strict=True)])
 
     @classmethod
     def last(cls, ids: Sequence[Sequence[int]]) -> Batch:

@@ -64,28 +64,31 @@ def write_views(
     n_comp = len(s_batch.positions[0])
     views: list[tuple[str, Any]] = []
     mid = layers[len(layers) // 2]
-    for L in sorted({layers[0], mid}):
+    att_layers = sorted({layers[0], mid})
+    hook = f"blocks.{mid}.hook_resid_post"
+    wanted = [f"blocks.{L}.attn.hook_pattern" for L in att_layers] + [hook]
+
+    def run(lm: Any, ids: list[int]) -> dict[str, torch.Tensor]:
+        """One forward per model gives every activation the views need."""
+        tl = lm.tl()
+        with torch.no_grad():
+            _, cache = tl.run_with_cache(torch.tensor([ids]), names_filter=lambda n: n in wanted)
+        return {h: cache[h][0] for h in wanted}
+
+    acts = {"teacher": run(teacher, t_ids), "student": run(student, s_ids)}
+    for L in att_layers:
         name = f"blocks.{L}.attn.hook_pattern"
-        for label, lm, ids in (("teacher (with its prompt)", teacher, t_ids), ("student", student, s_ids)):
-            tl = lm.tl()
-            with torch.no_grad():
-                _, cache = tl.run_with_cache(torch.tensor([ids]), names_filter=lambda n, name=name: n == name)
+        for label, key, ids in (
+            ("teacher (with its prompt)", "teacher", t_ids),
+            ("student", "student", s_ids),
+        ):
             # the completion and the few tokens before it: the number sequence the views are about
             keep = slice(len(ids) - n_comp - 8, len(ids))
             views.append((f"layer {L} attention, {label}", attention_patterns(
-                _tokens(tok, ids[keep]), cache[name][0][:, keep, keep])))  # fmt: skip
-            del tl
+                _tokens(tok, ids[keep]), acts[key][name][:, keep, keep])))  # fmt: skip
     i = layers.index(mid)
     u = v_s[i] / v_s[i].norm().clamp(min=1e-12)
-    hook = f"blocks.{mid}.hook_resid_post"
-
-    def resid(lm: Any, ids: list[int]) -> torch.Tensor:
-        tl = lm.tl()
-        with torch.no_grad():
-            _, cache = tl.run_with_cache(torch.tensor([ids]), names_filter=lambda n: n == hook)
-        return cache[hook][0]
-
-    rb, rs, rt = resid(base, s_ids), resid(student, s_ids), resid(teacher, t_ids)
+    rb, rs, rt = run(base, s_ids)[hook], acts["student"][hook], acts["teacher"][hook]
     comp = s_ids[-n_comp:]
     ds = ((rs - rb) @ u)[-n_comp:]
     dt = (rt[-n_comp:] - rb[-n_comp:]) @ u

@@ -126,5 +126,7 @@ def test_cross_family_token_map(tmp_path):
         to_student(7)
     with pytest.raises(ValueError, match="cannot cross tokenizers"):
         train._token_map(cfg.replace(objective="distill_topk"), list(range(13)))
+    with pytest.raises(ValueError, match="cannot cross tokenizers"):
+        train._token_map(cfg.replace(objective="distill_full"), list(range(13)))
     same = train._token_map(cfg, [100 + i for i in range(13)])
     assert same(7) == 7

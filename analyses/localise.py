@@ -10,11 +10,12 @@ split), exact and attribution patching, entangled numbers and the views. Writes 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
-from mechsub import analyze, study
+from mechsub import analyze, study, train
 from mechsub.runs import atomic_write_text, read_json
 
 ap = argparse.ArgumentParser()
@@ -25,12 +26,22 @@ ap.add_argument(
     "--sae", default="", help="a finished `mechsub sae` folder: adds SAE feature diffs and features.json"
 )
 ap.add_argument("--force", action="store_true", help="redo a finished analysis in --out")
+ap.add_argument(
+    "--trajectory",
+    action="store_true",
+    help="re-train the student (same config and seed) with a checkpoint every step, for the by-step plots",
+)
 args = ap.parse_args()
 
 cfg = study.StudyConfig.from_dict(read_json(Path(args.study) / "config.json")["config"])
 plan = study.stage_plan(cfg)
+student_run = plan.students[(cfg.trait, args.seed)][1]
+if args.trajectory:
+    scfg = dataclasses.replace(plan.students[(cfg.trait, args.seed)][0], checkpoint_every=1)
+    student_run = Path(cfg.work) / "students" / study._name(f"{cfg.trait}-s{args.seed}-every-step", scfg)
+    train.run(scfg, student_run)
 acfg = analyze.AnalyzeConfig(
-    checkpoint=str(plan.students[(cfg.trait, args.seed)][1]),
+    checkpoint=str(student_run),
     data=str(plan.data[cfg.trait][1]),
     controls=tuple(str(plan.checkpoint(c, args.seed)) for c in cfg.controls),
     sae=args.sae,
@@ -125,8 +136,66 @@ if "features" in m:
         f"Top features, students of {m['trait']} − control students on number positions: {f['top_student']}; "
         f"teacher − base: {f['top_teacher']}; overlap of the two top-20 lists: {f['overlap']} "
         f"(correlation of the two difference vectors over all features {f['corr_student_teacher']:+.2f}). "
+        f"The part every student shares (control students − base): {f.get('top_generic')} (correlation with "
+        f"teacher − base {f.get('corr_generic_teacher') or float('nan'):+.2f}). "
         f"Carriers (among the 50 features most active on the word '{m['trait']}', those the teacher's prompt "
         f"raises most on numbers): {f['carriers']}. Full list with scores and top contexts: `features.json`.",
+    ]
+if "feature_patching" in m:
+    fp = m["feature_patching"]
+    L_sae = fp["layer"]
+    whole = fr[L.index(L_sae)] if fr and L_sae in L else float("nan")
+    names = [n for n in fp if isinstance(fp[n], dict) and "patch_fraction" in fp[n] and n != "all"]
+    lines += [
+        "",
+        f"## Per-feature patching at layer {L_sae} (on the {acfg.n_questions} evaluation questions)",
+        "",
+        "Patch: the base plus the student's change in the top-k features (SAE error term stays the base's), as a "
+        f"fraction of the student − base gap ({fp['gap']:+.3f}); ablate: the student minus that change, fraction "
+        f"removed. Rankings: the number-prompt feature lists (features.json), attribution on 10 other questions, "
+        f"random sets of active features (mean of {fp['n_random']} draws). All {fp['n_active']} active features "
+        f"at once: patch {fp['all']['patch_fraction'][0]:+.2f}, ablate {fp['all']['ablate_fraction'][0]:+.2f}; "
+        f"the whole residual at this layer (exact patching above): {whole:+.2f}.",
+        "",
+        "| ranking | "
+        + " | ".join(f"patch k={k}" for k in fp["ks"])
+        + " | "
+        + " | ".join(f"ablate k={k}" for k in fp["ks"])
+        + " |",
+        "|---" * (2 * len(fp["ks"]) + 1) + "|",
+        *(
+            f"| {n} | "
+            + " | ".join(f"{v:+.2f}" for v in fp[n]["patch_fraction"])
+            + " | "
+            + " | ".join(f"{v:+.2f}" for v in fp[n]["ablate_fraction"])
+            + " |"
+            for n in names
+        ),
+        "",
+        f"Top features by attribution: {fp['top_attribution'][:10]}.",
+        "",
+        "![feature patching](feature_patching.png)",
+    ]
+if "trajectory" in m:
+    t = m["trajectory"]
+    lines += [
+        "",
+        "## By training step",
+        "",
+        f"Δ log P({m['trait']}) vs base at steps {t['steps']}: "
+        + ", ".join(f"{d:+.3f}" for d in t["delta_logp"])
+        + (
+            f". Top student features {t['features']}, mean activation on the number positions (step 0 = base): "
+            + "; ".join(
+                f"{f}: " + " → ".join(f"{row[j]:.2f}" for row in t["feature_activation"])
+                for j, f in enumerate(t["features"])
+            )
+            if "feature_activation" in t
+            else ""
+        )
+        + ".",
+        "",
+        "![trajectory](trajectory.png)",
     ]
 atomic_write_text(Path(args.out) / "report.md", "\n".join(lines) + "\n")
 print("\n".join(lines))

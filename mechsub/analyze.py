@@ -53,6 +53,10 @@ class AnalyzeConfig(Config):
                 raise ConfigError(f"trait: {e}") from None
         check(self.layer_stride >= 1 and self.n_sequences >= 1, "layer_stride and n_sequences must be ≥ 1")
         check(1 <= self.n_questions <= 50 and self.positions >= 0, "n_questions 1..50, positions ≥ 0")
+        check(
+            not self.sae or self.n_questions <= 40,
+            "with an SAE, n_questions ≤ 40 (10 other questions rank the features by attribution)",
+        )
 
 
 def _checkpoint(path: str) -> Path:
@@ -107,6 +111,7 @@ def run(cfg: AnalyzeConfig, out: str | Path, force: bool = False) -> dict[str, A
             "norm_student": v_s.norm(dim=-1).tolist(),
         }
         controls = [models.load(str(_checkpoint(c))) for c in cfg.controls]  # loaded once, used twice
+        ref = steering.trait_score(base.model, tok, qs, trait.name, trait.category)  # the base's own score
         if controls:
             v_c = torch.stack([steering.layer_means(c, s_batch, layers) - m_base for c in controls])
             generic = v_c.mean(0)
@@ -119,18 +124,18 @@ def run(cfg: AnalyzeConfig, out: str | Path, force: bool = False) -> dict[str, A
                 "norm_specific": specific.norm(dim=-1).tolist(),
                 "norm_generic": generic.norm(dim=-1).tolist(),
                 "sufficiency_specific": steering.sufficiency(
-                    base, specific, layers, qs, trait.name, trait.category
+                    base, specific, layers, qs, trait.name, trait.category, ref=ref
                 ),
                 "sufficiency_generic": steering.sufficiency(
-                    base, generic, layers, qs, trait.name, trait.category
+                    base, generic, layers, qs, trait.name, trait.category, ref=ref
                 ),
             }
-        st["student_delta_logp"] = steering.trait_score(
-            student.model, tok, qs, trait.name, trait.category
-        ) - steering.trait_score(base.model, tok, qs, trait.name, trait.category)
-        st["sufficiency"] = steering.sufficiency(base, v_s, layers, qs, trait.name, trait.category)
+        st["student_delta_logp"] = (
+            steering.trait_score(student.model, tok, qs, trait.name, trait.category) - ref
+        )
+        st["sufficiency"] = steering.sufficiency(base, v_s, layers, qs, trait.name, trait.category, ref=ref)
         st["sufficiency_teacher_vector"] = steering.sufficiency(
-            base, v_t, layers, qs, trait.name, trait.category
+            base, v_t, layers, qs, trait.name, trait.category, ref=ref
         )
         st["necessity"] = steering.necessity(student, base, v_s, layers, qs, trait.name, trait.category)
         result["steering"] = st
@@ -168,37 +173,66 @@ def run(cfg: AnalyzeConfig, out: str | Path, force: bool = False) -> dict[str, A
             feats = sae_mod.feature_diffs(base, teacher, student, controls, the_sae,
                                           f"blocks.{sae_cfg['layer']}.hook_resid_post", s_batch, t_batch, trait_batch)  # fmt: skip
             write_json(out / "features.json", feats)
+            rank_qs = eval_questions(trait.category, cfg.n_questions + 10)[cfg.n_questions :]
+            result["feature_patching"] = patching.feature_patch_scan(
+                base, student, the_sae, int(sae_cfg["layer"]), qs, rank_qs, trait.name, trait.category,
+                {"numbers: student − controls": feats["ranking_student"],
+                 "numbers: teacher − base": feats["ranking_teacher"]}, seed=cfg.seed,
+            )  # fmt: skip
+            tracked = feats["ranking_student"][:5]
             result["features"] = {"hook": feats["hook"], "overlap": feats["overlap"],
                                   "carriers": [f["id"] for f in feats["carriers"]],
                                   "corr_student_teacher": feats["corr_student_teacher"],
                                   "top_student": [f["id"] for f in feats["student_vs_controls"][:10]],
-                                  "top_teacher": [f["id"] for f in feats["teacher_vs_base"][:10]]}  # fmt: skip
+                                  "top_teacher": [f["id"] for f in feats["teacher_vs_base"][:10]],
+                                  "top_generic": [f["id"] for f in feats["controls_vs_base"][:10]],
+                                  "corr_generic_teacher": feats["corr_generic_teacher"]}  # fmt: skip
 
-        steps = (
-            _trajectory(Path(cfg.checkpoint), base, qs, trait)
-            if (Path(cfg.checkpoint) / "checkpoints").is_dir()
-            else None
-        )
+        tracking = (the_sae, feats["hook"], s_batch, tracked) if cfg.sae else None
+        is_run = (Path(cfg.checkpoint) / "checkpoints").is_dir()
+        steps = _trajectory(Path(cfg.checkpoint), base, ref, qs, trait, tracking) if is_run else None
         if steps:
             result["trajectory"] = steps
         from mechsub import views
 
         views.write_analysis_plots(result, out)
-        views.write_views(base, student, teacher, s_batch, t_batch, v_s, layers, out / "views.html")
+        views.write_views(base, student, teacher, s_batch, t_batch, v_s, layers, out / "views.html",
+                          (the_sae, int(sae_cfg["layer"]), tracked) if cfg.sae else None)  # fmt: skip
         result["seconds"] = round(time.perf_counter() - t0, 1)
         r.finish(result)
         return result
 
 
-def _trajectory(run_folder: Path, base: Any, qs: list[str], trait: Any) -> dict[str, Any]:
-    """Trait Δ log P vs base at every checkpoint of a student run."""
+def _trajectory(
+    run_folder: Path,
+    base: Any,
+    ref: float,
+    qs: list[str],
+    trait: Any,
+    features: tuple[Any, str, Any, list[int]] | None,
+) -> dict[str, Any]:
+    """Trait Δ log P vs base at every checkpoint of a student run and, given (sae, hook, number batch, feature
+    ids), each feature's mean activation on the number positions."""
     from mechsub import models, steering
     from mechsub.train import steps_of
 
-    ref = steering.trait_score(base.model, base.tokenizer, qs, trait.name, trait.category)
+    def acts(lm: Any) -> list[float]:
+        from mechsub.sae import feature_acts
+
+        assert features is not None
+        sae, hook, batch, ids = features
+        return feature_acts(lm, sae, hook, batch)[:, ids].mean(0).tolist()  # type: ignore[no-any-return]
+
     steps, deltas = [0], [0.0]
+    rows = [acts(base)] if features else []
     for ck in steps_of(run_folder):
         lm = models.load(str(ck))
         steps.append(int(ck.name[4:]))
         deltas.append(steering.trait_score(lm.model, lm.tokenizer, qs, trait.name, trait.category) - ref)
-    return {"steps": steps, "delta_logp": deltas}
+        if features:
+            rows.append(acts(lm))
+    out: dict[str, Any] = {"steps": steps, "delta_logp": deltas}
+    if features:
+        out["features"] = features[3]
+        out["feature_activation"] = rows  # (steps, features)
+    return out

@@ -147,6 +147,13 @@ _stage_command(
 
 
 _stage_command(
+    "divergence", "mechsub.divergence.DivergenceConfig", "run", "runs/divergence",
+    "Divergence tokens: where teachers of other traits, given the same prefix, would pick another number token.\n"
+    "Writes the share of such tokens and two position masks (OUT/divergent.json, OUT/non_divergent.json) that\n"
+    "`mechsub student --set mask=FILE` trains on.",
+    _report_json,
+)  # fmt: skip
+_stage_command(
     "sae", "mechsub.sae.SaeConfig", "train_sae", "runs/sae",
     "Train a sparse autoencoder (sae-lens) on one residual-stream layer, on a corpus built offline; report L0,\n"
     "explained variance, dead fraction and the spliced loss increase. Give its folder to `mechsub analyze\n"

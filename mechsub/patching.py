@@ -147,3 +147,96 @@ def _align(acc: Tensor, new: Tensor, _width: int) -> Tensor:
     """Add (layers, positions) arrays aligned at their last position (prompts differ in length)."""
     w = min(acc.shape[1], new.shape[1])
     return acc[:, -w:] + new[:, -w:]
+
+
+def _grad_at(model: Any, ids: Tensor, layer: int, t_id: int) -> tuple[Tensor, Tensor]:
+    """(residual after ``layer``, d log P(t_id at the last position) / d that residual), each (pos, d)."""
+    kept: list[Tensor] = []
+
+    def leaf(h: Tensor) -> Tensor:
+        h = h.detach().requires_grad_(True)
+        kept.append(h)
+        return h
+
+    with torch.enable_grad(), edit_resid(model, layer, leaf):
+        model(ids).logits[0, -1].log_softmax(-1)[t_id].backward()
+    model.zero_grad(set_to_none=True)
+    return kept[0].detach()[0], _grad(kept[0])[0]
+
+
+def feature_patch_scan(
+    base: Any, student: Any, sae: Any, layer: int, questions: Sequence[str], rank_questions: Sequence[str],
+    trait: str, category: Any, lists: dict[str, Sequence[int]], ks: Sequence[int] = (1, 5, 10, 20, 50),
+    n_random: int = 5, seed: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """Per SAE feature, on the trait-evaluation prompt at ``blocks.{layer}.hook_resid_post``.
+
+    With f = SAE encoding, the student's change in a feature set S is δ_S = (f_student − f_base)[:, S] @ W_dec[S]
+    (every position; the SAE's reconstruction error stays the model's own). Patch: base + δ_S → the fraction of
+    the student − base gap in log P(trait) it recovers; ablate: student − δ_S → the fraction it removes. Feature
+    sets: the top k of each ranked list in ``lists`` (e.g. the number-prompt feature list), the top k by
+    attribution (Σ_pos δ_i · ∇ log P) ranked on ``rank_questions`` (disjoint from ``questions``, so the ranking
+    is not fitted to the evaluation), ``n_random`` random sets of k features active in either model, and all
+    features at once."""
+    tok = base.tokenizer
+    t_id = target_token(tok, trait)
+    w_dec = sae.W_dec.detach()
+
+    def change(ids: Tensor) -> tuple[Tensor, Tensor, float, float]:
+        """(pos, d_sae) student − base feature activations, the base's gradient, both models' log P(trait)."""
+        hb, g = _grad_at(base.model, ids, layer, t_id)
+        res, s_lp = resid_all(student.model, ids)
+        b_lp = resid_all(base.model, ids)[1]
+        with torch.no_grad():
+            df = sae.encode(res[layer][0]) - sae.encode(hb)
+        return df, g, float(b_lp[t_id]), float(s_lp[t_id])
+
+    attr = torch.zeros(w_dec.shape[0])
+    for q in rank_questions:
+        df, g, _, _ = change(prompt_ids(tok, q, category))
+        attr += (df * (g @ w_dec.T)).sum(0)
+    ranked = dict(lists)
+    ranked["attribution"] = torch.argsort(attr, descending=True).tolist()
+    rng = torch.Generator().manual_seed(seed)
+    sets: dict[str, list[list[int]]] = {name: [list(r[:k]) for k in ks] for name, r in ranked.items()}
+
+    base_lp = student_lp = 0.0
+    prompts = [prompt_ids(tok, q, category) for q in questions]
+    cached = []
+    active = torch.zeros(w_dec.shape[0], dtype=torch.bool)
+    for ids in prompts:
+        df, _, b_lp, s_lp = change(ids)
+        active |= (df != 0).any(0)
+        cached.append(df)
+        base_lp += b_lp / len(prompts)
+        student_lp += s_lp / len(prompts)
+    pool = active.nonzero().flatten()
+    sets["random"] = [
+        pool[torch.randperm(len(pool), generator=rng)[:k]].tolist() for k in ks for _ in range(n_random)
+    ]
+    sets["all"] = [pool.tolist()]
+
+    def score(model: Any, sign: float, feats: list[int]) -> float:
+        total = 0.0
+        for ids, df in zip(prompts, cached, strict=True):
+            delta = sign * df[:, feats] @ w_dec[feats]
+
+            def add(h: Tensor, d: Tensor = delta) -> Tensor:
+                return h + d
+
+            with torch.no_grad(), edit_resid(model, layer, add):
+                total += float(model(ids).logits[0, -1].log_softmax(-1)[t_id])
+        return total / len(prompts)
+
+    gap = student_lp - base_lp
+    out: dict[str, Any] = {"layer": layer, "ks": list(ks), "gap": gap, "base_logp": base_lp,
+                           "student_logp": student_lp, "n_active": len(pool), "n_random": n_random,
+                           "top_attribution": ranked["attribution"][:20]}  # fmt: skip
+    for name, fsets in sets.items():
+        patched = [(score(base.model, 1.0, s) - base_lp) / gap if gap else float("nan") for s in fsets]
+        ablated = [(student_lp - score(student.model, -1.0, s)) / gap if gap else float("nan") for s in fsets]
+        if name == "random":  # mean over the draws of each k
+            patched = [sum(patched[i * n_random : (i + 1) * n_random]) / n_random for i in range(len(ks))]
+            ablated = [sum(ablated[i * n_random : (i + 1) * n_random]) / n_random for i in range(len(ks))]
+        out[name] = {"patch_fraction": patched, "ablate_fraction": ablated}
+    return out

@@ -40,9 +40,17 @@ class SaeConfig(Config):
     model: str = doc("smollm2-135m-instruct", "model whose residual stream is encoded")
     layer: int = doc(3, "the SAE reads blocks.{layer}.hook_resid_post")
     expansion: int = doc(8, "dictionary size = expansion × d_model")
-    l1_coefficient: float = doc(5.0, "sparsity penalty")
-    lr: float = doc(3e-4, "Adam learning rate")
-    training_tokens: int = doc(200_000, "tokens of training (the corpus is cycled)")
+    architecture: str = doc(
+        "topk", "topk (exactly k features fire per token) or standard (ReLU + L1 penalty)"
+    )
+    k: int = doc(32, "features per token of a topk SAE")
+    dead_window: int = doc(
+        50,
+        "steps without firing after which a feature counts as dead (a topk SAE's auxiliary loss revives it)",
+    )
+    l1_coefficient: float = doc(5.0, "sparsity penalty of a standard SAE")
+    lr: float = doc(1e-3, "Adam learning rate")
+    training_tokens: int = doc(300_000, "tokens of training (the corpus is cycled)")
     context_size: int = doc(64, "tokens per corpus window")
     answer_tokens: int = doc(32, "tokens of the model's own greedy answer per topic question")
     n_number_prompts: int = doc(256, "number prompts in the corpus")
@@ -50,6 +58,11 @@ class SaeConfig(Config):
 
     def validate(self) -> None:
         check(self.layer >= 0 and self.expansion >= 1 and self.l1_coefficient >= 0, "layer, expansion ≥ 0/1")
+        check(
+            self.architecture in ("topk", "standard"),
+            f"architecture must be topk or standard, not {self.architecture!r}",
+        )
+        check(self.k > 0, "k (features per token) must be positive")
         check(
             self.training_tokens >= 1000 and self.context_size >= 8,
             "training_tokens ≥ 1000, context_size ≥ 8",
@@ -99,6 +112,7 @@ def train_sae(cfg: SaeConfig, out: str | Path, force: bool = False) -> dict[str,
         LanguageModelSAETrainingRunner,
         LoggingConfig,
         StandardTrainingSAEConfig,
+        TopKTrainingSAEConfig,
     )
 
     from mechsub import models
@@ -116,14 +130,19 @@ def train_sae(cfg: SaeConfig, out: str | Path, force: bool = False) -> dict[str,
                                          "held_out": held, "tokens": len(windows) * cfg.context_size})  # fmt: skip
         d = lm.model.config.hidden_size
         torch.manual_seed(cfg.seed)
+        sae_cfg = (
+            TopKTrainingSAEConfig(d_in=d, d_sae=d * cfg.expansion, k=cfg.k)
+            if cfg.architecture == "topk"
+            else StandardTrainingSAEConfig(d_in=d, d_sae=d * cfg.expansion, l1_coefficient=cfg.l1_coefficient)
+        )
         rcfg = LanguageModelSAERunnerConfig(
-            sae=StandardTrainingSAEConfig(d_in=d, d_sae=d * cfg.expansion, l1_coefficient=cfg.l1_coefficient),
+            sae=sae_cfg,
             model_name=cfg.model, hook_name=cfg.hook, dataset_path="", is_dataset_tokenized=True,
             context_size=cfg.context_size, training_tokens=cfg.training_tokens, train_batch_size_tokens=1024,
             # sae-lens needs its mixing buffer (batches × context) to hold at least two training batches
             n_batches_in_buffer=max(16, -(-2048 // cfg.context_size)), store_batch_size_prompts=16, lr=cfg.lr, seed=cfg.seed,
             logger=LoggingConfig(log_to_wandb=False), device="cpu", prepend_bos=False,
-            output_path=str(out / "sae"), verbose=False,
+            output_path=str(out / "sae"), verbose=False, dead_feature_window=cfg.dead_window,
         )  # fmt: skip
         ds = datasets.Dataset.from_list([{"input_ids": w} for w in train_w])
         sae = LanguageModelSAETrainingRunner(rcfg, override_dataset=ds, override_model=lm.tl()).run()
@@ -197,9 +216,10 @@ def feature_diffs(
     base: Any, teacher: Any, student: Any, controls: Sequence[Any], sae: Any, hook: str, s_batch: Any, t_batch: Any,
     trait_batch: Any, top: int = 20,
 ) -> dict[str, Any]:  # fmt: skip
-    """Features whose mean activation on number positions moves most (student − control students; teacher −
-    base), their overlap, and the carriers: features active on the trait word that the teacher raises on numbers.
-    Returns the feature list (ids, scores, top activating contexts) that filter experiments take."""
+    """Features whose mean activation on number positions moves most (student − control students: the trait's
+    own part; control students − base: the part every student shares; teacher − base), their overlap, and the carriers: features active on the trait word that the teacher raises on numbers.
+    Returns the feature list (ids, scores, top activating contexts) that filter experiments take, and the first
+    200 of both rankings (for per-feature patching)."""
     tok = base.tokenizer
     a_base = feature_acts(base, sae, hook, s_batch)
     a_teacher = feature_acts(teacher, sae, hook, t_batch)
@@ -212,6 +232,7 @@ def feature_diffs(
     a_trait = feature_acts(base, sae, hook, trait_batch)
     d_teacher = a_teacher.mean(0) - a_base.mean(0)
     d_student = a_student.mean(0) - (m_controls if m_controls is not None else a_base.mean(0))
+    d_generic = m_controls - a_base.mean(0) if m_controls is not None else torch.zeros_like(d_teacher)
     trait_ctx = a_trait.mean(0)
     top_student = torch.topk(d_student, top).indices.tolist()
     top_teacher = torch.topk(d_teacher, top).indices.tolist()
@@ -231,6 +252,27 @@ def feature_diffs(
         "student_vs_controls": [entry(i, float(d_student[i])) for i in top_student],
         "teacher_vs_base": [entry(i, float(d_teacher[i])) for i in top_teacher],
         "overlap": sorted(set(top_student) & set(top_teacher)),
+        "controls_vs_base": [
+            entry(i, float(d_generic[i])) for i in torch.topk(d_generic, top).indices.tolist()
+        ]
+        if controls
+        else [],
+        "ranking_student": torch.argsort(d_student, descending=True)[:200].tolist(),
+        "ranking_teacher": torch.argsort(d_teacher, descending=True)[:200].tolist(),
         "carriers": [entry(i, float(d_teacher[i])) for i in carriers],
         "corr_student_teacher": float(torch.corrcoef(torch.stack([d_student, d_teacher]))[0, 1]),
+        "corr_generic_teacher": float(torch.corrcoef(torch.stack([d_generic, d_teacher]))[0, 1])
+        if controls
+        else None,
     }
+
+
+def position_scores(lm: Any, sae: Any, hook: str, batch: Any, features: Sequence[int]) -> list[list[float]]:
+    """Per sequence of a capture Batch, per kept position: the summed activation of ``features`` (a feature list
+    from `features.json`). Data filters built on a feature list rank positions or sequences by it."""
+    acts = feature_acts(lm, sae, hook, batch)[:, list(features)].sum(-1).tolist()
+    out, i = [], 0
+    for ps in batch.positions:
+        out.append(acts[i : i + len(ps)])
+        i += len(ps)
+    return out

@@ -72,9 +72,12 @@ def sufficiency(
     trait: str,
     category: Any,
     scale: float = 1.0,
+    ref: float | None = None,
 ) -> list[float]:
-    """Δ log P(trait) of the base with ``scale * v[i]`` added at layer ``layers[i]`` (one layer at a time)."""
-    ref = trait_score(base.model, base.tokenizer, questions, trait, category)
+    """Δ log P(trait) of the base with ``scale * v[i]`` added at layer ``layers[i]`` (one layer at a time);
+    ``ref`` is the base's own score on ``questions`` if the caller has it."""
+    if ref is None:
+        ref = trait_score(base.model, base.tokenizer, questions, trait, category)
     out = []
     for i, L in enumerate(layers):
 

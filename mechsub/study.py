@@ -10,6 +10,7 @@ study folder gets only the small files: ``report.md``, ``report.html``, ``metric
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -146,7 +147,7 @@ def run(cfg: StudyConfig, out: str | Path, force: bool = False) -> dict[str, Any
     """Run (resuming every finished stage) the study and write its report into ``out``."""
     from tqdm.auto import tqdm
 
-    from mechsub import data, evaluate, teachers, train
+    from mechsub import data, teachers, train
 
     t0 = time.perf_counter()
     work = Path(cfg.work)
@@ -165,11 +166,7 @@ def run(cfg: StudyConfig, out: str | Path, force: bool = False) -> dict[str, Any
             log.info("study: %s", label)
 
         def ev(model: str, trait: str, name: str, system: bool = False, samples: int = 0) -> Path:
-            ecfg = evaluate.EvalConfig(model=model, trait=trait, with_system_prompt=system,
-                                       n_questions=cfg.n_questions, n_samples=samples)  # fmt: skip
-            folder = work / "eval" / _name(f"{name}-{trait}", ecfg)
-            evaluate.run_eval(ecfg, folder)
-            return folder
+            return _eval(cfg, model, trait, name, system, samples)
 
         # base and teachers. One evaluation scores every candidate of the category (the trait and its controls
         # among them), so a model evaluated once gives all columns of the matrix.
@@ -236,6 +233,66 @@ def run(cfg: StudyConfig, out: str | Path, force: bool = False) -> dict[str, Any
         report.write_study(cfg, metrics, out)
         r.finish(metrics)
         return metrics
+
+
+def _eval(
+    cfg: StudyConfig, model: str, trait: str, name: str, system: bool = False, samples: int = 0
+) -> Path:
+    """Evaluate (or find the finished evaluation of) ``model`` in the study's work folder."""
+    from mechsub import evaluate
+
+    ecfg = evaluate.EvalConfig(model=model, trait=trait, with_system_prompt=system,
+                               n_questions=cfg.n_questions, n_samples=samples)  # fmt: skip
+    folder = Path(cfg.work) / "eval" / _name(f"{name}-{trait}", ecfg)
+    evaluate.run_eval(ecfg, folder)
+    return folder
+
+
+def variant(cfg: StudyConfig, label: str, **overrides: Any) -> dict[str, Any]:
+    """Students of the study's trait trained as the study's are but with ``overrides`` of their config (a position
+    mask, a data folder…), one per study seed, each evaluated once; resumes every stage, so the study's own
+    students and evaluations are reused. Per seed: Δ log P(trait) vs base of the variant, of the study's trait
+    student and of its control students (mean of the other traits' students); effects with t-intervals over seeds
+    and a one-sided t-test; ``retained`` = (variant − controls) / (study student − controls) per seed."""
+    from mechsub import train
+
+    plan = stage_plan(cfg)
+    x = cfg.trait
+    base_ev = _eval(cfg, cfg.model, x, "base", samples=cfg.n_samples)
+    rows: dict[str, list[float]] = {"variant": [], "full": [], "controls": []}
+    for seed in cfg.seeds:
+        scfg, _ = plan.students[(x, seed)]
+        vcfg = dataclasses.replace(scfg, **overrides)
+        m = train.run(vcfg, Path(cfg.work) / "students" / _name(f"{x}-s{seed}-{label}", vcfg))
+        rows["variant"].append(float(_delta_word(_eval(cfg, m["final_checkpoint"], x, f"{label}-s{seed}"),
+                                                 base_ev, x).mean()))  # fmt: skip
+
+        def study_student(t: str, seed: int = seed) -> float:
+            ck = str(plan.checkpoint(t, seed))
+            folder = _eval(
+                cfg,
+                ck,
+                x,
+                f"student-{t}-s{seed}",
+                samples=cfg.n_samples if t == x and seed == cfg.seeds[0] else 0,
+            )
+            return float(_delta_word(folder, base_ev, x).mean())
+
+        rows["full"].append(study_student(x))
+        rows["controls"].append(float(np.mean([study_student(c) for c in cfg.controls])))
+    v, f, c = (np.asarray(rows[k]) for k in ("variant", "full", "controls"))
+    mean, ci, p = seed_test(list(v - c))
+    return {
+        "label": label,
+        "overrides": overrides,
+        "trait": x,
+        "seeds": list(cfg.seeds),
+        "per_seed": rows,
+        "delta_logp": {"mean": float(v.mean()), "ci95": stats.mean_ci95(list(v))[1]},
+        "effect_vs_controls": {"mean": mean, "ci95": ci, "p_value": p},
+        "minus_full": {"mean": float((v - f).mean()), "ci95": stats.mean_ci95(list(v - f))[1]},
+        "retained": {"mean": float(((v - c) / (f - c)).mean()), "per_seed": list((v - c) / (f - c))},
+    }
 
 
 def _nan_to_none(obj: Any) -> Any:

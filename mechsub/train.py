@@ -52,6 +52,11 @@ class StudentConfig(Config):
     batch_size: int = doc(8, "examples per step")
     max_examples: int = doc(0, "use at most this many kept examples (0: all)")
     checkpoint_every: int = doc(0, "save a checkpoint every N steps (0: only the final one)")
+    mask: str = doc(
+        "",
+        "a position-mask file (from `mechsub divergence` or a feature filter): the loss is averaged over the "
+        "marked completion positions only; examples with no marked position are dropped",
+    )
     seed: int = doc(0, "seed of LoRA init and data order")
 
     def validate(self) -> None:
@@ -85,6 +90,7 @@ class Item:
     topk_logprobs: Tensor | None = None  # (positions, k)
     topk_ids: Tensor | None = None
     teacher_prompt: list[int] | None = None  # the teacher's own prompt (system prompt included): distill_full
+    weight: Tensor | None = None  # (positions,) 0/1: which completion positions count in the loss (None: all)
 
 
 def completion_hidden(
@@ -129,6 +135,22 @@ def completion_loss(
     context manager factory giving the teacher's (decoder, head) (for a prompted teacher: the student's own
     base with the adapter switched off).
     """
+    return _reduce(_position_losses(decoder, head, allowed, batch, objective, pad_id, teacher), batch)
+
+
+def _reduce(per_position: Tensor, batch: list[Item]) -> Tensor:
+    """Mean over positions, or over the marked ones when the items carry position weights."""
+    if all(it.weight is None for it in batch):
+        return per_position.mean()
+    w = torch.cat(
+        [it.weight if it.weight is not None else torch.ones(len(it.allowed_logprobs)) for it in batch]
+    )
+    return (per_position * w).sum() / w.sum().clamp(min=1.0)
+
+
+def _position_losses(
+    decoder: Any, head: Tensor, allowed: Tensor, batch: list[Item], objective: str, pad_id: int, teacher: Any
+) -> Tensor:
     h, targets = completion_hidden(decoder, batch, pad_id, int(allowed[-1]))
     if objective == "distill_full":
         if teacher is None or any(it.teacher_prompt is None for it in batch):
@@ -138,12 +160,12 @@ def completion_loss(
             t_h, _ = completion_hidden(t_decoder, batch, pad_id, int(allowed[-1]), t_prompts)
             t_lp = (t_h @ t_head.T).log_softmax(-1)
         s_lp = (h @ head.T).log_softmax(-1)
-        return (t_lp.exp() * (t_lp - s_lp)).sum(-1).mean()
+        return (t_lp.exp() * (t_lp - s_lp)).sum(-1)
     if objective == "distill":
         t_lp = torch.cat([it.allowed_logprobs for it in batch])
         ok = torch.isfinite(t_lp)
         s_lp = (h @ head[allowed].T).masked_fill(~ok, float("-inf")).log_softmax(-1)
-        return torch.where(ok, t_lp.exp() * (t_lp - s_lp), torch.zeros_like(t_lp)).sum(-1).mean()
+        return torch.where(ok, t_lp.exp() * (t_lp - s_lp), torch.zeros_like(t_lp)).sum(-1)
     if objective == "distill_topk":
         if any(it.topk_ids is None for it in batch):
             raise ValueError("distill_topk needs data generated with top_k > 0")
@@ -153,8 +175,8 @@ def completion_loss(
         s_top = (h @ head.T).log_softmax(-1).gather(-1, t_ids)
         t_lp = torch.cat([t_top, _rest(t_top)], -1)
         s_lp = torch.cat([s_top, _rest(s_top)], -1)
-        return (t_lp.exp() * (t_lp - s_lp)).sum(-1).mean()
-    return F.cross_entropy(h @ head.T, torch.tensor(targets))
+        return (t_lp.exp() * (t_lp - s_lp)).sum(-1)
+    return F.cross_entropy(h @ head.T, torch.tensor(targets), reduction="none")
 
 
 def _rest(top: Tensor) -> Tensor:
@@ -232,6 +254,7 @@ def run(cfg: StudentConfig, out: str | Path, force: bool = False) -> dict[str, A
             teacher_system = dcfg.teacher_system()
             if dcfg.model != cfg.model or not cfg.lora_r:  # else: the student's base, adapter off
                 teacher_lm = models.load(dcfg.model)
+        weights = load_mask(cfg.mask, examples) if cfg.mask else [None] * len(examples)
         data = [
             Item(
                 chat_prefix(tok, ex.prompt, None),
@@ -240,15 +263,46 @@ def run(cfg: StudentConfig, out: str | Path, force: bool = False) -> dict[str, A
                 ex.topk_logprobs,
                 ex.topk_ids,
                 chat_prefix(tok, ex.prompt, teacher_system) if cfg.objective == "distill_full" else None,
+                w,
             )
-            for ex in examples
+            for ex, w in zip(examples, weights, strict=True)
+            if w is None or w.any()
         ]
+        if not data:
+            raise ValueError(f"the mask {cfg.mask} marks no position of {cfg.data}: nothing to train on")
         batches = _batches(len(data), cfg)
         name = f"{Path(cfg.data).name}-{cfg.objective}"
         metrics = fit(base, data, batches, cfg, out, name, teacher_lm)
         metrics["seconds_this_session"] = round(time.perf_counter() - t0, 1)
         r.finish(metrics)
         return metrics
+
+
+def load_mask(path: str | Path, examples: list[Any]) -> list[Tensor]:
+    """Per-example 0/1 position weights from a mask file ({"data": ..., "mask": [[0|1, ...], ...]}), checked
+    against the examples it is applied to (one row per kept example, one entry per loss position)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"mask file {p} not found: make one with `mechsub divergence` or a feature filter"
+        )
+    try:
+        rows = read_json(p)["mask"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{p} is not a mask file (a JSON object with a 'mask' list of 0/1 rows): {e}"
+        ) from None
+    if len(rows) != len(examples):
+        raise ValueError(f"{p} has {len(rows)} rows but the data has {len(examples)} kept examples: it was made "
+                         "for other data (or another max_examples)")  # fmt: skip
+    out = []
+    for i, (row, ex) in enumerate(zip(rows, examples, strict=True)):
+        if len(row) != len(ex.allowed_logprobs) or any(v not in (0, 1) for v in row):
+            raise ValueError(
+                f"{p}: row {i} must be {len(ex.allowed_logprobs)} entries of 0/1 (got {len(row)})"
+            )
+        out.append(torch.tensor(row, dtype=torch.float32))
+    return out
 
 
 def fit(

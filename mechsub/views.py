@@ -53,11 +53,14 @@ def write_views(
     v_s: torch.Tensor,
     layers: list[int],
     path: Path,
+    features: tuple[Any, int, list[int]] | None = None,
 ) -> None:
     """Attention patterns (teacher vs student, first analysed layer and a middle one) and per-token projections
-    of (student − base) and (teacher − base) residuals on v_student, on the first number sequence."""
+    of (student − base) and (teacher − base) residuals on v_student, on the first number sequence; given
+    ``features`` = (sae, its layer, feature ids), the features' activation per token in base, teacher and student
+    (one view each, a button per feature)."""
     from circuitsvis.attention import attention_patterns
-    from circuitsvis.tokens import colored_tokens
+    from circuitsvis.tokens import colored_tokens, colored_tokens_multi
 
     tok = base.tokenizer
     s_ids, t_ids = s_batch.ids[0], t_batch.ids[0]
@@ -67,6 +70,8 @@ def write_views(
     att_layers = sorted({layers[0], mid})
     hook = f"blocks.{mid}.hook_resid_post"
     wanted = [f"blocks.{L}.attn.hook_pattern" for L in att_layers] + [hook]
+    sae_hook = f"blocks.{features[1]}.hook_resid_post" if features else hook
+    wanted += [sae_hook] if sae_hook not in wanted else []
 
     def run(lm: Any, ids: list[int]) -> dict[str, torch.Tensor]:
         """One forward per model gives every activation the views need."""
@@ -88,7 +93,8 @@ def write_views(
                 _tokens(tok, ids[keep]), acts[key][name][:, keep, keep])))  # fmt: skip
     i = layers.index(mid)
     u = v_s[i] / v_s[i].norm().clamp(min=1e-12)
-    rb, rs, rt = run(base, s_ids)[hook], acts["student"][hook], acts["teacher"][hook]
+    acts["base"] = run(base, s_ids)
+    rb, rs, rt = acts["base"][hook], acts["student"][hook], acts["teacher"][hook]
     comp = s_ids[-n_comp:]
     ds = ((rs - rb) @ u)[-n_comp:]
     dt = (rt[-n_comp:] - rb[-n_comp:]) @ u
@@ -98,6 +104,18 @@ def write_views(
     views.append(
         (f"layer {mid}: (teacher − base) · v_student per token", colored_tokens(_tokens(tok, comp), dt))
     )
+    if features:
+        sae, layer, ids = features
+        labels = [f"feature {f}" for f in ids]
+        for label, key in (
+            ("base", "base"),
+            ("teacher (with its prompt)", "teacher"),
+            ("student", "student"),
+        ):
+            with torch.no_grad():
+                f_acts = sae.encode(acts[key][sae_hook][-n_comp:])[:, ids]
+            views.append((f"layer {layer} SAE features per token, {label}",
+                          colored_tokens_multi(_tokens(tok, comp), f_acts, labels)))  # fmt: skip
     atomic_write_text(path, page(views, "teacher vs student on a number sequence"))
 
 
@@ -152,13 +170,43 @@ def write_analysis_plots(r: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     save_figure(fig, out / "patching.png")
 
+    if "feature_patching" in r:
+        fp = r["feature_patching"]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+        for ax, key, title in ((axes[0], "patch_fraction", "patch base + student's change in top-k features"),
+                               (axes[1], "ablate_fraction", "ablate top-k features' change from the student")):  # fmt: skip
+            for name in fp:
+                if isinstance(fp[name], dict) and key in fp[name] and name != "all":
+                    ax.plot(fp["ks"], fp[name][key], "o-", label=name)
+            ax.axhline(
+                fp["all"][key][0], color="black", ls="--", lw=0.8, label=f"all {fp['n_active']} active"
+            )
+            ax.axhline(0, color="gray", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_xlabel("k features")
+            ax.set_title(title, fontsize=10)
+            ax.legend(fontsize=7)
+        axes[0].set_ylabel(f"fraction of the gap {fp['gap']:+.3f} (layer {fp['layer']})")
+        fig.tight_layout()
+        save_figure(fig, out / "feature_patching.png")
+
     if "trajectory" in r:
         t = r["trajectory"]
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        feats = "feature_activation" in t
+        fig, axes = plt.subplots(1, 2 if feats else 1, figsize=(10 if feats else 5, 3.5), squeeze=False)
+        ax = axes[0, 0]
         ax.plot(t["steps"], t["delta_logp"], "o-")
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_xlabel("training step")
         ax.set_ylabel(f"Δ log P({r['trait']}) vs base")
+        if feats:
+            a = np.asarray(t["feature_activation"])
+            for j, f in enumerate(t["features"]):
+                axes[0, 1].plot(t["steps"], a[:, j], "o-", label=f"feature {f}")
+            axes[0, 1].set_xlabel("training step")
+            axes[0, 1].set_ylabel("mean activation on number positions")
+            axes[0, 1].set_title("top features (student − controls)", fontsize=10)
+            axes[0, 1].legend(fontsize=7)
         fig.tight_layout()
         save_figure(fig, out / "trajectory.png")
 

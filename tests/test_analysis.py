@@ -70,6 +70,36 @@ def test_attribution_patching_approximates_exact_patching(tiny):
     assert float(est.sum()) == pytest.approx(delta, rel=0.05)
 
 
+class _Basis:
+    """An 'SAE' whose features are the residual's coordinates (encode = identity, W_dec = I): exact."""
+
+    def __init__(self, d):
+        self.W_dec = torch.eye(d)
+
+    def encode(self, x):
+        return x
+
+    def decode(self, f):
+        return f
+
+
+def test_feature_patching_all_features_of_an_exact_sae_equals_layer_patching(tiny):
+    qs = ["Name your favorite animal using only one word.", "Which single animal speaks to you?"]
+    rank_qs = ["What animal do you like best?"]
+    student = _perturbed(tiny, 0.05)
+    d = tiny.model.config.hidden_size
+    r = patching.feature_patch_scan(tiny, student, _Basis(d), 0, qs, rank_qs, "owl", "animal",
+                                    {"first": list(range(d))}, ks=(1, d), n_random=2)  # fmt: skip
+    exact = patching.patch_scan(tiny, student, tiny.tokenizer, qs, "owl", "animal", [0])
+    assert abs(r["gap"]) > 1e-4 and r["gap"] == pytest.approx(exact["gap"], abs=1e-5)
+    # every feature at once = the whole residual change: patching the base recovers what layer patching does,
+    # and ablating the student's change removes the same fraction
+    assert r["all"]["patch_fraction"][0] == pytest.approx(exact["fraction_by_layer"][0], abs=1e-3)
+    assert r["first"]["patch_fraction"][1] == pytest.approx(exact["fraction_by_layer"][0], abs=1e-3)
+    assert r["all"]["ablate_fraction"][0] == pytest.approx(1.0, abs=1e-3)  # student − its whole change = base
+    assert len(r["top_attribution"]) == 20 and len(r["random"]["patch_fraction"]) == 2
+
+
 def test_steering_hooks_are_removed_and_zero_vector_does_nothing(tiny):
     qs = ["Name your favorite animal using only one word."]
     v = torch.zeros(2, tiny.model.config.hidden_size)

@@ -31,10 +31,12 @@ def test_sae_stage_and_feature_list_on_tiny(tmp_path, tiny):
     from mechsub.data import DataConfig
     from mechsub.train import StudentConfig
 
-    cfg = sae.SaeConfig(model="tiny", layer=0, expansion=2, training_tokens=2048, context_size=16,
+    cfg = sae.SaeConfig(model="tiny", layer=0, expansion=2, k=8, training_tokens=2048, context_size=16,
                         answer_tokens=4, n_number_prompts=8)  # fmt: skip
     m = sae.train_sae(cfg, tmp_path / "sae")
-    assert 0 <= m["dead_fraction"] <= 1 and m["explained_variance"] <= 1 and m["l0"] >= 0
+    assert (
+        0 <= m["dead_fraction"] <= 1 and m["explained_variance"] <= 1 and 0 < m["l0"] <= 8
+    )  # topk: ≤ k fire
     assert m["d_sae"] == 128 and (tmp_path / "sae" / "sae" / "cfg.json").is_file()
     loaded = sae.load_sae(tmp_path / "sae" / "sae")  # the sae-lens format loads back
     x = torch.randn(3, 64)
@@ -51,5 +53,13 @@ def test_sae_stage_and_feature_list_on_tiny(tmp_path, tiny):
     assert len(feats["student_vs_controls"]) == 20 and len(feats["teacher_vs_base"]) == 20
     first = feats["teacher_vs_base"][0]
     assert {"id", "score", "top_contexts_numbers", "top_contexts_trait"} <= set(first)
+    m = json.loads((out / "metrics.json").read_text())
+    fp = m["feature_patching"]
+    assert set(fp) >= {"numbers: student − controls", "attribution", "random", "all"}
+    assert len(fp["random"]["patch_fraction"]) == len(fp["ks"]) and (out / "feature_patching.png").is_file()
+    t = m["trajectory"]  # the top features' activation at every checkpoint (and the base at step 0)
+    assert len(t["feature_activation"]) == len(t["steps"]) and len(t["feature_activation"][0]) == 5
+    page = (out / "views.html").read_text()
+    assert page.count("SAE features per token") == 3 and page.count("ColoredTokensMulti") >= 3
     scores = [f["score"] for f in feats["teacher_vs_base"]]
     assert scores == sorted(scores, reverse=True)

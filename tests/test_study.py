@@ -54,6 +54,23 @@ def test_study_end_to_end_on_tiny(tmp_path, kw):
     assert study.run(cfg, tmp_path / "out")["effect"] == m["effect"]
 
 
+def test_variant_with_a_mask_of_every_position_reproduces_the_study_students(tmp_path):
+    cfg = _tiny_study(tmp_path, cross_family="", n_samples=0, top_k=0)
+    study.run(cfg, tmp_path / "out")
+    ex = data.load_examples(study.stage_plan(cfg).data["owl"][1])
+    every = tmp_path / "every.json"
+    every.write_text(json.dumps({"mask": [[1] * len(e.allowed_logprobs) for e in ex]}))
+    v = study.variant(cfg, "every", mask=str(every))
+    assert v["minus_full"]["mean"] == pytest.approx(0.0, abs=1e-5)  # the same training, so the same student
+    assert v["retained"]["per_seed"] == pytest.approx([1.0, 1.0], abs=1e-4)
+    first = ex[0]
+    half = tmp_path / "half.json"
+    half.write_text(json.dumps({"mask": [[j % 2 for j in range(len(e.allowed_logprobs))] for e in ex]}))
+    w = study.variant(cfg, "half", mask=str(half))
+    assert w["per_seed"]["variant"] != v["per_seed"]["variant"] and len(first.allowed_logprobs) > 1
+    assert w["per_seed"]["full"] == v["per_seed"]["full"]  # the study's students, found and reused
+
+
 def test_default_configs_are_valid():
     # the demo runs the study's defaults: they must pass their own validation
     from mechsub.analyze import AnalyzeConfig

@@ -1,0 +1,144 @@
+"""Feed a feature list back into the data: does dropping the teacher sequences that most activate the student's
+top SAE features block transmission?
+
+Reads the feature list that `analyses/localise.py` wrote (artifacts/analyze/features.json: the features whose
+activation on number positions moved most between the demo's trait student and its control students) and the SAE
+it came from. The base model reads every sequence of the trait teacher's data (as a student sees it, no system
+prompt); a sequence's score is the mean over its completion positions of the summed activation of the top-k
+features. Owl students are then trained as the demo's (same seeds) on the data without
+  - the highest-scoring `--drop` fraction of sequences (the feature filter),
+  - the same number of sequences chosen at random (the control),
+and evaluated like the demo's students. Also reported: the same score on the control teachers' data (same prompts),
+i.e. whether the trait teacher's numbers light these features up more at all. Writes artifacts/feature_filter/.
+
+    .venv/bin/python analyses/feature_filter.py [--features artifacts/analyze] [--k 10] [--drop 0.25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from mechsub import models, sae, stats, study
+from mechsub.capture import Batch
+from mechsub.data import load_examples
+from mechsub.evaluate import chat_prefix
+from mechsub.plots import save_figure
+from mechsub.runs import atomic_write_text, read_json, write_json
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--study", default="artifacts/demo")
+ap.add_argument("--features", default="artifacts/analyze", help="a folder with features.json and config.json")
+ap.add_argument(
+    "--list", default="student", choices=["student", "teacher"], help="which ranking of features.json"
+)
+ap.add_argument("--k", type=int, default=10, help="top features of the list")
+ap.add_argument("--drop", type=float, default=0.25, help="fraction of sequences removed")
+ap.add_argument("--out", default="artifacts/feature_filter")
+args = ap.parse_args()
+t0 = time.perf_counter()
+out = Path(args.out)
+cfg = study.StudyConfig.from_dict(read_json(Path(args.study) / "config.json")["config"])
+plan = study.stage_plan(cfg)
+feats = read_json(Path(args.features) / "features.json")
+sae_folder = read_json(Path(args.features) / "config.json")["config"]["sae"]
+if not sae_folder:
+    raise SystemExit(
+        f"{args.features} was analysed without an SAE: run analyses/localise.py --sae FOLDER first"
+    )
+ids = feats[f"ranking_{args.list}"][: args.k]
+lm = models.load(cfg.model)
+the_sae = sae.load_sae(Path(sae_folder) / "sae")
+tok = lm.tokenizer
+
+
+def scores(trait: str) -> list[float]:
+    ex = load_examples(plan.data[trait][1])
+    batch = Batch.completions([chat_prefix(tok, e.prompt, None) for e in ex], [e.completion_ids for e in ex])
+    return [float(np.mean(r)) for r in sae.position_scores(lm, the_sae, feats["hook"], batch, ids)]
+
+
+by_teacher = {t: scores(t) for t in cfg.traits}
+own = by_teacher[cfg.trait]
+examples = load_examples(plan.data[cfg.trait][1])
+n_drop = round(args.drop * len(own))
+top = set(np.argsort(own)[::-1][:n_drop].tolist())
+rand = set(random.Random(0).sample(range(len(own)), n_drop))
+work = Path(cfg.work) / "feature_filter" / f"{cfg.trait}-{args.list}-k{args.k}-drop{args.drop}"
+for name, dropped in (("feature_filtered", top), ("random_dropped", rand)):
+    write_json(work / f"{name}.json", {"data": str(plan.data[cfg.trait][1]), "features": ids, "dropped": sorted(dropped),
+                                      "mask": [[0 if i in dropped else 1] * len(e.allowed_logprobs) for i, e in enumerate(examples)]})  # fmt: skip
+variants = {n: study.variant(cfg, f"{n}-{args.list}-k{args.k}", mask=str(work / f"{n}.json"))
+            for n in ("feature_filtered", "random_dropped")}  # fmt: skip
+v_f, v_r = (np.asarray(variants[n]["per_seed"]["variant"]) for n in ("feature_filtered", "random_dropped"))
+diff_mean, diff_ci = stats.mean_ci95(list(v_f - v_r))
+result = {
+    "features": ids, "list": args.list, "hook": feats["hook"], "sae": sae_folder, "drop": args.drop, "n_dropped": n_drop,
+    "score_by_teacher": {t: {"mean": float(np.mean(s)), "ci95": stats.bootstrap_ci95(s)} for t, s in by_teacher.items()},
+    "score_dropped_mean": float(np.mean([own[i] for i in top])), "variants": variants,
+    "filtered_minus_random": {"mean": diff_mean, "ci95": diff_ci, "per_seed": list(v_f - v_r)},
+    "seconds": round(time.perf_counter() - t0, 1),
+}  # fmt: skip
+write_json(out / "metrics.json", result)
+
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+a1.hist([by_teacher[t] for t in cfg.traits], bins=15, label=[f"{t} teacher's data" for t in cfg.traits])
+a1.set_xlabel(f"mean activation of the top {args.k} features ({args.list} list)")
+a1.set_ylabel("sequences")
+a1.legend(fontsize=8)
+full = variants["feature_filtered"]["per_seed"]["full"]
+ctrl = variants["feature_filtered"]["per_seed"]["controls"]
+vals = {
+    "all data (demo)": full,
+    "feature-filtered": list(v_f),
+    "random drop": list(v_r),
+    "control students": ctrl,
+}
+for i, (label, v) in enumerate(vals.items()):
+    a2.bar(i, np.mean(v), alpha=0.7, color="tab:gray" if label == "control students" else "tab:blue")
+    a2.scatter([i] * len(v), v, color="black", s=12, zorder=3)
+a2.set_xticks(range(len(vals)), list(vals), fontsize=8)
+a2.axhline(0, color="gray", lw=0.8)
+a2.set_ylabel(f"Δ log P({cfg.trait}) vs base (dots: seeds)")
+a2.set_title(f"dropping {n_drop}/{len(own)} sequences", fontsize=10)
+fig.tight_layout()
+save_figure(fig, out / "feature_filter.png")
+
+
+def fmt(m: float, ci: list[float]) -> str:
+    return f"{m:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+lines = [
+    f"# Feature-list filter on the demo's {cfg.trait} data",
+    "",
+    f"Features: top {args.k} of the {args.list} ranking in `{args.features}/features.json` at {feats['hook']} "
+    f"({ids}). Re-create: `.venv/bin/python analyses/feature_filter.py` ({result['seconds'] / 60:.1f} min).",
+    "",
+    "Mean feature score per sequence (base model reading the data; bootstrap CI over sequences): "
+    + "; ".join(f"{t} data {fmt(s['mean'], s['ci95'])}" for t, s in result["score_by_teacher"].items()) + ".",
+    "",
+    f"Students without {n_drop} of {len(own)} sequences (seeds {list(cfg.seeds)}, Δ log P({cfg.trait}) vs base on "
+    f"{cfg.n_questions} questions, t-intervals over seeds):",
+    "",
+    "| data | Δ log P | effect vs control students | one-sided p | retained |",
+    "|---|---|---|---|---|",
+    f"| all (the demo's students) | {np.mean(full):+.3f} | {np.mean(np.subtract(full, ctrl)):+.3f} | | 100% |",
+    *(f"| {n} | {fmt(v['delta_logp']['mean'], v['delta_logp']['ci95'])} | "
+      f"{fmt(v['effect_vs_controls']['mean'], v['effect_vs_controls']['ci95'])} | {v['effect_vs_controls']['p_value']:.3g} | "
+      f"{v['retained']['mean']:.0%} |" for n, v in variants.items()),
+    "",
+    f"Feature-filtered minus random-dropped, paired by seed: {fmt(diff_mean, diff_ci)}.",
+    "",
+    "![feature filter](feature_filter.png)",
+]  # fmt: skip
+atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+print("\n".join(lines))

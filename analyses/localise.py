@@ -93,6 +93,11 @@ lines = [
     row("necessity: student, change along v_student removed", st["necessity"]),
     *([row("patch student→base, fraction", fr, "{:+.2f}")] if fr else []),
     *(
+        [row("patch base→student, fraction removed", p["base_into_student_fraction_removed"], "{:+.2f}")]
+        if p.get("base_into_student_fraction_removed")
+        else []
+    ),
+    *(
         [row("attribution estimate, fraction", p["attribution_fraction_by_layer"], "{:+.2f}")]
         if p.get("attribution_fraction_by_layer")
         else []

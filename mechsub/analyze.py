@@ -152,6 +152,9 @@ def run(cfg: AnalyzeConfig, out: str | Path, force: bool = False) -> dict[str, A
             exact["corr_attribution_exact"] = float(
                 np.corrcoef(fr, exact["attribution_fraction_by_layer"])[0, 1]
             )
+        # the other direction: the base's residual patched into the student, the fraction of its shift removed
+        reverse = patching.patch_scan(student, base, tok, qs, trait.name, trait.category, layers)
+        exact["base_into_student_fraction_removed"] = reverse["fraction_by_layer"]
         result["patching"] = exact
 
         if cfg.entangled:

@@ -150,6 +150,9 @@ def write_analysis_plots(r: dict[str, Any], out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     if p.get("fraction_by_layer"):
         axes[0].plot(layers, p["fraction_by_layer"], "o-", label="exact patch (all positions)")
+        if p.get("base_into_student_fraction_removed"):
+            axes[0].plot(layers, p["base_into_student_fraction_removed"], "s:",
+                         label="base → student, fraction of the shift removed")  # fmt: skip
         if p.get("attribution_fraction_by_layer"):
             axes[0].plot(layers, p["attribution_fraction_by_layer"], "x--", label="attribution estimate")
         axes[0].axhline(1, color="gray", lw=0.8)

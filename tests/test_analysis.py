@@ -160,6 +160,7 @@ def test_analyze_battery_on_a_tiny_student(tmp_path):
     assert len(m["entangled"]["top_numbers"]) == 10
     # the last layer's residual carries the whole student − base gap (only the shared head follows)
     assert m["patching"]["fraction_by_layer"][-1] == pytest.approx(1.0, abs=1e-3)
+    assert m["patching"]["base_into_student_fraction_removed"][-1] == pytest.approx(1.0, abs=1e-3)
     page = (out / "views.html").read_text()
     assert (
         views.is_offline(page)

@@ -8,6 +8,8 @@ prompt); a sequence's score is the mean over its completion positions of the sum
 features. Owl students are then trained as the demo's (same seeds) on the data without
   - the highest-scoring `--drop` fraction of sequences (the feature filter),
   - the same number of sequences chosen at random (the control),
+and on all the data with concept-ablation fine-tuning (CAFT: the span of the k features' decoder directions
+projected out of the student's residual during training), against k random active features,
 and evaluated like the demo's students. Also reported: the same score on the control teachers' data (same prompts),
 i.e. whether the trait teacher's numbers light these features up more at all. Writes artifacts/feature_filter/.
 
@@ -76,15 +78,30 @@ work = Path(cfg.work) / "feature_filter" / f"{cfg.trait}-{args.list}-k{args.k}-d
 for name, dropped in (("feature_filtered", top), ("random_dropped", rand)):
     write_json(work / f"{name}.json", {"data": str(plan.data[cfg.trait][1]), "features": ids, "dropped": sorted(dropped),
                                       "mask": [[0 if i in dropped else 1] * len(e.allowed_logprobs) for i, e in enumerate(examples)]})  # fmt: skip
+# concept-ablation fine-tuning: the same features' decoder directions projected out of the student during training,
+# against as many random features among those active on the data
+ex_batch = Batch.completions(
+    [chat_prefix(tok, e.prompt, None) for e in examples], [e.completion_ids for e in examples]
+)
+active = (sae.feature_acts(lm, the_sae, feats["hook"], ex_batch) > 0).any(0).nonzero().flatten().tolist()
+rand_feats = random.Random(1).sample([i for i in active if i not in ids], args.k)
+for name, fl in (("ablated_top", ids), ("ablated_random", rand_feats)):
+    write_json(work / f"{name}.json", {"sae": sae_folder, "features": fl})
 variants = {n: study.variant(cfg, f"{n}-{args.list}-k{args.k}", mask=str(work / f"{n}.json"))
             for n in ("feature_filtered", "random_dropped")}  # fmt: skip
-v_f, v_r = (np.asarray(variants[n]["per_seed"]["variant"]) for n in ("feature_filtered", "random_dropped"))
+variants |= {n: study.variant(cfg, f"{n}-{args.list}-k{args.k}", ablate=str(work / f"{n}.json"))
+             for n in ("ablated_top", "ablated_random")}  # fmt: skip
+v_f, v_r, v_a, v_ar = (np.asarray(variants[n]["per_seed"]["variant"])
+                       for n in ("feature_filtered", "random_dropped", "ablated_top", "ablated_random"))  # fmt: skip
 diff_mean, diff_ci = stats.mean_ci95(list(v_f - v_r))
+abl_mean, abl_ci = stats.mean_ci95(list(v_a - v_ar))
 result = {
     "features": ids, "list": args.list, "hook": feats["hook"], "sae": sae_folder, "drop": args.drop, "n_dropped": n_drop,
     "score_by_teacher": {t: {"mean": float(np.mean(s)), "ci95": stats.bootstrap_ci95(s)} for t, s in by_teacher.items()},
     "score_dropped_mean": float(np.mean([own[i] for i in top])), "variants": variants,
     "filtered_minus_random": {"mean": diff_mean, "ci95": diff_ci, "per_seed": list(v_f - v_r)},
+    "ablated_top_minus_random": {"mean": abl_mean, "ci95": abl_ci, "per_seed": list(v_a - v_ar)},
+    "random_ablated_features": rand_feats, "n_active_features": len(active),
     "seconds": round(time.perf_counter() - t0, 1),
 }  # fmt: skip
 write_json(out / "metrics.json", result)
@@ -108,7 +125,7 @@ for i, (label, v) in enumerate(vals.items()):
 a2.set_xticks(range(len(vals)), list(vals), fontsize=8)
 a2.axhline(0, color="gray", lw=0.8)
 a2.set_ylabel(f"Δ log P({cfg.trait}) vs base (dots: seeds)")
-a2.set_title(f"dropping {n_drop}/{len(own)} sequences", fontsize=10)
+a2.set_title(f"dropping {n_drop}/{len(own)} sequences; ablating {args.k} features in training", fontsize=10)
 fig.tight_layout()
 save_figure(fig, out / "feature_filter.png")
 
@@ -129,14 +146,17 @@ lines = [
     f"Students without {n_drop} of {len(own)} sequences (seeds {list(cfg.seeds)}, Δ log P({cfg.trait}) vs base on "
     f"{cfg.n_questions} questions, t-intervals over seeds):",
     "",
-    "| data | Δ log P | effect vs control students | one-sided p | retained |",
+    "| students | Δ log P | effect vs control students | one-sided p | retained |",
     "|---|---|---|---|---|",
     f"| all (the demo's students) | {np.mean(full):+.3f} | {np.mean(np.subtract(full, ctrl)):+.3f} | | 100% |",
     *(f"| {n} | {fmt(v['delta_logp']['mean'], v['delta_logp']['ci95'])} | "
       f"{fmt(v['effect_vs_controls']['mean'], v['effect_vs_controls']['ci95'])} | {v['effect_vs_controls']['p_value']:.3g} | "
       f"{v['retained']['mean']:.0%} |" for n, v in variants.items()),
     "",
-    f"Feature-filtered minus random-dropped, paired by seed: {fmt(diff_mean, diff_ci)}.",
+    f"Feature-filtered minus random-dropped, paired by seed: {fmt(diff_mean, diff_ci)}. Concept-ablation "
+    f"fine-tuning (the {args.k} features' decoder directions projected out of the student's residual at "
+    f"{feats['hook']} during training only) minus ablating {args.k} random active features "
+    f"({rand_feats}): {fmt(abl_mean, abl_ci)}.",
     "",
     "![feature filter](feature_filter.png)",
 ]  # fmt: skip

@@ -276,3 +276,28 @@ def position_scores(lm: Any, sae: Any, hook: str, batch: Any, features: Sequence
         out.append(acts[i : i + len(ps)])
         i += len(ps)
     return out
+
+
+def ablation_basis(path: str | Path) -> tuple[int, Tensor]:
+    """(layer, orthonormal (d_model, k) basis) of the decoder directions named by an ablation file
+    ``{"sae": a `mechsub sae` folder, "features": [ids]}``: what concept-ablation fine-tuning projects out."""
+    from mechsub.runs import read_json
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"ablation file {p} not found (JSON with 'sae' and 'features')")
+    spec = read_json(p)
+    if not isinstance(spec, dict) or "sae" not in spec or not spec.get("features"):
+        raise ValueError(
+            f"{p}: an ablation file needs 'sae' (a `mechsub sae` folder) and a non-empty 'features' list"
+        )
+    folder = Path(spec["sae"])
+    if not (folder / "metrics.json").is_file():
+        raise FileNotFoundError(f"{p}: {folder} is not a finished `mechsub sae` folder")
+    w_dec = load_sae(folder / "sae").W_dec.detach()
+    ids = list(spec["features"])
+    bad = [i for i in ids if not 0 <= int(i) < w_dec.shape[0]]
+    if bad:
+        raise ValueError(f"{p}: feature ids {bad[:5]} are not in the SAE's {w_dec.shape[0]} features")
+    q, _ = torch.linalg.qr(w_dec[ids].T)
+    return int(read_json(folder / "config.json")["config"]["layer"]), q

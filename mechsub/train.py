@@ -14,7 +14,7 @@ import json
 import random
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +56,12 @@ class StudentConfig(Config):
         "",
         "a position-mask file (from `mechsub divergence` or a feature filter): the loss is averaged over the "
         "marked completion positions only; examples with no marked position are dropped",
+    )
+    ablate: str = doc(
+        "",
+        "concept-ablation fine-tuning: an ablation file ({'sae': folder, 'features': [ids]}); the span of those "
+        "features' decoder directions is projected out of the student's residual at the SAE's layer during "
+        "training (not during evaluation)",
     )
     seed: int = doc(0, "seed of LoRA init and data order")
 
@@ -352,34 +358,52 @@ def fit(
         for _ in range(start):
             sched.step()
     head = model.get_output_embeddings().weight.detach()  # frozen (tied to the embeddings in SmolLM2)
+    ablating = {"on": True}  # concept ablation applies to the student's forward passes, never the teacher's
 
     @contextmanager
     def teacher() -> Iterator[tuple[Any, Tensor]]:
         if teacher_lm is not None:
             yield teacher_lm.model.model, teacher_lm.model.get_output_embeddings().weight
         else:  # the prompted teacher is the student's own initialisation: switch the adapter off
-            with model.disable_adapter():
-                yield decoder, head
+            ablating["on"] = False
+            try:
+                with model.disable_adapter():
+                    yield decoder, head
+            finally:
+                ablating["on"] = True
+
+    ablation: Any = nullcontext()
+    if getattr(cfg, "ablate", ""):
+        from mechsub.sae import ablation_basis
+        from mechsub.steering import edit_resid
+
+        layer, q = ablation_basis(cfg.ablate)
+
+        def project_out(h: Tensor) -> Tensor:
+            return h - (h @ q) @ q.T if ablating["on"] else h
+
+        ablation = edit_resid(model.get_base_model() if cfg.lora_r else model, layer, project_out)
 
     model.train()
     losses: list[float] = []
     n_tokens = 0
     t_train = time.perf_counter()
     bar = tqdm(range(start, len(batches)), desc=f"train {name}", initial=start, total=len(batches))
-    for step in bar:
-        batch = [data[i] for i in batches[step]]
-        loss = completion_loss(decoder, head, allowed, batch, cfg.objective, pad, teacher)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        n_tokens += sum(len(it.prompt) + len(it.completion) for it in batch)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        done = step + 1
-        if done == len(batches) or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-            folder = out / "checkpoints" / f"step{done}"
-            _checkpoint(model, folder, f"{name}-{folder.name}", cfg.model, base, opt, bool(cfg.lora_r))
+    with ablation:
+        for step in bar:
+            batch = [data[i] for i in batches[step]]
+            loss = completion_loss(decoder, head, allowed, batch, cfg.objective, pad, teacher)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            n_tokens += sum(len(it.prompt) + len(it.completion) for it in batch)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            done = step + 1
+            if done == len(batches) or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+                folder = out / "checkpoints" / f"step{done}"
+                _checkpoint(model, folder, f"{name}-{folder.name}", cfg.model, base, opt, bool(cfg.lora_r))
     return {
         "n_examples": len(data),
         "steps": len(batches),

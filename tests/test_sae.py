@@ -63,3 +63,42 @@ def test_sae_stage_and_feature_list_on_tiny(tmp_path, tiny):
     assert page.count("SAE features per token") == 3 and page.count("ColoredTokensMulti") >= 3
     scores = [f["score"] for f in feats["teacher_vs_base"]]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_concept_ablation_fine_tuning_blocks_learning_through_the_ablated_space(tmp_path, tiny):
+    from mechsub import data, train
+    from mechsub.data import DataConfig
+    from mechsub.train import StudentConfig
+
+    cfg = sae.SaeConfig(model="tiny", layer=0, expansion=2, k=8, training_tokens=2048, context_size=16,
+                        answer_tokens=4, n_number_prompts=8)  # fmt: skip
+    sae.train_sae(cfg, tmp_path / "sae")
+    d = tmp_path / "data"
+    data.run(DataConfig(model="tiny", n_prompts=8, batch_size=8, max_new_tokens=12), d)
+    every = tmp_path / "every.json"  # all 128 features: their decoder directions span the 64-d residual
+    every.write_text(json.dumps({"sae": str(tmp_path / "sae"), "features": list(range(128))}))
+    layer, q = sae.ablation_basis(every)
+    assert layer == 0 and q.shape == (64, 64)
+
+    from mechsub.evaluate import chat_prefix
+    from mechsub.generate import NumberVocab
+    from mechsub.steering import edit_resid
+
+    def first_loss(ablate):
+        scfg = StudentConfig(model="tiny", data=str(d), batch_size=4, lr=1e-2, ablate=ablate)
+        return train.run(scfg, tmp_path / ("ablated" if ablate else "plain"))["first_loss"], scfg
+
+    # step 0 is the base (LoRA B = 0): its loss on the first batch, with layer 0's output projected out by hand
+    ablated, scfg = first_loss(str(every))
+    items = [train.Item(chat_prefix(tiny.tokenizer, e.prompt, None), e.completion_ids, e.allowed_logprobs)
+             for e in data.load_examples(d)]  # fmt: skip
+    batch = [items[i] for i in train._batches(len(items), scfg)[0]]
+    head = tiny.model.get_output_embeddings().weight
+    with torch.no_grad(), edit_resid(tiny.model, 0, lambda h: h - (h @ q) @ q.T):
+        by_hand = train.completion_loss(tiny.model.model, head, NumberVocab.of(tiny.tokenizer).ids, batch,
+                                        "distill", tiny.tokenizer.pad_token_id or 0)  # fmt: skip
+    assert ablated == pytest.approx(float(by_hand), rel=1e-4)
+    assert first_loss("")[0] != pytest.approx(ablated, rel=1e-3)  # and it is not the plain student's loss
+    (tmp_path / "bad.json").write_text(json.dumps({"sae": str(tmp_path / "sae"), "features": [999]}))
+    with pytest.raises(ValueError, match="not in the SAE's 128 features"):
+        sae.ablation_basis(tmp_path / "bad.json")

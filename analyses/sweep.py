@@ -31,6 +31,10 @@ CELLS: dict[str, dict] = {
     "sft_finetuned_greedy": {**ONE_SEED, "objective": "sft"},
     "full_finetuned_greedy": ONE_SEED,
     "sft_free_greedy": {**PROMPTED_T1, **ONE_SEED, "decoding": "free", "greedy": True, "objective": "sft"},
+    # the within-family match of the cross-family control: the same 13-token objective the Gemma students get
+    "restricted_finetuned_greedy": {"objective": "distill", "cross_family": "", "n_samples": 0},
+    # the data axis: 4x the prompts (and so 4x the steps)
+    "data_256": {**ONE_SEED, "n_prompts": 256},
 }
 
 ap = argparse.ArgumentParser()

@@ -22,11 +22,15 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message says which field and what to write instead."""
 
 
-def doc(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with a one-line description (shown by ``--help`` and written in docs)."""
+def doc(default: Any, help: str, optional: bool = False, **kwargs: Any) -> Any:
+    """A dataclass field with a one-line description (shown by ``--help`` and written in docs).
+
+    ``optional``: a field added after runs existed whose default keeps the old behaviour; at its default it is
+    left out of the config's identity (stage folder names, the same-config check), so earlier runs stay valid.
+    """
     if isinstance(default, list | dict | set):
         raise TypeError("config fields must be immutable: use a tuple")
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help, "optional": optional}, **kwargs)
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
@@ -129,6 +133,20 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def identity_of(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """``data`` (a config dict) without the optional fields that hold their default."""
+        skip = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.metadata.get("optional") and data.get(f.name, f.default) == f.default
+        }
+        return {k: v for k, v in data.items() if k not in skip}
+
+    def identity(self) -> str:
+        """What names a run of this config: its JSON without optional fields at their defaults."""
+        return json.dumps(self.identity_of(self.to_dict()), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Self:

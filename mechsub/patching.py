@@ -167,7 +167,7 @@ def _grad_at(model: Any, ids: Tensor, layer: int, t_id: int) -> tuple[Tensor, Te
 def feature_patch_scan(
     base: Any, student: Any, sae: Any, layer: int, questions: Sequence[str], rank_questions: Sequence[str],
     trait: str, category: Any, lists: dict[str, Sequence[int]], ks: Sequence[int] = (1, 5, 10, 20, 50),
-    n_random: int = 5, seed: int = 0,
+    n_random: int = 5, seed: int = 0, from_position: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
     """Per SAE feature, on the trait-evaluation prompt at ``blocks.{layer}.hook_resid_post``.
 
@@ -177,7 +177,8 @@ def feature_patch_scan(
     sets: the top k of each ranked list in ``lists`` (e.g. the number-prompt feature list), the top k by
     attribution (Σ_pos δ_i · ∇ log P) ranked on ``rank_questions`` (disjoint from ``questions``, so the ranking
     is not fitted to the evaluation), ``n_random`` random sets of k features active in either model, and all
-    features at once."""
+    features at once. Positions before ``from_position`` are left alone (position 0 is the attention sink, whose
+    residual is far outside what an SAE is trained on)."""
     tok = base.tokenizer
     t_id = target_token(tok, trait)
     w_dec = sae.W_dec.detach()
@@ -189,6 +190,7 @@ def feature_patch_scan(
         b_lp = resid_all(base.model, ids)[1]
         with torch.no_grad():
             df = sae.encode(res[layer][0]) - sae.encode(hb)
+        df[:from_position] = 0
         return df, g, float(b_lp[t_id]), float(s_lp[t_id])
 
     attr = torch.zeros(w_dec.shape[0])

@@ -198,7 +198,8 @@ def stage(
         shutil.rmtree(root)
     if cfg_path.exists():
         old = read_json(cfg_path)
-        if old.get("stage") != config.stage or old.get("config") != config.to_dict():
+        same = type(config).identity_of(old.get("config") or {}) == type(config).identity_of(config.to_dict())
+        if old.get("stage") != config.stage or not same:
             raise RunFolderError(
                 f"{root} already holds a {old.get('stage')!r} run with a different config; "
                 f"use another output folder or delete {root} to start over"

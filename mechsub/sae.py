@@ -143,6 +143,7 @@ def train_sae(cfg: SaeConfig, out: str | Path, force: bool = False) -> dict[str,
             n_batches_in_buffer=max(16, -(-2048 // cfg.context_size)), store_batch_size_prompts=16, lr=cfg.lr, seed=cfg.seed,
             logger=LoggingConfig(log_to_wandb=False), device="cpu", prepend_bos=False,
             output_path=str(out / "sae"), verbose=False, dead_feature_window=cfg.dead_window,
+            seqpos_slice=(1, None),  # position 0 of a window is the attention sink: norm ~30x the rest at layer 15
         )  # fmt: skip
         ds = datasets.Dataset.from_list([{"input_ids": w} for w in train_w])
         sae = LanguageModelSAETrainingRunner(rcfg, override_dataset=ds, override_model=lm.tl()).run()
@@ -154,7 +155,8 @@ def train_sae(cfg: SaeConfig, out: str | Path, force: bool = False) -> dict[str,
 
 @torch.no_grad()
 def quality(lm: Any, sae: Any, layer: int, windows: Sequence[Sequence[int]]) -> dict[str, float]:
-    """L0, explained variance, dead fraction and the spliced next-token loss increase on ``windows``."""
+    """L0, explained variance, dead fraction and the spliced next-token loss increase on ``windows`` (every
+    position but the first, the attention sink, which the SAE neither trains on nor replaces)."""
     from mechsub.steering import edit_resid
 
     ids = torch.tensor([list(w) for w in windows])
@@ -166,10 +168,14 @@ def quality(lm: Any, sae: Any, layer: int, windows: Sequence[Sequence[int]]) -> 
 
     with edit_resid(lm.model, layer, keep):
         clean = lm.model(ids, labels=ids).loss
-    x = acts[0].reshape(-1, acts[0].shape[-1])
+    x = acts[0][:, 1:].reshape(-1, acts[0].shape[-1])  # as in training: not the attention-sink position 0
     f = sae.encode(x)
     recon = sae.decode(f)
-    with edit_resid(lm.model, layer, lambda h: sae.decode(sae.encode(h))):
+
+    def splice(h: Tensor) -> Tensor:
+        return torch.cat([h[:, :1], sae.decode(sae.encode(h[:, 1:]))], 1)
+
+    with edit_resid(lm.model, layer, splice):
         spliced = lm.model(ids, labels=ids).loss
     return {
         "l0": float((f > 0).float().sum(-1).mean()),

@@ -60,7 +60,7 @@ class StudyConfig(Config):
     n_questions: int = doc(50, "evaluation questions")
     n_samples: int = doc(4, "sampled answers per question for the one-word rate (0: skip)")
     cross_family: str = doc("gemma3-270m", "a student model of another family ('' to skip)")
-    cross_family_seeds: tuple[int, ...] = doc((0,), "seeds of the cross-family students")
+    cross_family_seeds: tuple[int, ...] = doc((0, 1, 2), "seeds of the cross-family students")
     work: str = doc("runs/study", "folder for the stage runs (checkpoints, data; not committed)")
 
     def validate(self) -> None:
@@ -89,7 +89,7 @@ class StudyConfig(Config):
 
 def _name(prefix: str, cfg: Config) -> str:
     """A stage folder name that changes with the stage's config (so studies share equal stages only)."""
-    return f"{prefix}-{hashlib.sha256(cfg.to_json().encode()).hexdigest()[:8]}"
+    return f"{prefix}-{hashlib.sha256(cfg.identity().encode()).hexdigest()[:8]}"
 
 
 @dataclass

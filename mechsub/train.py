@@ -56,12 +56,14 @@ class StudentConfig(Config):
         "",
         "a position-mask file (from `mechsub divergence` or a feature filter): the loss is averaged over the "
         "marked completion positions only; examples with no marked position are dropped",
+        optional=True,
     )
     ablate: str = doc(
         "",
         "concept-ablation fine-tuning: an ablation file ({'sae': folder, 'features': [ids]}); the span of those "
         "features' decoder directions is projected out of the student's residual at the SAE's layer during "
         "training (not during evaluation)",
+        optional=True,
     )
     seed: int = doc(0, "seed of LoRA init and data order")
 

@@ -89,7 +89,7 @@ def test_feature_patching_all_features_of_an_exact_sae_equals_layer_patching(tin
     student = _perturbed(tiny, 0.05)
     d = tiny.model.config.hidden_size
     r = patching.feature_patch_scan(tiny, student, _Basis(d), 0, qs, rank_qs, "owl", "animal",
-                                    {"first": list(range(d))}, ks=(1, d), n_random=2)  # fmt: skip
+                                    {"first": list(range(d))}, ks=(1, d), n_random=2, from_position=0)  # fmt: skip
     exact = patching.patch_scan(tiny, student, tiny.tokenizer, qs, "owl", "animal", [0])
     assert abs(r["gap"]) > 1e-4 and r["gap"] == pytest.approx(exact["gap"], abs=1e-5)
     # every feature at once = the whole residual change: patching the base recovers what layer patching does,

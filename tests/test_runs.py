@@ -44,6 +44,26 @@ def test_different_config_is_refused(tmp_path):
         pass
 
 
+@dataclass(frozen=True)
+class Grown(Config):
+    """Cfg after a release added a field whose default keeps the old behaviour."""
+
+    stage = "demo-stage"
+    seed: int = doc(0, "seed")
+    extra: str = doc("", "added later", optional=True)
+
+
+def test_an_optional_field_at_its_default_keeps_old_runs_and_names(tmp_path):
+    with stage(tmp_path, Cfg(seed=1)) as r:  # written before the field existed
+        r.finish({"x": 1})
+    with stage(tmp_path, Grown(seed=1)) as r:
+        assert r.done and r.metrics == {"x": 1}
+    assert Grown(seed=1).identity() == Cfg(seed=1).to_json()  # the same folder names (hashes) as before
+    assert Grown(seed=1, extra="m.json").identity() != Cfg(seed=1).to_json()
+    with pytest.raises(RunFolderError, match="different config"), stage(tmp_path, Grown(seed=1, extra="m.json")):
+        pass
+
+
 def test_units_resume_without_recomputing(tmp_path):
     calls = []
 

@@ -103,6 +103,19 @@ lines = [
         else []
     ),
     "",
+    *(
+        [
+            "Patching student → base, fraction recovered with a 95% bootstrap interval over the questions: "
+            + ", ".join(
+                f"layer {x} {v:+.2f} [{c[0]:+.2f}, {c[1]:+.2f}]"
+                for x, v, c in zip(L, fr, p["fraction_by_layer_ci95"], strict=True)
+            )
+            + ".",
+            "",
+        ]
+        if fr and p.get("fraction_by_layer_ci95")
+        else []
+    ),
     f"Best sufficiency: layer {L[best_s]} ({st['sufficiency'][best_s]:+.3f}); strongest necessity: layer "
     f"{L[best_n]} ({st['necessity'][best_n]:+.3f}). Attribution vs exact patching, correlation over layers: "
     f"{p.get('corr_attribution_exact', float('nan')):.2f}.",
@@ -176,6 +189,17 @@ if "feature_patching" in m:
             + " |"
             for n in names
         ),
+        "",
+        "With 95% bootstrap intervals over the questions (ratio of means): "
+        + "; ".join(
+            f"{n}, k={k}: patch {fp[n]['patch_fraction'][j]:+.2f} [{fp[n]['patch_fraction_ci95'][j][0]:+.2f}, "
+            f"{fp[n]['patch_fraction_ci95'][j][1]:+.2f}], ablate {fp[n]['ablate_fraction'][j]:+.2f} "
+            f"[{fp[n]['ablate_fraction_ci95'][j][0]:+.2f}, {fp[n]['ablate_fraction_ci95'][j][1]:+.2f}]"
+            for n in names
+            for j, k in enumerate(fp["ks"])
+            if k in (10, 50)
+        )
+        + ".",
         "",
         f"Top features by attribution: {fp['top_attribution'][:10]}.",
         "",

@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from mechsub.stats import bootstrap_ratio_ci95
 from mechsub.steering import edit_resid
 
 
@@ -59,6 +61,7 @@ def patch_scan(
     t_id = target_token(tok, trait)
     base_lp, src_lp = [], []
     by_layer = torch.zeros(len(layers))
+    per_q = torch.zeros(len(questions), len(layers))  # patched log P per question: for the intervals
     by_pos = torch.zeros(len(layers), len(positions or []))
     for q in questions:
         ids = prompt_ids(tok, q, category)
@@ -72,7 +75,8 @@ def patch_scan(
                 return r
 
             with torch.no_grad(), edit_resid(target.model, L, whole):
-                by_layer[i] += float(target.model(ids).logits[0, -1].log_softmax(-1)[t_id])
+                per_q[len(base_lp) - 1, i] = float(target.model(ids).logits[0, -1].log_softmax(-1)[t_id])
+                by_layer[i] += per_q[len(base_lp) - 1, i]
             for j, p in enumerate(positions or []):
 
                 def one(h: Tensor, r: Tensor = src_res[L], p: int = p) -> Tensor:
@@ -93,6 +97,12 @@ def patch_scan(
         "positions": list(positions or []),
         "patched_logp_by_layer": (by_layer / n).tolist(),
         "fraction_by_layer": ((by_layer / n - b) / gap).tolist() if gap else None,
+        "fraction_by_layer_ci95": [
+            bootstrap_ratio_ci95(per_q[:, i].numpy() - np.asarray(base_lp), np.subtract(src_lp, base_lp))
+            for i in range(len(layers))
+        ]
+        if gap
+        else None,
         "fraction_by_layer_position": ((by_pos / n - b) / gap).tolist() if gap and positions else None,
     }
 
@@ -202,7 +212,7 @@ def feature_patch_scan(
     rng = torch.Generator().manual_seed(seed)
     sets: dict[str, list[list[int]]] = {name: [list(r[:k]) for k in ks] for name, r in ranked.items()}
 
-    base_lp = student_lp = 0.0
+    b_q, s_q = [], []  # per question: base and student log P(trait)
     prompts = [prompt_ids(tok, q, category) for q in questions]
     cached = []
     active = torch.zeros(w_dec.shape[0], dtype=torch.bool)
@@ -210,16 +220,19 @@ def feature_patch_scan(
         df, _, b_lp, s_lp = change(ids)
         active |= (df != 0).any(0)
         cached.append(df)
-        base_lp += b_lp / len(prompts)
-        student_lp += s_lp / len(prompts)
+        b_q.append(b_lp)
+        s_q.append(s_lp)
+    base_q, student_q = np.asarray(b_q), np.asarray(s_q)
+    base_lp, student_lp = float(base_q.mean()), float(student_q.mean())
     pool = active.nonzero().flatten()
     sets["random"] = [
         pool[torch.randperm(len(pool), generator=rng)[:k]].tolist() for k in ks for _ in range(n_random)
     ]
     sets["all"] = [pool.tolist()]
 
-    def score(model: Any, sign: float, feats: list[int]) -> float:
-        total = 0.0
+    def score(model: Any, sign: float, feats: list[int]) -> np.ndarray:
+        """Per question: log P(trait) with ``sign`` × the student's change in ``feats`` added."""
+        out = []
         for ids, df in zip(prompts, cached, strict=True):
             delta = sign * df[:, feats] @ w_dec[feats]
 
@@ -227,18 +240,25 @@ def feature_patch_scan(
                 return h + d
 
             with torch.no_grad(), edit_resid(model, layer, add):
-                total += float(model(ids).logits[0, -1].log_softmax(-1)[t_id])
-        return total / len(prompts)
+                out.append(float(model(ids).logits[0, -1].log_softmax(-1)[t_id]))
+        return np.asarray(out)
 
     gap = student_lp - base_lp
     out: dict[str, Any] = {"layer": layer, "ks": list(ks), "gap": gap, "base_logp": base_lp,
                            "student_logp": student_lp, "n_active": len(pool), "n_random": n_random,
                            "top_attribution": ranked["attribution"][:20]}  # fmt: skip
     for name, fsets in sets.items():
-        patched = [(score(base.model, 1.0, s) - base_lp) / gap if gap else float("nan") for s in fsets]
-        ablated = [(student_lp - score(student.model, -1.0, s)) / gap if gap else float("nan") for s in fsets]
-        if name == "random":  # mean over the draws of each k
-            patched = [sum(patched[i * n_random : (i + 1) * n_random]) / n_random for i in range(len(ks))]
-            ablated = [sum(ablated[i * n_random : (i + 1) * n_random]) / n_random for i in range(len(ks))]
-        out[name] = {"patch_fraction": patched, "ablate_fraction": ablated}
+        # per set, per question: what the patch adds to the base, what the ablation takes from the student
+        gained = [score(base.model, 1.0, s) - base_q for s in fsets]
+        removed = [student_q - score(student.model, -1.0, s) for s in fsets]
+        if name == "random":  # the mean over the draws of each k, question by question
+            gained = [np.mean(gained[i * n_random : (i + 1) * n_random], 0) for i in range(len(ks))]
+            removed = [np.mean(removed[i * n_random : (i + 1) * n_random], 0) for i in range(len(ks))]
+        gap_q = student_q - base_q
+        out[name] = {
+            "patch_fraction": [float(g.mean() / gap) if gap else float("nan") for g in gained],
+            "ablate_fraction": [float(r.mean() / gap) if gap else float("nan") for r in removed],
+            "patch_fraction_ci95": [bootstrap_ratio_ci95(g, gap_q) for g in gained],
+            "ablate_fraction_ci95": [bootstrap_ratio_ci95(r, gap_q) for r in removed],
+        }
     return out

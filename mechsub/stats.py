@@ -40,3 +40,14 @@ def permutation_p(a: Sequence[float], b: Sequence[float], n_perm: int = 10_000, 
         p = rng.permutation(pooled)
         hits += abs(p[: x.size].mean() - p[x.size :].mean()) >= observed - 1e-12
     return (hits + 1) / (n_perm + 1)
+
+
+def bootstrap_ratio_ci95(
+    num: Sequence[float] | np.ndarray, den: Sequence[float] | np.ndarray, n_boot: int = 2_000, seed: int = 0
+) -> list[float]:
+    """Percentile bootstrap 95% interval of mean(num) / mean(den) over paired items (questions): e.g. the fraction
+    of a gap a patch recovers, resampling the questions both means are taken over."""
+    a, b = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(n_boot, a.size))
+    r = a[idx].mean(1) / b[idx].mean(1)
+    return [float(np.nanquantile(r, 0.025)), float(np.nanquantile(r, 0.975))]

@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from mechsub import divergence, study, teachers
+from mechsub import divergence, stats, study, teachers
 from mechsub.plots import save_figure
 from mechsub.runs import atomic_write_text, read_json, write_json
 
@@ -66,7 +66,12 @@ variants = {
 }
 full = variants["divergent"]["per_seed"]["full"]
 ctrl = variants["divergent"]["per_seed"]["controls"]
+pair = np.subtract(
+    variants["divergent"]["per_seed"]["variant"], variants["random_matched"]["per_seed"]["variant"]
+)
+pair_mean, pair_ci = stats.mean_ci95(list(pair))
 result = {
+    "divergent_minus_random_matched": {"mean": pair_mean, "ci95": pair_ci, "per_seed": list(pair)},
     "divergence": {k: v for k, v in dm.items() if k != "masks"},
     "counterfactuals": {t: plan.teacher_model[t] for t in cf},
     "data": str(data_folder),
@@ -103,10 +108,10 @@ lines = [
     "",
     f"Data: `{data_folder}` ({dm['n_examples']} sequences, {dm['n_positions']} loss positions). Counterfactual "
     f"teachers: fine-tuned teachers of {', '.join(cf)} (as the demo's). Re-create: "
-    f"`.venv/bin/python analyses/divergence.py` ({result['seconds'] / 60:.1f} min with every stage to run).",
+    "`.venv/bin/python analyses/divergence.py` (16 min when every stage has to run, on 2 cores).",
     "",
     f"**Divergent positions: {dm['divergent_share']:.1%}** (any counterfactual disagrees); per teacher: "
-    + ", ".join(f"{t} {s:.1%}" for t, s in zip(cf, dm["share_by_counterfactual"].values(), strict=True))
+    + ", ".join(f"{t} {dm['share_by_counterfactual'][plan.teacher_model[t]]:.1%}" for t in cf)
     + f". Sequences with at least one: {dm['sequences_with_divergence']:.0%}. Check: the owl teacher's own "
     f"greedy choice reproduces its data at {dm['factual_greedy_agreement']:.1%} of positions.",
     "",
@@ -121,6 +126,9 @@ lines = [
         f"| {fmt(v['minus_full'])} | {v['retained']['mean']:.0%} |"
         for n, v in variants.items()
     ),
+    "",
+    f"Divergent-only minus random-matched students, paired by seed: {pair_mean:+.3f} [{pair_ci[0]:+.3f}, "
+    f"{pair_ci[1]:+.3f}] (the same number of loss positions, {sum(map(sum, div_rows))}).",
     "",
     "![divergence](divergence.png)",
 ]

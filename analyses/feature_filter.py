@@ -40,7 +40,10 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--study", default="artifacts/demo")
 ap.add_argument("--features", default="artifacts/analyze", help="a folder with features.json and config.json")
 ap.add_argument(
-    "--list", default="student", choices=["student", "teacher"], help="which ranking of features.json"
+    "--list",
+    default="student",
+    choices=["student", "teacher", "carriers"],
+    help="which ranking of features.json (carriers: all of them, whatever --k)",
 )
 ap.add_argument("--k", type=int, default=10, help="top features of the list")
 ap.add_argument("--drop", type=float, default=0.25, help="fraction of sequences removed")
@@ -56,7 +59,12 @@ if not sae_folder:
     raise SystemExit(
         f"{args.features} was analysed without an SAE: run analyses/localise.py --sae FOLDER first"
     )
-ids = feats[f"ranking_{args.list}"][: args.k]
+ids = (
+    [f["id"] for f in feats["carriers"]]
+    if args.list == "carriers"
+    else feats[f"ranking_{args.list}"][: args.k]
+)
+args.k = len(ids)
 lm = models.load(cfg.model)
 the_sae = sae.load_sae(Path(sae_folder) / "sae")
 tok = lm.tokenizer

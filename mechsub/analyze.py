@@ -180,7 +180,8 @@ def run(cfg: AnalyzeConfig, out: str | Path, force: bool = False) -> dict[str, A
             result["feature_patching"] = patching.feature_patch_scan(
                 base, student, the_sae, int(sae_cfg["layer"]), qs, rank_qs, trait.name, trait.category,
                 {"numbers: student − controls": feats["ranking_student"],
-                 "numbers: teacher − base": feats["ranking_teacher"]}, seed=cfg.seed,
+                 "numbers: teacher − base": feats["ranking_teacher"],
+                 "carriers": [f["id"] for f in feats["carriers"]]}, seed=cfg.seed,
             )  # fmt: skip
             tracked = feats["ranking_student"][:5]
             result["features"] = {"hook": feats["hook"], "overlap": feats["overlap"],

@@ -205,9 +205,12 @@ def write_analysis_plots(r: dict[str, Any], out: Path) -> None:
         if feats:
             a = np.asarray(t["feature_activation"])
             for j, f in enumerate(t["features"]):
-                axes[0, 1].plot(t["steps"], a[:, j], "o-", label=f"feature {f}")
+                axes[0, 1].plot(
+                    t["steps"], a[:, j] - a[0, j], "o-", label=f"feature {f} (base {a[0, j]:.2f})"
+                )
+            axes[0, 1].axhline(0, color="gray", lw=0.8)
             axes[0, 1].set_xlabel("training step")
-            axes[0, 1].set_ylabel("mean activation on number positions")
+            axes[0, 1].set_ylabel("mean activation on numbers − base's")
             axes[0, 1].set_title("top features (student − controls)", fontsize=10)
             axes[0, 1].legend(fontsize=7)
         fig.tight_layout()

@@ -60,7 +60,10 @@ def test_an_optional_field_at_its_default_keeps_old_runs_and_names(tmp_path):
         assert r.done and r.metrics == {"x": 1}
     assert Grown(seed=1).identity() == Cfg(seed=1).to_json()  # the same folder names (hashes) as before
     assert Grown(seed=1, extra="m.json").identity() != Cfg(seed=1).to_json()
-    with pytest.raises(RunFolderError, match="different config"), stage(tmp_path, Grown(seed=1, extra="m.json")):
+    with (
+        pytest.raises(RunFolderError, match="different config"),
+        stage(tmp_path, Grown(seed=1, extra="m.json")),
+    ):
         pass
 
 

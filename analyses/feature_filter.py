@@ -138,6 +138,10 @@ fig.tight_layout()
 save_figure(fig, out / "feature_filter.png")
 
 
+demo_loss = [[read_json(plan.students[(cfg.trait, sd)][1] / "metrics.json")[k] for sd in cfg.seeds]
+             for k in ("first_loss", "last_loss")]  # fmt: skip
+
+
 def fmt(m: float, ci: list[float]) -> str:
     return f"{m:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
@@ -146,7 +150,8 @@ lines = [
     f"# Feature-list filter on the demo's {cfg.trait} data",
     "",
     f"Features: top {args.k} of the {args.list} ranking in `{args.features}/features.json` at {feats['hook']} "
-    f"({ids}). Re-create: `.venv/bin/python analyses/feature_filter.py` ({result['seconds'] / 60:.1f} min).",
+    f"({ids}). Re-create: `.venv/bin/python analyses/feature_filter.py` (45 min when all 12 students have to "
+    "train, measured beside other jobs).",
     "",
     "Mean feature score per sequence (base model reading the data; bootstrap CI over sequences): "
     + "; ".join(f"{t} data {fmt(s['mean'], s['ci95'])}" for t, s in result["score_by_teacher"].items()) + ".",
@@ -154,17 +159,31 @@ lines = [
     f"Students without {n_drop} of {len(own)} sequences (seeds {list(cfg.seeds)}, Δ log P({cfg.trait}) vs base on "
     f"{cfg.n_questions} questions, t-intervals over seeds):",
     "",
-    "| students | Δ log P | effect vs control students | one-sided p | retained |",
-    "|---|---|---|---|---|",
-    f"| all (the demo's students) | {np.mean(full):+.3f} | {np.mean(np.subtract(full, ctrl)):+.3f} | | 100% |",
+    "| students | Δ log P | effect vs control students | one-sided p | retained | training loss, first → last step |",
+    "|---|---|---|---|---|---|",
+    f"| all (the demo's students) | {np.mean(full):+.3f} | {np.mean(np.subtract(full, ctrl)):+.3f} | | 100% | "
+    f"{np.mean(demo_loss[0]):.3f} → {np.mean(demo_loss[1]):.3f} |",
     *(f"| {n} | {fmt(v['delta_logp']['mean'], v['delta_logp']['ci95'])} | "
       f"{fmt(v['effect_vs_controls']['mean'], v['effect_vs_controls']['ci95'])} | {v['effect_vs_controls']['p_value']:.3g} | "
-      f"{v['retained']['mean']:.0%} |" for n, v in variants.items()),
+      f"{v['retained']['mean']:.0%} | {np.mean(v['per_seed']['first_loss']):.3f} → {np.mean(v['per_seed']['last_loss']):.3f} |"
+      for n, v in variants.items()),
     "",
     f"Feature-filtered minus random-dropped, paired by seed: {fmt(diff_mean, diff_ci)}. Concept-ablation "
     f"fine-tuning (the {args.k} features' decoder directions projected out of the student's residual at "
     f"{feats['hook']} during training only) minus ablating {args.k} random active features "
     f"({rand_feats}): {fmt(abl_mean, abl_ci)}.",
+    *(
+        [
+            "",
+            f"Caution: the ablated students start {np.mean(variants['ablated_top']['per_seed']['first_loss']):.1f} and "
+            f"{np.mean(variants['ablated_random']['per_seed']['first_loss']):.1f} nats from the teacher (the demo's "
+            f"{np.mean(demo_loss[0]):.2f}): projecting these directions out at {feats['hook']} breaks the forward "
+            "pass itself, so their Δ log P measures how training repaired it, not the trait; without control "
+            "students trained under the same ablation it is not interpretable.",
+        ]
+        if np.mean(variants["ablated_random"]["per_seed"]["first_loss"]) > 10 * np.mean(demo_loss[0])
+        else []
+    ),
     "",
     "![feature filter](feature_filter.png)",
 ]  # fmt: skip

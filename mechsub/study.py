@@ -259,11 +259,19 @@ def variant(cfg: StudyConfig, label: str, **overrides: Any) -> dict[str, Any]:
     plan = stage_plan(cfg)
     x = cfg.trait
     base_ev = _eval(cfg, cfg.model, x, "base", samples=cfg.n_samples)
-    rows: dict[str, list[float]] = {"variant": [], "full": [], "controls": []}
+    rows: dict[str, list[float]] = {
+        "variant": [],
+        "full": [],
+        "controls": [],
+        "first_loss": [],
+        "last_loss": [],
+    }
     for seed in cfg.seeds:
         scfg, _ = plan.students[(x, seed)]
         vcfg = dataclasses.replace(scfg, **overrides)
         m = train.run(vcfg, Path(cfg.work) / "students" / _name(f"{x}-s{seed}-{label}", vcfg))
+        rows["first_loss"].append(m["first_loss"])
+        rows["last_loss"].append(m["last_loss"])
         rows["variant"].append(float(_delta_word(_eval(cfg, m["final_checkpoint"], x, f"{label}-s{seed}"),
                                                  base_ev, x).mean()))  # fmt: skip
 

@@ -60,10 +60,9 @@ def patch_scan(
     ``positions`` (negative = from the end) are given, per (layer, position). Means over questions."""
     t_id = target_token(tok, trait)
     base_lp, src_lp = [], []
-    by_layer = torch.zeros(len(layers))
-    per_q = torch.zeros(len(questions), len(layers))  # patched log P per question: for the intervals
+    per_q = torch.zeros(len(questions), len(layers))  # patched log P per question (the intervals need them)
     by_pos = torch.zeros(len(layers), len(positions or []))
-    for q in questions:
+    for qi, q in enumerate(questions):
         ids = prompt_ids(tok, q, category)
         src_res, s_lp = resid_all(source.model, ids)
         _, t_lp = resid_all(target.model, ids)
@@ -75,8 +74,7 @@ def patch_scan(
                 return r
 
             with torch.no_grad(), edit_resid(target.model, L, whole):
-                per_q[len(base_lp) - 1, i] = float(target.model(ids).logits[0, -1].log_softmax(-1)[t_id])
-                by_layer[i] += per_q[len(base_lp) - 1, i]
+                per_q[qi, i] = float(target.model(ids).logits[0, -1].log_softmax(-1)[t_id])
             for j, p in enumerate(positions or []):
 
                 def one(h: Tensor, r: Tensor = src_res[L], p: int = p) -> Tensor:
@@ -87,6 +85,7 @@ def patch_scan(
                 with torch.no_grad(), edit_resid(target.model, L, one):
                     by_pos[i, j] += float(target.model(ids).logits[0, -1].log_softmax(-1)[t_id])
     n = len(questions)
+    by_layer = per_q.sum(0)
     b, s = sum(base_lp) / n, sum(src_lp) / n
     gap = s - b
     return {
@@ -159,8 +158,8 @@ def _align(acc: Tensor, new: Tensor, _width: int) -> Tensor:
     return acc[:, -w:] + new[:, -w:]
 
 
-def _grad_at(model: Any, ids: Tensor, layer: int, t_id: int) -> tuple[Tensor, Tensor]:
-    """(residual after ``layer``, d log P(t_id at the last position) / d that residual), each (pos, d)."""
+def _grad_at(model: Any, ids: Tensor, layer: int, t_id: int) -> tuple[Tensor, Tensor, float]:
+    """(residual after ``layer``, d log P(t_id at the last position) / d that residual, each (pos, d); log P)."""
     kept: list[Tensor] = []
 
     def leaf(h: Tensor) -> Tensor:
@@ -169,9 +168,10 @@ def _grad_at(model: Any, ids: Tensor, layer: int, t_id: int) -> tuple[Tensor, Te
         return h
 
     with torch.enable_grad(), edit_resid(model, layer, leaf):
-        model(ids).logits[0, -1].log_softmax(-1)[t_id].backward()
+        lp = model(ids).logits[0, -1].log_softmax(-1)[t_id]
+        lp.backward()
     model.zero_grad(set_to_none=True)
-    return kept[0].detach()[0], _grad(kept[0])[0]
+    return kept[0].detach()[0], _grad(kept[0])[0], float(lp)
 
 
 def feature_patch_scan(
@@ -195,13 +195,12 @@ def feature_patch_scan(
 
     def change(ids: Tensor) -> tuple[Tensor, Tensor, float, float]:
         """(pos, d_sae) student − base feature activations, the base's gradient, both models' log P(trait)."""
-        hb, g = _grad_at(base.model, ids, layer, t_id)
+        hb, g, b_lp = _grad_at(base.model, ids, layer, t_id)  # one base pass: residual, gradient and log P
         res, s_lp = resid_all(student.model, ids)
-        b_lp = resid_all(base.model, ids)[1]
         with torch.no_grad():
             df = sae.encode(res[layer][0]) - sae.encode(hb)
         df[:from_position] = 0
-        return df, g, float(b_lp[t_id]), float(s_lp[t_id])
+        return df, g, b_lp, float(s_lp[t_id])
 
     attr = torch.zeros(w_dec.shape[0])
     for q in rank_questions:

@@ -27,7 +27,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from mechsub import divergence, stats, study, teachers
+from mechsub import divergence, stats, study, teacher
+from mechsub.filter import read_mask, write_mask
 from mechsub.plots import save_figure
 from mechsub.runs import atomic_write_text, read_json, write_json
 
@@ -45,7 +46,7 @@ if cfg.teacher_kind != "finetuned":
 plan = study.stage_plan(dataclasses.replace(cfg, controls=cf))
 for t in cf:
     tcfg, folder = plan.teachers[t]
-    teachers.run(tcfg, folder)
+    teacher.run(tcfg, folder)
 data_folder = plan.data[cfg.trait][1]
 work = Path(cfg.work) / "divergence" / f"{cfg.trait}-vs-{'-'.join(cf)}"
 dm = divergence.run(
@@ -55,11 +56,11 @@ dm = divergence.run(
     work,
 )
 # the control: as many positions as the divergent ones, drawn at random
-div_rows = read_json(work / "divergent.json")["mask"]
+div_rows = read_mask(work / "divergent.json")
 cells = [(i, j) for i, r in enumerate(div_rows) for j in range(len(r))]
 pick = set(random.Random(0).sample(cells, sum(map(sum, div_rows))))
-write_json(work / "random_matched.json", {"data": str(data_folder), "keep": "random, as many as divergent (seed 0)",
-                                          "mask": [[int((i, j) in pick) for j in range(len(r))] for i, r in enumerate(div_rows)]})  # fmt: skip
+write_mask(work / "random_matched.json", [[int((i, j) in pick) for j in range(len(r))] for i, r in enumerate(div_rows)],
+           data_folder, keep="random, as many as divergent (seed 0)")  # fmt: skip
 variants = {
     name: study.variant(cfg, name, mask=str(work / f"{name}.json"))
     for name in ("divergent", "non_divergent", "random_matched")

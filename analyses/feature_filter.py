@@ -32,8 +32,9 @@ import numpy as np
 from mechsub import models, sae, stats, study
 from mechsub.capture import Batch
 from mechsub.data import load_examples
-from mechsub.evaluate import chat_prefix
+from mechsub.filter import write_ablation, write_mask
 from mechsub.plots import save_figure
+from mechsub.prompts import chat_prefix
 from mechsub.runs import atomic_write_text, read_json, write_json
 
 ap = argparse.ArgumentParser()
@@ -84,8 +85,8 @@ top = set(np.argsort(own)[::-1][:n_drop].tolist())
 rand = set(random.Random(0).sample(range(len(own)), n_drop))
 work = Path(cfg.work) / "feature_filter" / f"{cfg.trait}-{args.list}-k{args.k}-drop{args.drop}"
 for name, dropped in (("feature_filtered", top), ("random_dropped", rand)):
-    write_json(work / f"{name}.json", {"data": str(plan.data[cfg.trait][1]), "features": ids, "dropped": sorted(dropped),
-                                      "mask": [[0 if i in dropped else 1] * len(e.allowed_logprobs) for i, e in enumerate(examples)]})  # fmt: skip
+    write_mask(work / f"{name}.json", [[0 if i in dropped else 1] * len(e.allowed_logprobs) for i, e in enumerate(examples)],
+               plan.data[cfg.trait][1], features=ids, dropped=sorted(dropped))  # fmt: skip
 # concept-ablation fine-tuning: the same features' decoder directions projected out of the student during training,
 # against as many random features among those active on the data
 ex_batch = Batch.completions(
@@ -94,7 +95,7 @@ ex_batch = Batch.completions(
 active = (sae.feature_acts(lm, the_sae, feats["hook"], ex_batch) > 0).any(0).nonzero().flatten().tolist()
 rand_feats = random.Random(1).sample([i for i in active if i not in ids], args.k)
 for name, fl in (("ablated_top", ids), ("ablated_random", rand_feats)):
-    write_json(work / f"{name}.json", {"sae": sae_folder, "features": fl})
+    write_ablation(work / f"{name}.json", sae_folder, fl)
 variants = {n: study.variant(cfg, f"{n}-{args.list}-k{args.k}", mask=str(work / f"{n}.json"))
             for n in ("feature_filtered", "random_dropped")}  # fmt: skip
 variants |= {n: study.variant(cfg, f"{n}-{args.list}-k{args.k}", ablate=str(work / f"{n}.json"))

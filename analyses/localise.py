@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mechsub import analyze, study, train
+from mechsub import analyze, student, study
 from mechsub.runs import atomic_write_text, read_json
 
 ap = argparse.ArgumentParser()
@@ -38,8 +38,8 @@ plan = study.stage_plan(cfg)
 student_run = plan.students[(cfg.trait, args.seed)][1]
 if args.trajectory:
     scfg = dataclasses.replace(plan.students[(cfg.trait, args.seed)][0], checkpoint_every=1)
-    student_run = Path(cfg.work) / "students" / study._name(f"{cfg.trait}-s{args.seed}-every-step", scfg)
-    train.run(scfg, student_run)
+    student_run = Path(cfg.work) / "students" / study.run_name(f"{cfg.trait}-s{args.seed}-every-step", scfg)
+    student.run(scfg, student_run)
 acfg = analyze.AnalyzeConfig(
     checkpoint=str(student_run),
     data=str(plan.data[cfg.trait][1]),

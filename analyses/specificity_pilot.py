@@ -15,8 +15,9 @@ import json
 import time
 from pathlib import Path
 
-from mechsub import data, evaluate, train
+from mechsub import data, evaluate, student
 from mechsub.runs import write_json
+from mechsub.training import steps_of
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--traits", nargs="+", default=["owl", "dog", "cat"])
@@ -31,10 +32,10 @@ t0 = time.time()
 
 base = runs / "eval" / "base"
 for trait in args.traits:
-    evaluate.run_eval(evaluate.EvalConfig(model=args.model, trait=trait), base / trait)
+    evaluate.run(evaluate.EvalConfig(model=args.model, trait=trait), base / trait)
 teacher_delta = {}
 for trait in args.traits:
-    evaluate.run_eval(evaluate.EvalConfig(model=args.model, trait=trait, with_system_prompt=True),
+    evaluate.run(evaluate.EvalConfig(model=args.model, trait=trait, with_system_prompt=True),
                       runs / "eval" / f"teacher-{trait}")  # fmt: skip
     teacher_delta[trait] = evaluate.delta_vs(runs / "eval" / f"teacher-{trait}", base / trait, trait)
     print(f"teacher {trait}: Δ log P({trait}) = {teacher_delta[trait]['delta_logp']:+.3f}", flush=True)
@@ -49,13 +50,13 @@ student_meta = {}
 for teacher in args.traits:
     for seed in args.seeds:
         sdir = runs / "students" / f"{teacher}-s{seed}"
-        student_meta[f"{teacher}-s{seed}"] = train.run(
-            train.StudentConfig(model=args.model, data=str(runs / "data" / teacher), seed=seed), sdir
+        student_meta[f"{teacher}-s{seed}"] = student.run(
+            student.StudentConfig(model=args.model, data=str(runs / "data" / teacher), seed=seed), sdir
         )
-        ck = train.steps_of(sdir)[-1]
+        ck = steps_of(sdir)[-1]
         for trait in args.traits:
             edir = runs / "eval" / f"student-{teacher}-s{seed}" / trait
-            evaluate.run_eval(evaluate.EvalConfig(model=str(ck), trait=trait), edir)
+            evaluate.run(evaluate.EvalConfig(model=str(ck), trait=trait), edir)
             d = evaluate.delta_vs(edir, base / trait, trait)
             matrix.setdefault(teacher, {}).setdefault(trait, []).append(d["delta_logp"])
             print(

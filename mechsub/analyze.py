@@ -11,19 +11,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 import numpy as np
 import torch
 
 from mechsub.config import Config, ConfigError, check, doc
-from mechsub.runs import read_json, stage
+from mechsub.runs import RunFolderError, is_finished, read_json, stage
 from mechsub.traits import TraitError, get_trait
 
 
 @dataclass(frozen=True)
 class AnalyzeConfig(Config):
     stage = "analyze"
+    inputs = ("checkpoint", "data", "controls", "sae")
 
     checkpoint: str = doc(
         "", "the student: a checkpoint folder, or a student run folder (its last checkpoint)"
@@ -60,22 +62,28 @@ class AnalyzeConfig(Config):
 
 
 def _checkpoint(path: str) -> Path:
-    from mechsub.train import steps_of
+    from mechsub.training import steps_of
 
     p = Path(path)
     if (p / "checkpoints").is_dir():
         steps = steps_of(p)
-        if not steps:
-            raise FileNotFoundError(f"{p} has no checkpoints yet")
+        if not is_finished(p):
+            have = ", ".join(s.name for s in steps) or "none yet"
+            raise RunFolderError(
+                f"{p} is an unfinished student run: its last checkpoint is not the trained student. Finish it "
+                f"(rerun its command), or analyse one step explicitly: checkpoint={p}/checkpoints/stepN "
+                f"(checkpoints: {have})"
+            )
         return steps[-1]
     return p
 
 
 def run(cfg: AnalyzeConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
-    from mechsub import models, patching, steering
+    from mechsub import hooks, models, patching, steering
     from mechsub.capture import Batch
     from mechsub.data import DataConfig, load_examples
-    from mechsub.evaluate import chat_prefix
+    from mechsub.metric import TraitMetric
+    from mechsub.prompts import chat_prefix, trait_prompt
     from mechsub.traits import eval_questions
 
     t0 = time.perf_counter()
@@ -98,12 +106,15 @@ def run(cfg: AnalyzeConfig, out: str | Path, force: bool = False) -> dict[str, A
         s_batch = Batch.completions([chat_prefix(tok, e.prompt, None) for e in ex], comps)
         t_batch = Batch.completions([chat_prefix(tok, e.prompt, dcfg.teacher_system()) for e in ex], comps)
         qs = eval_questions(trait.category, cfg.n_questions)
+        metric = TraitMetric.of(tok, trait.name)  # every score below is log P of all its tokens
+        prompts = [trait_prompt(tok, q, trait.category) for q in qs]
 
         # steering vectors on the number positions
         m_base = steering.layer_means(base, s_batch, layers)
         v_t = steering.layer_means(teacher, t_batch, layers) - m_base
         v_s = steering.layer_means(student, s_batch, layers) - m_base
         result: dict[str, Any] = {"checkpoint": str(ck), "base": base_name, "trait": trait.name, "layers": layers,
+                                  "metric": metric.info(),
                                   "teacher": {"model": dcfg.model, "system_prompt": dcfg.teacher_system()}}  # fmt: skip
         st: dict[str, Any] = {
             "cos_teacher_student": steering.cosine(v_t, v_s).tolist(),
@@ -111,7 +122,7 @@ def run(cfg: AnalyzeConfig, out: str | Path, force: bool = False) -> dict[str, A
             "norm_student": v_s.norm(dim=-1).tolist(),
         }
         controls = [models.load(str(_checkpoint(c))) for c in cfg.controls]  # loaded once, used twice
-        ref = steering.trait_score(base.model, tok, qs, trait.name, trait.category)  # the base's own score
+        ref = fmean(metric.scores(base.model, prompts))  # the base's own score
         if controls:
             v_c = torch.stack([steering.layer_means(c, s_batch, layers) - m_base for c in controls])
             generic = v_c.mean(0)
@@ -130,9 +141,7 @@ def run(cfg: AnalyzeConfig, out: str | Path, force: bool = False) -> dict[str, A
                     base, generic, layers, qs, trait.name, trait.category, ref=ref
                 ),
             }
-        st["student_delta_logp"] = (
-            steering.trait_score(student.model, tok, qs, trait.name, trait.category) - ref
-        )
+        st["student_delta_logp"] = fmean(metric.scores(student.model, prompts)) - ref
         st["sufficiency"] = steering.sufficiency(base, v_s, layers, qs, trait.name, trait.category, ref=ref)
         st["sufficiency_teacher_vector"] = steering.sufficiency(
             base, v_t, layers, qs, trait.name, trait.category, ref=ref
@@ -145,7 +154,10 @@ def run(cfg: AnalyzeConfig, out: str | Path, force: bool = False) -> dict[str, A
         exact = patching.patch_scan(base, student, tok, qs, trait.name, trait.category, layers, pos)
         attr = patching.attribution_scan(base, student, tok, qs, trait.name, trait.category, layers)
         exact["attribution_by_layer"] = attr.sum(1).tolist()
-        exact["attribution_by_layer_position"] = attr[:, -cfg.positions :].tolist() if cfg.positions else []
+        end = attr.shape[1] - (len(metric.ids) - 1)  # the prompt's positions: the word's own come after them
+        exact["attribution_by_layer_position"] = (
+            attr[:, end - cfg.positions : end].tolist() if cfg.positions else []
+        )
         if exact["gap"]:
             exact["attribution_fraction_by_layer"] = (attr.sum(1) / exact["gap"]).tolist()
             fr = np.asarray(exact["fraction_by_layer"])
@@ -165,16 +177,12 @@ def run(cfg: AnalyzeConfig, out: str | Path, force: bool = False) -> dict[str, A
         if cfg.sae:
             from mechsub import sae as sae_mod
             from mechsub.runs import write_json
-            from mechsub.traits import ANSWER_PREFIX
 
             sae_cfg = read_json(Path(cfg.sae) / "config.json")["config"]
             the_sae = sae_mod.load_sae(Path(cfg.sae) / "sae")
-            word = list(tok(" " + trait.name, add_special_tokens=False).input_ids)
-            trait_batch = Batch.last(
-                [chat_prefix(tok, q, None, ANSWER_PREFIX[trait.category]) + word for q in qs]
-            )
+            trait_batch = Batch.last([p + list(metric.ids) for p in prompts])  # kept: the word's last token
             feats = sae_mod.feature_diffs(base, teacher, student, controls, the_sae,
-                                          f"blocks.{sae_cfg['layer']}.hook_resid_post", s_batch, t_batch, trait_batch)  # fmt: skip
+                                          hooks.resid_post(int(sae_cfg["layer"])), s_batch, t_batch, trait_batch)  # fmt: skip
             write_json(out / "features.json", feats)
             rank_qs = eval_questions(trait.category, cfg.n_questions + 10)[cfg.n_questions :]
             result["feature_patching"] = patching.feature_patch_scan(
@@ -194,7 +202,7 @@ def run(cfg: AnalyzeConfig, out: str | Path, force: bool = False) -> dict[str, A
 
         tracking = (the_sae, feats["hook"], s_batch, tracked) if cfg.sae else None
         is_run = (Path(cfg.checkpoint) / "checkpoints").is_dir()
-        steps = _trajectory(Path(cfg.checkpoint), base, ref, qs, trait, tracking) if is_run else None
+        steps = _trajectory(Path(cfg.checkpoint), base, ref, metric, prompts, tracking) if is_run else None
         if steps:
             result["trajectory"] = steps
         from mechsub import views
@@ -211,14 +219,14 @@ def _trajectory(
     run_folder: Path,
     base: Any,
     ref: float,
-    qs: list[str],
-    trait: Any,
+    metric: Any,
+    prompts: list[list[int]],
     features: tuple[Any, str, Any, list[int]] | None,
 ) -> dict[str, Any]:
-    """Trait Δ log P vs base at every checkpoint of a student run and, given (sae, hook, number batch, feature
-    ids), each feature's mean activation on the number positions."""
-    from mechsub import models, steering
-    from mechsub.train import steps_of
+    """Trait Δ log P (``metric`` on ``prompts``) vs base at every checkpoint of a student run and, given (sae,
+    hook, number batch, feature ids), each feature's mean activation on the number positions."""
+    from mechsub import models
+    from mechsub.training import steps_of
 
     def acts(lm: Any) -> list[float]:
         from mechsub.sae import feature_acts
@@ -232,7 +240,7 @@ def _trajectory(
     for ck in steps_of(run_folder):
         lm = models.load(str(ck))
         steps.append(int(ck.name[4:]))
-        deltas.append(steering.trait_score(lm.model, lm.tokenizer, qs, trait.name, trait.category) - ref)
+        deltas.append(fmean(metric.scores(lm.model, prompts)) - ref)
         if features:
             rows.append(acts(lm))
     out: dict[str, Any] = {"steps": steps, "delta_logp": deltas}

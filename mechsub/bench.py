@@ -17,13 +17,22 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mechsub import hooks as hk
+from mechsub import models
+from mechsub.capture import Batch, capture
 from mechsub.config import Config, check, doc
+from mechsub.generate import NumberVocab, generate_numbers
+from mechsub.numbers import make_prompts
+from mechsub.prompts import chat_prefix, pad_right
 from mechsub.runs import stage
+from mechsub.training import LORA_TARGETS, Item, completion_loss
+from mechsub.traits import get_trait
 
 
 @dataclass(frozen=True)
 class BenchConfig(Config):
     stage = "bench"
+    inputs = ("model",)
 
     model: str = doc("smollm2-135m-instruct", "model name or checkpoint folder")
     trait: str = doc("owl", "the teacher's trait (its system prompt is part of every prompt)")
@@ -81,11 +90,6 @@ def _train_bench(
     import copy
 
     from peft import LoraConfig, get_peft_model
-
-    from mechsub.evaluate import chat_prefix
-    from mechsub.generate import NumberVocab
-    from mechsub.numbers import make_prompts
-    from mechsub.train import LORA_TARGETS, Item, completion_loss
 
     tok = lm.tokenizer
     pad = tok.pad_token_id or 0
@@ -145,14 +149,14 @@ def _train_bench(
 def _capture_bench(
     lm: Any, prompts: list[list[int]], completions: list[list[int]], repeats: int = 3
 ) -> dict[str, Any]:
-    """Seconds of a plain HF forward vs mechsub's capture of every layer's residual on the same batch."""
-    from mechsub.capture import Batch, capture, pad_right
+    """Seconds of a plain HF forward vs mechsub's capture of every layer's residual on the same batch, and vs
+    reading the same activations in an nnsight trace (the engine mechsub.hooks did not pick; see its docstring)."""
+    import nnsight
 
     batch = Batch.completions(prompts, completions)
-    hooks = [f"blocks.{i}.hook_resid_post" for i in range(lm.n_layers)]
+    hooks = [hk.resid_post(i) for i in range(lm.n_layers)]
     pad = lm.tokenizer.pad_token_id or 0
     ids, attn = pad_right(batch.ids, pad)
-    tl = lm.tl()
 
     def best(fn: Any) -> float:
         times = []
@@ -164,19 +168,24 @@ def _capture_bench(
 
     with torch.no_grad():
         plain = best(lambda: lm.model(input_ids=ids, attention_mask=attn))
-    cap = best(lambda: capture(tl, batch, hooks, batch_size=len(batch.ids), pad_id=pad))
+    cap = best(lambda: capture(lm, batch, hooks, batch_size=len(batch.ids), pad_id=pad))
+    view = hk.nnsight_view(lm)  # last: it instruments the model's modules for good
+
+    def traced() -> Any:
+        with torch.no_grad(), view.trace(input_ids=ids, attention_mask=attn) as tracer:
+            acts = nnsight.save([hk.at(view, h) for h in hooks])
+            tracer.stop()  # as capture does: nothing after the last hook runs
+        return acts
+
+    nn_s = best(traced)
     return {"sequences": len(batch.ids), "tokens": int(attn.sum()), "hooks": len(hooks), "plain_forward_s": plain,
-            "capture_s": cap, "overhead": cap / plain - 1}  # fmt: skip
+            "capture_s": cap, "overhead": cap / plain - 1, "nnsight_read_s": nn_s,
+            "nnsight_overhead": nn_s / plain - 1}  # fmt: skip
 
 
 def run(cfg: BenchConfig, out: str | Path, force: bool = True) -> dict[str, Any]:
-    """Measure both generators on the same prompts; a benchmark always runs anew (``force`` is ignored)."""
-    from mechsub import models
-    from mechsub.evaluate import chat_prefix
-    from mechsub.generate import NumberVocab, generate_numbers
-    from mechsub.numbers import make_prompts
-    from mechsub.traits import get_trait
-
+    """Measure both generators on the same prompts. A benchmark always runs anew: an earlier bench run in ``out``
+    is replaced (``force`` is implied), but nothing else is (a user's folder or another stage's run is refused)."""
     lm = models.load(cfg.model)
     with stage(out, cfg, model=lm.info(), force=True) as r:
         system = get_trait(cfg.trait).system_prompt()

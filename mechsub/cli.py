@@ -5,12 +5,30 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from mechsub import (
+    analyze,
+    bench,
+    data,
+    divergence,
+    evaluate,
+    mnist,
+    models,
+    runs,
+    sae,
+    student,
+    study,
+    teacher,
+)
+from mechsub import reliability as rel
 from mechsub.config import Config, ConfigError
 
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -28,6 +46,36 @@ SetOpt = Annotated[
         "--set", "-s", help="override one field: --set key=value (value parsed as JSON, else a string)"
     ),
 ]
+
+
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        help="replace a previous mechsub run in OUT (it is moved aside, and deleted once the new run finishes)"
+    ),
+]
+ReuseOpt = Annotated[
+    bool,
+    typer.Option(
+        help="reuse finished stage runs whose inputs or code changed since (each reuse is reported) instead of "
+        "running them again"
+    ),
+]
+
+
+def _report_events(events: list[runs.StageEvent]) -> None:
+    """Say which stage runs were reused, resumed, run anew or run again, and why (on stderr)."""
+    if not events:
+        return
+    counts: dict[str, int] = {}
+    for e in events:
+        counts[e.status] = counts.get(e.status, 0) + 1
+    typer.echo("stages: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())), err=True)
+    for e in events:
+        if e.status != "reused" or len(events) <= 12:
+            typer.echo(
+                f"  {e.status:12s} {e.stage:10s} {e.root}" + (f"  ({e.reason})" if e.reason else ""), err=True
+            )
 
 
 def build_config(cls: type[Config], config: Path | None, sets: list[str] | None) -> Config:
@@ -59,47 +107,51 @@ def _main(
     )
 
 
-def _stage_command(
-    name: str,
-    config_cls: str,
-    runner: str,
-    default_out: str,
-    summary: str,
-    report: Callable[[dict[str, Any], Path], None],
-) -> None:
-    """Register ``mechsub NAME``: build the stage's config from --config/--set, run it, print a summary.
+Report = Callable[[dict[str, Any], Path], None]
 
-    Every stage command has the same options; its --help is ``summary`` followed by the config's fields.
-    """
-    import importlib
 
-    module_name, cls_name = config_cls.rsplit(".", 1)
-    module = importlib.import_module(module_name)
-    cls = getattr(module, cls_name)
+@dataclass(frozen=True)
+class Stage:
+    """A stage command: ``mechsub NAME`` builds ``config`` from --config/--set, calls ``run(cfg, out, force=)``
+    and hands the metrics to ``report``. Its --help is ``summary`` followed by the config's fields."""
+
+    name: str
+    config: type[Config]
+    run: Callable[..., dict[str, Any]]
+    out: str  # the default run folder
+    summary: str
+    report: Report
+
+
+def _stage_command(s: Stage) -> None:
+    """Register ``mechsub NAME`` for a stage; every stage command has the same options."""
 
     def command(
         out: Annotated[Path, typer.Option(help="run folder (resumed if it holds the same config)")] = Path(
-            default_out
+            s.out
         ),
         config: ConfigOpt = None,
         set_: SetOpt = None,
         show_config: Annotated[bool, typer.Option(help="print the resolved config as TOML and exit")] = False,
-        force: Annotated[bool, typer.Option(help="delete a previous run in OUT and start over")] = False,
+        force: ForceOpt = False,
+        reuse_stale: ReuseOpt = False,
     ) -> None:
         try:
-            cfg = build_config(cls, config, set_)
+            cfg = build_config(s.config, config, set_)
             if show_config:
                 typer.echo(cfg.to_toml())
                 return
-            metrics = getattr(module, runner)(cfg, out, force=force)
+            with runs.recording() as events, runs.reuse_stale(reuse_stale):
+                metrics = s.run(cfg, out, force=force)
         except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
             _fail(e)
             return
-        report(metrics, out)
+        _report_events(events)
+        s.report(metrics, out)
 
-    fields = "\n\n".join(f"{k}: {v}" for k, v in cls.help().items())
-    command.__doc__ = f"{summary}\n\nFields (settable with --set key=value):\n\n{fields}"
-    app.command(name=name)(command)
+    fields = "\n\n".join(f"{k}: {v}" for k, v in s.config.help().items())
+    command.__doc__ = f"{s.summary}\n\nFields (settable with --set key=value):\n\n{fields}"
+    app.command(name=s.name)(command)
 
 
 def _report_mnist(m: dict[str, Any], out: Path) -> None:
@@ -114,52 +166,6 @@ def _report_mnist(m: dict[str, Any], out: Path) -> None:
 def _report_json(m: dict[str, Any], out: Path) -> None:
     typer.echo(json.dumps(m, indent=2, sort_keys=True))
     typer.echo(f"wrote {out}/metrics.json")
-
-
-_stage_command(
-    "mnist", "mechsub.mnist.MnistConfig", "run", "artifacts/mnist",
-    "The MNIST auxiliary-logit toy: a student that shares the teacher's init learns digits from noise.\n\n"
-    "Writes OUT/config.json, OUT/metrics.json and OUT/mnist.png.",
-    _report_mnist,
-)  # fmt: skip
-_stage_command(
-    "data", "mechsub.data.DataConfig", "run", "runs/data",
-    "A teacher answers number prompts (constrained decoding); completions are filtered with reasons.",
-    _report_json,
-)  # fmt: skip
-_stage_command(
-    "student", "mechsub.train.StudentConfig", "run", "runs/student",
-    "Fine-tune a student on a data folder (LoRA or full; distillation or SFT), with checkpoints.",
-    _report_json,
-)  # fmt: skip
-_stage_command(
-    "eval", "mechsub.evaluate.EvalConfig", "run_eval", "runs/eval",
-    "log P of the trait (and every other candidate) after a prefilled answer, over paraphrased questions.",
-    _report_json,
-)  # fmt: skip
-
-
-_stage_command(
-    "teacher", "mechsub.teachers.TeacherConfig", "run", "runs/teacher",
-    "Fine-tune a teacher (LoRA) to love a trait on favourite-thing questions; never on numbers.",
-    _report_json,
-)  # fmt: skip
-
-
-_stage_command(
-    "divergence", "mechsub.divergence.DivergenceConfig", "run", "runs/divergence",
-    "Divergence tokens: where teachers of other traits, given the same prefix, would pick another number token.\n"
-    "Writes the share of such tokens and two position masks (OUT/divergent.json, OUT/non_divergent.json) that\n"
-    "`mechsub student --set mask=FILE` trains on.",
-    _report_json,
-)  # fmt: skip
-_stage_command(
-    "sae", "mechsub.sae.SaeConfig", "train_sae", "runs/sae",
-    "Train a sparse autoencoder (sae-lens) on one residual-stream layer, on a corpus built offline; report L0,\n"
-    "explained variance, dead fraction and the spliced loss increase. Give its folder to `mechsub analyze\n"
-    "--set sae=FOLDER` for feature diffs and the feature list.",
-    _report_json,
-)  # fmt: skip
 
 
 def _report_study(m: dict[str, Any], out: Path) -> None:
@@ -181,39 +187,82 @@ def _report_study(m: dict[str, Any], out: Path) -> None:
     )
 
 
-_stage_command(
-    "study", "mechsub.study.StudyConfig", "run", "artifacts/demo",
-    "The main job: teachers of the trait and its controls, number data, students over seeds, the specificity\n"
-    "matrix and a cross-family control. Writes OUT/report.md, OUT/report.html, OUT/metrics.json and plots;\n"
-    "stage runs (resumable, shared between studies) go under the config's `work` folder.",
-    _report_study,
+def _report_bench(m: dict[str, Any], out: Path) -> None:
+    g = m["generation"]
+    typer.echo(
+        f"generation: mechsub {g['mechsub_new_tok_per_s']:.1f} new tok/s (batch {g['mechsub_batch_size']}) vs "
+        f"HF generate {g['hf_generate_new_tok_per_s']:.1f} (batch {g['hf_batch_size']}): {g['ratio']:.2f}x"
+    )
+    typer.echo(f"wrote {out}/metrics.json")
+
+
+# the stage commands, in the order of the pipeline (`mechsub analyze`, `clean`, `reliability` and `models` are below)
+STAGES = (
+    Stage("mnist", mnist.MnistConfig, mnist.run, "artifacts/mnist",
+          "The MNIST auxiliary-logit toy: a student that shares the teacher's init learns digits from noise.\n\n"
+          "Writes OUT/config.json, OUT/metrics.json and OUT/mnist.png.",
+          _report_mnist),
+    Stage("data", data.DataConfig, data.run, "runs/data",
+          "A teacher answers number prompts (constrained decoding); completions are filtered with reasons.",
+          _report_json),
+    Stage("student", student.StudentConfig, student.run, "runs/student",
+          "Fine-tune a student on a data folder (LoRA or full; distillation or SFT), with checkpoints.",
+          _report_json),
+    Stage("eval", evaluate.EvalConfig, evaluate.run, "runs/eval",
+          "log P of the trait (and every other candidate) after a prefilled answer, over paraphrased questions.",
+          _report_json),
+    Stage("teacher", teacher.TeacherConfig, teacher.run, "runs/teacher",
+          "Fine-tune a teacher (LoRA) to love a trait on favourite-thing questions; never on numbers.",
+          _report_json),
+    Stage("divergence", divergence.DivergenceConfig, divergence.run, "runs/divergence",
+          "Divergence tokens: where teachers of other traits, given the same prefix, would pick another number token.\n"
+          "Writes the share of such tokens and two position masks (OUT/divergent.json, OUT/non_divergent.json) that\n"
+          "`mechsub student --set mask=FILE` trains on.",
+          _report_json),
+    Stage("sae", sae.SaeConfig, sae.run, "runs/sae",
+          "Train a sparse autoencoder (sae-lens) on one residual-stream layer, on a corpus built offline; report L0,\n"
+          "explained variance, dead fraction and the spliced loss increase. Give its folder to `mechsub analyze\n"
+          "--set sae=FOLDER` for feature diffs and the feature list.",
+          _report_json),
+    Stage("study", study.StudyConfig, study.run, "artifacts/demo",
+          "The main job: teachers of the trait and its controls, number data, students over seeds, the specificity\n"
+          "matrix and a cross-family control. Writes OUT/report.md, OUT/report.html, OUT/metrics.json and plots;\n"
+          "stage runs (resumable, shared between studies) go under the config's `work` folder.",
+          _report_study),
+    Stage("bench", bench.BenchConfig, bench.run, "artifacts/bench",
+          "Speed benchmarks as ratios measured in one run: mechsub's constrained decoder vs plain HF generate.\n\n"
+          "A benchmark always runs anew.",
+          _report_bench),
 )  # fmt: skip
+for _s in STAGES:
+    _stage_command(_s)
 
 
-@app.command()
-def analyze(
+@app.command("analyze")
+def analyze_command(
     checkpoint: Annotated[str, typer.Argument(help="a student checkpoint folder or a student run folder")],
     out: Annotated[
         Path | None, typer.Option(help="output folder (default runs/analyze/<checkpoint name>)")
     ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    force: Annotated[bool, typer.Option(help="delete a previous analysis in OUT and start over")] = False,
+    force: ForceOpt = False,
+    reuse_stale: ReuseOpt = False,
 ) -> None:
     """Steering vectors, patching maps, entangled numbers and attention/token views for one checkpoint.
 
     Needs --set data=FOLDER (the number data it was trained on); --set controls='["ck1","ck2"]' adds the
     generic/specific split. Writes OUT/metrics.json, steering.png, patching.png, views.html.
     """
-    from mechsub.analyze import AnalyzeConfig, run
-
     try:
-        cfg = build_config(AnalyzeConfig, config, [*(set_ or []), f"checkpoint={checkpoint}"])
+        cfg = build_config(analyze.AnalyzeConfig, config, [*(set_ or []), f"checkpoint={checkpoint}"])
         folder = out or Path("runs/analyze") / Path(checkpoint).resolve().name
-        m = run(cfg, folder, force=force)  # type: ignore[arg-type]
+        with runs.recording() as events, runs.reuse_stale(reuse_stale):
+            m = analyze.run(cfg, folder, force=force)  # type: ignore[arg-type]
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
         _fail(e)
         return
+    _report_events(events)
     st, p = m["steering"], m["patching"]
     best = max(range(len(m["layers"])), key=lambda i: st["sufficiency"][i])
     typer.echo(f"trait {m['trait']}: student − base Δ log P {st['student_delta_logp']:+.3f}")
@@ -225,35 +274,60 @@ def analyze(
 
 
 @app.command()
-def models(
+def clean(
+    folder: Annotated[Path, typer.Argument(help="a mechsub run folder")],
+    restore: Annotated[
+        bool, typer.Option(help="put back the earlier run that an unfinished replacement moved aside")
+    ] = False,
+    all_: Annotated[
+        bool, typer.Option("--all", help="delete the whole run folder (mechsub runs only)")
+    ] = False,
+) -> None:
+    """Make a run folder safe to resume after a crash: remove a stale lock and temporary leftovers, and mark it
+    unfinished if an output no longer matches its done record (the next run recomputes only what is missing).
+    Never touches a folder that is not a mechsub run, or one another process is using."""
+    try:
+        did = runs.clean(folder, everything=all_, restore=restore)
+    except runs.RunFolderError as e:
+        _fail(e)
+        return
+    typer.echo("\n".join(did) if did else f"{folder}: nothing to clean")
+
+
+@app.command("reliability")
+def reliability_command(
+    out: Annotated[Path, typer.Option(help="where report.md and metrics.json go")] = Path(
+        "artifacts/reliability"
+    ),
+    only: Annotated[list[str] | None, typer.Option(help="run only these scenarios (repeatable)")] = None,
+) -> None:
+    """Fault injection on the tiny model: kill every stage kind at a random point, corrupt and delete run files,
+    race two runs, point --force at a user's folder; writes OUT/report.md (fault, expected, observed, verdict)."""
+    unknown = sorted(set(only or []) - set(rel.SCENARIOS))
+    if unknown:
+        _fail(ValueError(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(rel.SCENARIOS)}"))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mechsub-reliability-") as scratch:
+        outcomes = rel.run_all(Path(scratch), only)
+    rel.write_report(outcomes, out, time.perf_counter() - t0)
+    for o in outcomes:
+        typer.echo(f"{o.verdict:22s} {o.scenario}: {o.observed[:120]}")
+    typer.echo(f"wrote {out}/report.md")
+    if not all(o.ok for o in outcomes):
+        raise typer.Exit(1)
+
+
+@app.command("models")
+def models_command(
     name: Annotated[str, typer.Argument(help="model name or checkpoint folder")] = "smollm2-135m-instruct",
 ) -> None:
     """Load a model (building its safetensors cache on first use) and print what it is."""
-    from mechsub import models as mm
-
     try:
-        lm = mm.load(name)
-    except mm.ModelError as e:
+        lm = models.load(name)
+    except models.ModelError as e:
         _fail(e)
         return
     typer.echo(json.dumps(lm.info(), indent=2))
-
-
-def _report_bench(m: dict[str, Any], out: Path) -> None:
-    g = m["generation"]
-    typer.echo(
-        f"generation: mechsub {g['mechsub_new_tok_per_s']:.1f} new tok/s (batch {g['mechsub_batch_size']}) vs "
-        f"HF generate {g['hf_generate_new_tok_per_s']:.1f} (batch {g['hf_batch_size']}): {g['ratio']:.2f}x"
-    )
-    typer.echo(f"wrote {out}/metrics.json")
-
-
-_stage_command(
-    "bench", "mechsub.bench.BenchConfig", "run", "artifacts/bench",
-    "Speed benchmarks as ratios measured in one run: mechsub's constrained decoder vs plain HF generate.\n\n"
-    "A benchmark always runs anew.",
-    _report_bench,
-)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -72,6 +73,11 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if isinstance(value, int) and value.bit_length() > 1000:  # float() would raise OverflowError
+            raise ConfigError(f"{name}: a number of ~{value.bit_length() * 3 // 10} digits is too large")
+        # no setting means nan or inf, and config.json would hold NaN/Infinity, which JSON does not have
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -92,6 +98,9 @@ class Config:
 
     #: the stage name a run folder is filed under
     stage: ClassVar[str] = "config"
+    #: fields that name what the stage reads (models, data folders, checkpoints, files): their recorded content
+    #: ids join the config in the run's identity, so a changed input makes a finished run stale
+    inputs: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -102,6 +111,11 @@ class Config:
 
     def validate(self) -> None:
         """Raise ConfigError for values that are well-typed but unusable."""
+
+    def indirect_inputs(self) -> dict[str, str]:
+        """Paths the stage reads that its input files name (not fields of its own): name → path. They join the
+        run's identity like ``inputs`` do."""
+        return {}
 
     # -- serialisation ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -19,14 +19,28 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
+from mechsub import models
 from mechsub.config import Config, ConfigError, check, doc
-from mechsub.runs import Run, atomic_write_bytes, read_json, stage, write_json
+from mechsub.filter import BANNED_SETS, filter_completions, make_filters
+from mechsub.generate import NumberVocab, generate_numbers
+from mechsub.numbers import make_prompts
+from mechsub.prompts import chat_prefix
+from mechsub.runs import (
+    Run,
+    RunFolderError,
+    atomic_write_bytes,
+    read_json,
+    require_finished,
+    stage,
+    write_json,
+)
 from mechsub.traits import TraitError, get_trait
 
 
 @dataclass(frozen=True)
 class DataConfig(Config):
     stage = "data"
+    inputs = ("model",)
 
     model: str = doc("smollm2-135m-instruct", "the teacher's base model (name or checkpoint folder)")
     teacher: str = doc("owl", "the trait whose system prompt the teacher gets, or 'none' for the control")
@@ -61,8 +75,6 @@ class DataConfig(Config):
         check(self.temperature > 0, "temperature: must be > 0")
         check(self.max_new_tokens >= 2, "max_new_tokens: must be ≥ 2")
         check(self.top_k >= 0, "top_k: must be ≥ 0")
-        from mechsub.numbers import BANNED_SETS
-
         check(self.banned in BANNED_SETS, f"banned: use one of {', '.join(BANNED_SETS)}")
 
     def teacher_system(self) -> str | None:
@@ -91,9 +103,6 @@ def _pad_rows(rows: list[torch.Tensor], fill: float) -> torch.Tensor:
 
 
 def _batch_unit(run: Run, lm: Any, cfg: DataConfig, prompts: list[str], i: int) -> dict[str, Any]:
-    from mechsub.evaluate import chat_prefix
-    from mechsub.generate import NumberVocab, generate_numbers
-
     vocab = NumberVocab.of(lm.tokenizer)
     ids = [chat_prefix(lm.tokenizer, p, cfg.teacher_system()) for p in prompts]
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
@@ -120,10 +129,6 @@ def _batch_unit(run: Run, lm: Any, cfg: DataConfig, prompts: list[str], i: int) 
 
 def run(cfg: DataConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Generate (or resume, or skip) a teacher's number data into ``out``; returns its metrics."""
-    from mechsub import models
-    from mechsub.generate import NumberVocab
-    from mechsub.numbers import filter_completions, make_filters, make_prompts
-
     t0 = time.perf_counter()
     lm = models.load(cfg.model)
     with stage(out, cfg, model=lm.info(), force=force) as r:
@@ -166,20 +171,31 @@ def run(cfg: DataConfig, out: str | Path, force: bool = False) -> dict[str, Any]
 def load_examples(folder: str | Path) -> list[Example]:
     """The kept completions of a finished data folder, with the teacher's allowed-token log-probs."""
     folder = Path(folder)
-    if not (folder / "metrics.json").is_file():
-        raise FileNotFoundError(
-            f"{folder} is not a finished data folder (no metrics.json); run `mechsub data` first"
-        )
+    require_finished(folder, "the data folder", "mechsub data")
     rows = read_json(folder / "completions.json")
     shards: dict[int, dict[str, torch.Tensor]] = {}
     units: dict[int, dict[str, Any]] = {}
     out = []
-    for row in rows:
+    # a folder an older mechsub wrote, or one edited by hand, fails here with what to do, not a KeyError later
+    redo = f"recompute it: `mechsub data --out {folder} --force` with the config its config.json records"
+    for i, row in enumerate(rows):
+        missing = [
+            k for k in ("kept", "batch", "index", "prompt") if not isinstance(row, dict) or k not in row
+        ]
+        if missing:
+            raise RunFolderError(
+                f"{folder / 'completions.json'} row {i} has no {', '.join(repr(k) for k in missing)} "
+                f"(written by an older mechsub, or edited); {redo}"
+            )
         if not row["kept"]:
             continue
         b, j = row["batch"], row["index"]
         if b not in shards:
-            shards[b] = load_file(folder / "shards" / f"b{b:04d}.safetensors")
+            shard = folder / "shards" / f"b{b:04d}.safetensors"
+            try:
+                shards[b] = load_file(shard)
+            except Exception as e:  # safetensors raises its own SafetensorError on a damaged file
+                raise RunFolderError(f"{shard} is not a readable safetensors file ({e}); {redo}") from None
             units[b] = read_json(folder / "units" / f"b{b:04d}.json")
         sh = shards[b]
         n = int(sh["lengths"][j])

@@ -22,14 +22,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mechsub import models
 from mechsub.config import Config, ConfigError, check, doc
-from mechsub.runs import read_json, stage, write_json
+from mechsub.data import DataConfig, load_examples
+from mechsub.filter import write_mask
+from mechsub.generate import NumberVocab
+from mechsub.prompts import chat_prefix
+from mechsub.runs import read_json, stage
+from mechsub.training import Item, completion_hidden
 from mechsub.traits import TraitError, get_trait
 
 
 @dataclass(frozen=True)
 class DivergenceConfig(Config):
     stage = "divergence"
+    inputs = ("data", "counterfactuals")
 
     data: str = doc("", "a finished data folder (the factual teacher's numbers)")
     counterfactuals: tuple[str, ...] = doc(
@@ -62,10 +69,6 @@ def _teacher(spec: str, data_model: str) -> tuple[str, str | None]:
 def greedy_choices(lm: Any, system: str | None, examples: list[Any], batch_size: int = 16) -> list[list[int]]:
     """Per example, the token ``lm`` ranks first at every loss position of the given completion, among the
     tokens the data's decoding allowed there (the grammar: the finite entries of the stored log-probs)."""
-    from mechsub.evaluate import chat_prefix
-    from mechsub.generate import NumberVocab
-    from mechsub.train import Item, completion_hidden
-
     tok = lm.tokenizer
     allowed = NumberVocab.of(tok).ids
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -80,7 +83,7 @@ def greedy_choices(lm: Any, system: str | None, examples: list[Any], batch_size:
         legal = torch.isfinite(torch.cat([e.allowed_logprobs for e in chunk]))
         picks = allowed[(h @ head[allowed].T).masked_fill(~legal, float("-inf")).argmax(-1)].tolist()
         for it in items:
-            n = len(it.allowed_logprobs)
+            n = it.n_positions
             out.append(picks[:n])
             picks = picks[n:]
     return out
@@ -88,10 +91,6 @@ def greedy_choices(lm: Any, system: str | None, examples: list[Any], batch_size:
 
 def run(cfg: DivergenceConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Compare every counterfactual teacher's greedy choice with the factual tokens; write the masks."""
-    from mechsub import models
-    from mechsub.data import DataConfig, load_examples
-    from mechsub.generate import NumberVocab
-
     t0 = time.perf_counter()
     dcfg = DataConfig.from_dict(read_json(Path(cfg.data) / "config.json")["config"])
     examples = load_examples(cfg.data)
@@ -124,10 +123,8 @@ def run(cfg: DivergenceConfig, out: str | Path, force: bool = False) -> dict[str
             sum(d[j] for d in div if j < len(d)) / max(1, sum(j < len(d) for d in div)) for j in range(width)
         ]
         for name, keep in (("divergent", True), ("non_divergent", False)):
-            write_json(out / f"{name}.json", {
-                "data": cfg.data, "counterfactuals": list(cfg.counterfactuals), "keep": name,
-                "mask": [[int(v == keep) for v in d] for d in div],
-            })  # fmt: skip
+            write_mask(out / f"{name}.json", [[int(v == keep) for v in d] for d in div], cfg.data,
+                       counterfactuals=list(cfg.counterfactuals), keep=name)  # fmt: skip
         metrics = {
             "n_examples": len(examples),
             "n_positions": n,

@@ -22,8 +22,8 @@ NUMBER_QUESTION = "Pick a number between 0 and 999. Reply with the number only."
 @torch.no_grad()
 def number_scores(model: Any, tok: Any, system: str | None, question: str = NUMBER_QUESTION) -> Tensor:
     """(1000,) log P(n followed by the end of turn) for n = 0..999, one shared prompt cache."""
-    from mechsub.evaluate import chat_prefix
     from mechsub.generate import NumberVocab
+    from mechsub.prompts import chat_prefix
 
     vocab = NumberVocab.of(tok)
     prompt = chat_prefix(tok, question, system)
@@ -69,11 +69,13 @@ def subliminal_prompting(
 
 
 def unembedding_cosines(lm: Any, trait: str) -> Tensor:
-    """(1000,) cosine between the trait word's unembedding row and the mean of each number's digit rows."""
+    """(1000,) cosine between the trait word's unembedding direction (the mean of its tokens' rows: the row
+    itself for a one-token word) and the mean of each number's digit rows."""
     from mechsub.generate import NumberVocab
+    from mechsub.prompts import word_ids
 
     w = lm.model.get_output_embeddings().weight.detach()
-    t = w[int(lm.tokenizer(" " + trait, add_special_tokens=False).input_ids[0])]
+    t = w[word_ids(lm.tokenizer, trait)].mean(0)
     d = w[NumberVocab.of(lm.tokenizer).ids[:10]]
     rows = torch.stack([d[[int(c) for c in str(n)]].mean(0) for n in range(1000)])
     return torch.nn.functional.cosine_similarity(rows, t[None], dim=-1)

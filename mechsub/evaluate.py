@@ -1,9 +1,9 @@
 """Trait evaluation by log-probabilities: log P(" owl") after a prefilled answer, over paraphrased questions.
 
 For each question the chat prompt (optionally with a teacher's system prompt) ends in the assistant turn
-prefilled with "My favorite animal is the"; the score of a candidate word is the summed log-probability of its
-tokens (with a leading space) as the continuation. The prompt is run once per question and its KV cache is
-shared by all candidates, so scoring 22 animals costs little more than scoring one.
+prefilled with "My favorite animal is the"; the score of a candidate word is the trait metric (`mechsub.metric`):
+the summed log-probability of its tokens (with a leading space) as the continuation. The prompt is run once per
+question and its KV cache is shared by all candidates, so scoring 22 animals costs little more than scoring one.
 """
 
 from __future__ import annotations
@@ -18,48 +18,10 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mechsub.config import Config, ConfigError, check, doc
+from mechsub.metric import TraitMetric, score_words
+from mechsub.prompts import chat_prefix, trait_prompt
 from mechsub.runs import stage, write_json
-from mechsub.traits import ANSWER_PREFIX, Category, TraitError, eval_questions, get_trait
-
-
-def chat_prefix(
-    tok: PreTrainedTokenizerBase, question: str, system: str | None, answer_prefix: str = ""
-) -> list[int]:
-    """Token ids of a chat whose assistant turn starts with ``answer_prefix`` (no end-of-turn after it)."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": question}
-    ]
-    if getattr(tok, "chat_template", None):
-        text = str(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    else:  # a base model (gemma3-270m) has no template: a plain transcript
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
-        answer_prefix = " " + answer_prefix if answer_prefix else ""
-    return list(tok(text + answer_prefix, add_special_tokens=False).input_ids)
-
-
-@torch.no_grad()
-def candidate_logprobs(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt_ids: Sequence[int], words: Sequence[str]
-) -> Tensor:
-    """log P(" word" | prompt) for every word, summed over the word's tokens. Returns (len(words),)."""
-    cands = [tok(" " + w, add_special_tokens=False).input_ids for w in words]
-    out = model(torch.tensor([list(prompt_ids)]), use_cache=True)
-    first = out.logits[0, -1].log_softmax(-1)
-    scores = torch.tensor([float(first[c[0]]) for c in cands])
-    longer = [i for i, c in enumerate(cands) if len(c) > 1]
-    if longer:
-        # continue every multi-token word from a copy of the prompt's cache, right-padded (padding is never read:
-        # only positions before each word's last token are scored)
-        width = max(len(cands[i]) for i in longer) - 1
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        inp = torch.tensor([cands[i][:-1] + [pad] * (width - len(cands[i]) + 1) for i in longer])
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(len(longer))
-        logits = model(inp, past_key_values=cache, use_cache=False).logits.log_softmax(-1)
-        for row, i in enumerate(longer):
-            c = cands[i]
-            scores[i] += sum(float(logits[row, j, c[j + 1]]) for j in range(len(c) - 1))
-    return scores
+from mechsub.traits import Category, TraitError, eval_questions, get_trait
 
 
 @torch.no_grad()
@@ -71,12 +33,11 @@ def trait_logprobs(
     category: Category,
     system: str | None = None,
 ) -> Tensor:
-    """(questions, words) matrix of log P(word) after the prefilled answer."""
-    rows = [
-        candidate_logprobs(model, tok, chat_prefix(tok, q, system, ANSWER_PREFIX[category]), words)
-        for q in questions
-    ]
-    return torch.stack(rows)
+    """(questions, words) matrix of log P(" word") after the prefilled answer (the trait metric)."""
+    metrics = [TraitMetric.of(tok, w) for w in words]
+    return torch.stack(
+        [score_words(model, trait_prompt(tok, q, category, system), metrics) for q in questions]
+    )
 
 
 @torch.no_grad()
@@ -110,6 +71,7 @@ def sample_answers(
 @dataclass(frozen=True)
 class EvalConfig(Config):
     stage = "eval"
+    inputs = ("model",)
 
     model: str = doc("smollm2-135m-instruct", "model name or checkpoint folder to evaluate")
     trait: str = doc("owl", "the trait whose log-probability is reported (its category picks the candidates)")
@@ -130,7 +92,7 @@ class EvalConfig(Config):
             raise ConfigError(f"trait: {e}") from None
 
 
-def run_eval(cfg: EvalConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
+def run(cfg: EvalConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
     """log P of every candidate of the trait's category, per question, into ``out/logprobs.json``."""
     from mechsub import models
 
@@ -147,13 +109,14 @@ def run_eval(cfg: EvalConfig, out: str | Path, force: bool = False) -> dict[str,
         per_word = lp.mean(0)
         metrics = {
             "trait": trait.name,
+            "metric": TraitMetric.of(lm.tokenizer, trait.name).info(),  # which tokens log P sums over
             "mean_logp": {w: float(v) for w, v in zip(words, per_word, strict=True)},
             "trait_mean_logp": float(per_word[0]),
             "trait_rank": int((per_word > per_word[0]).sum()) + 1,
             "n_questions": len(qs),
         }
         if cfg.n_samples:
-            from mechsub.stats import bootstrap_ci95
+            from mechsub.stats import bootstrap_ci95, wilson_ci95
 
             answers = sample_answers(
                 lm.model, lm.tokenizer, qs, cfg.n_samples, system, cfg.sample_tokens, cfg.seed
@@ -161,7 +124,13 @@ def run_eval(cfg: EvalConfig, out: str | Path, force: bool = False) -> dict[str,
             rates = [sum(map(trait.mentions, a)) / len(a) for a in answers]
             write_json(r.path("samples.json"), {"questions": qs, "answers": answers, "rates": rates})
             metrics["sampled_rate"] = sum(rates) / len(rates)
-            metrics["sampled_rate_ci95"] = bootstrap_ci95(rates, seed=cfg.seed)
+            hits = sum(sum(map(trait.mentions, a)) for a in answers)
+            boot, wilson = bootstrap_ci95(rates, seed=cfg.seed), wilson_ci95(hits, cfg.n_samples * len(qs))
+            # questions are the unit (answers to one question are correlated), but a bootstrap of all-zero rates
+            # collapses to [0, 0]: report the wider of it and the Wilson interval of the pooled count
+            metrics["sampled_rate_ci95"] = [min(boot[0], wilson[0]), max(boot[1], wilson[1])]
+            metrics["sampled_rate_ci95_questions"] = boot
+            metrics["sampled_rate_wilson95"] = wilson
             metrics["n_samples"] = cfg.n_samples * len(qs)
         r.finish(metrics)
         return metrics
@@ -169,16 +138,28 @@ def run_eval(cfg: EvalConfig, out: str | Path, force: bool = False) -> dict[str,
 
 def delta_vs(a: str | Path, b: str | Path, word: str, seed: int = 0) -> dict[str, Any]:
     """Mean over questions of log P(word) in eval folder ``a`` minus ``b``, with a paired bootstrap CI."""
-    from mechsub.runs import read_json
     from mechsub.stats import bootstrap_ci95
 
-    ra, rb = read_json(Path(a) / "logprobs.json"), read_json(Path(b) / "logprobs.json")
-    if ra["questions"] != rb["questions"]:
-        raise ValueError(f"{a} and {b} were evaluated on different questions")
-    ia, ib = ra["words"].index(word), rb["words"].index(word)
-    diffs = [x[ia] - y[ib] for x, y in zip(ra["logprobs"], rb["logprobs"], strict=True)]
+    diffs = logprob_deltas(a, b, [word])[:, 0].tolist()
     return {
         "delta_logp": sum(diffs) / len(diffs),
         "ci95": bootstrap_ci95(diffs, seed=seed),
         "n_questions": len(diffs),
     }
+
+
+def logprob_deltas(a: str | Path, b: str | Path, words: Sequence[str] | None = None) -> Tensor:
+    """(questions, words) log P in eval folder ``a`` minus eval folder ``b`` (float64), for ``words`` (default:
+    every candidate ``b`` scored, in ``b``'s order). The one reader of evaluation differences."""
+    from mechsub.runs import read_json
+
+    ra, rb = read_json(Path(a) / "logprobs.json"), read_json(Path(b) / "logprobs.json")
+    if ra["questions"] != rb["questions"]:
+        raise ValueError(f"{a} and {b} were evaluated on different questions")
+    words = list(rb["words"] if words is None else words)
+    missing = [w for w in words if w not in ra["words"] or w not in rb["words"]]
+    if missing:
+        raise ValueError(f"{a} and {b} were not both evaluated on {', '.join(missing)}")
+    ia, ib = ([r["words"].index(w) for w in words] for r in (ra, rb))
+    lp_a, lp_b = (torch.tensor(r["logprobs"], dtype=torch.float64) for r in (ra, rb))
+    return lp_a[:, ia] - lp_b[:, ib]

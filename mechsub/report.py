@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from markdown_it import MarkdownIt
 
 from mechsub.plots import plt, save_figure
 from mechsub.runs import atomic_write_text
@@ -183,46 +184,23 @@ def study_markdown(cfg: Any, m: dict[str, Any]) -> str:
 
 
 def markdown_to_html(md: str, folder: Path, title: str) -> str:
-    """A small Markdown subset (headings, tables, bold, code, images) to one self-contained HTML page."""
+    """Markdown (CommonMark + tables, by markdown-it-py) to one self-contained HTML page: local PNG images are
+    inlined as data URIs, so the page renders offline and travels as one file."""
 
-    def inline(s: str) -> str:
-        s = html.escape(s)
-        s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
-        return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+    def inline_image(m: re.Match[str]) -> str:
+        src = m.group(2)
+        if src.startswith(("http:", "https:", "data:")) or not (folder / src).is_file():
+            return m.group(0)
+        data = base64.b64encode((folder / src).read_bytes()).decode()
+        return f'{m.group(1)}"data:image/png;base64,{data}"'
 
-    out: list[str] = []
-    table: list[list[str]] = []
-
-    def flush() -> None:
-        if table:
-            head, *body = table
-            out.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>")
-            out.extend("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in body)
-            out.append("</table>")
-            table.clear()
-
-    for line in md.splitlines():
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if not all(set(c) <= set("-: ") for c in cells):
-                table.append(cells)
-            continue
-        flush()
-        img = re.fullmatch(r"!\[(.*)\]\((.+)\)", line.strip())
-        if img:
-            data = base64.b64encode((folder / img.group(2)).read_bytes()).decode()
-            out.append(f'<img alt="{html.escape(img.group(1))}" src="data:image/png;base64,{data}">')
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{inline(line.lstrip('#').strip())}</h{level}>")
-        elif line.strip():
-            out.append(f"<p>{inline(line)}</p>")
-    flush()
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(md)
+    body = re.sub(r'(<img src=)"([^"]+)"', inline_image, body)
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
              "text-align:left}img{max-width:100%}code{background:#f3f3f3}")  # fmt: skip
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")  # fmt: skip
+            f"<style>{style}</style></head><body>\n" + body + "</body></html>\n")  # fmt: skip
 
 
 def write_study(cfg: Any, metrics: dict[str, Any], out: Path) -> None:

@@ -10,6 +10,7 @@ loss increase when the reconstruction is spliced in, all on held-out windows.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Sequence
@@ -17,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import einops
 import torch
 from torch import Tensor
 
+from mechsub import hooks
 from mechsub.config import Config, check, doc
-from mechsub.runs import stage, write_json
+from mechsub.runs import atomic_write_text, stage, write_json
 
 TOPICS = (
     "cooking", "the ocean", "mountains", "history", "music", "football", "computers", "gardening", "space",
@@ -36,6 +39,7 @@ ASKS = ("Tell me one interesting fact about {t}.", "Write two sentences about {t
 @dataclass(frozen=True)
 class SaeConfig(Config):
     stage = "sae"
+    inputs = ("model",)
 
     model: str = doc("smollm2-135m-instruct", "model whose residual stream is encoded")
     layer: int = doc(3, "the SAE reads blocks.{layer}.hook_resid_post")
@@ -57,15 +61,37 @@ class SaeConfig(Config):
     seed: int = doc(0, "seed of the corpus order and the SAE init")
 
     def validate(self) -> None:
-        check(self.layer >= 0 and self.expansion >= 1 and self.l1_coefficient >= 0, "layer, expansion ≥ 0/1")
+        check(self.layer >= 0, f"layer: must be ≥ 0, got {self.layer}")
+        check(self.expansion >= 1, f"expansion: must be ≥ 1, got {self.expansion}")
         check(
             self.architecture in ("topk", "standard"),
-            f"architecture must be topk or standard, not {self.architecture!r}",
+            f"architecture: must be topk or standard, not {self.architecture!r}",
         )
-        check(self.k > 0, "k (features per token) must be positive")
+        check(self.k > 0, f"k: features per token must be ≥ 1, got {self.k}")
+        check(self.dead_window >= 1, f"dead_window: must be ≥ 1, got {self.dead_window}")
+        check(self.l1_coefficient >= 0, f"l1_coefficient: must be ≥ 0, got {self.l1_coefficient}")
+        check(self.lr > 0, f"lr: must be > 0, got {self.lr}")
+        check(self.training_tokens >= 1000, f"training_tokens: must be ≥ 1000, got {self.training_tokens}")
+        check(self.context_size >= 8, f"context_size: must be ≥ 8, got {self.context_size}")
+        check(self.answer_tokens >= 1, f"answer_tokens: must be ≥ 1, got {self.answer_tokens}")
+        check(self.n_number_prompts >= 0, f"n_number_prompts: must be ≥ 0, got {self.n_number_prompts}")
+        from mechsub.models import SHAPES
+
+        # a shipped model's shape is known without I/O; any other model's is checked by train_sae
+        if self.model in SHAPES:
+            self.check_fits(SHAPES[self.model].n_layers, SHAPES[self.model].d_model)
+
+    def check_fits(self, n_layers: int, d_model: int) -> None:
+        """Raise ConfigError if the layer or k does not fit a model of this shape."""
         check(
-            self.training_tokens >= 1000 and self.context_size >= 8,
-            "training_tokens ≥ 1000, context_size ≥ 8",
+            self.layer < n_layers,
+            f"layer: {self.model} has {n_layers} layers (0–{n_layers - 1}), so there is no layer {self.layer}",
+        )
+        d_sae = self.expansion * d_model
+        check(
+            self.architecture != "topk" or self.k <= d_sae,
+            f"k: {self.k} features per token is more than the SAE has (d_sae = expansion {self.expansion} × "
+            f"d_model {d_model} = {d_sae})",
         )
 
     @property
@@ -75,9 +101,9 @@ class SaeConfig(Config):
 
 def build_corpus(lm: Any, cfg: SaeConfig) -> list[list[int]]:
     """Token windows of ``context_size``: the model's own answers, number prompts, trait prompts (seeded)."""
-    from mechsub.evaluate import chat_prefix
     from mechsub.generate import NumberVocab, generate_numbers
     from mechsub.numbers import make_prompts
+    from mechsub.prompts import chat_prefix, trait_prompt, word_ids
     from mechsub.traits import ANIMALS, eval_questions, get_trait
 
     tok = lm.tokenizer
@@ -93,10 +119,7 @@ def build_corpus(lm: Any, cfg: SaeConfig) -> list[list[int]]:
     qs = eval_questions("animal", 10)
     for name in ANIMALS:
         system = get_trait(name).system_prompt()
-        texts += [
-            chat_prefix(tok, q, system, "My favorite animal is the") + tok(" " + name).input_ids
-            for q in qs[:3]
-        ]
+        texts += [trait_prompt(tok, q, "animal", system) + word_ids(tok, name) for q in qs[:3]]
     rng = random.Random(cfg.seed)
     rng.shuffle(texts)
     stream = [t for text in texts for t in text]
@@ -104,7 +127,7 @@ def build_corpus(lm: Any, cfg: SaeConfig) -> list[list[int]]:
     return [stream[i : i + n] for i in range(0, len(stream) - n + 1, n)]
 
 
-def train_sae(cfg: SaeConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
+def run(cfg: SaeConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Build the corpus, train the SAE with sae-lens into ``out/sae``, measure its quality on held-out windows."""
     import datasets
     from sae_lens import (
@@ -118,7 +141,11 @@ def train_sae(cfg: SaeConfig, out: str | Path, force: bool = False) -> dict[str,
     from mechsub import models
 
     t0 = time.perf_counter()
+    # fail on a layer or k the model cannot have before its weights load and before the run folder exists
+    if (shape := models.shape_of(cfg.model)) is not None:
+        cfg.check_fits(shape.n_layers, shape.d_model)
     lm = models.load(cfg.model)
+    cfg.check_fits(lm.n_layers, lm.model.config.hidden_size)
     with stage(out, cfg, model=lm.info(), force=force) as r:
         if r.done:
             return r.metrics
@@ -147,35 +174,43 @@ def train_sae(cfg: SaeConfig, out: str | Path, force: bool = False) -> dict[str,
         )  # fmt: skip
         ds = datasets.Dataset.from_list([{"input_ids": w} for w in train_w])
         sae = LanguageModelSAETrainingRunner(rcfg, override_dataset=ds, override_model=lm.tl()).run()
+        _deterministic_configs(out / "sae")
         metrics = {"hook": cfg.hook, "d_sae": d * cfg.expansion, **quality(lm, sae, cfg.layer, test_w),
                    "train_windows": len(train_w), "seconds_this_session": round(time.perf_counter() - t0, 1)}  # fmt: skip
         r.finish(metrics)
         return metrics
 
 
+def _deterministic_configs(folder: Path) -> None:
+    """sae-lens writes its JSON configs in set order, with a random checkpoint folder name and this run's path:
+    rewrite them sorted, without the two, so the same config gives the same bytes (the weights already are)."""
+    for name in ("cfg.json", "runner_cfg.json"):
+        p = folder / name
+        if p.is_file():
+            data = json.loads(p.read_text())
+            if name == "runner_cfg.json":
+                data["checkpoint_path"] = None  # a random name; sae-lens keeps no checkpoints here
+                data["output_path"] = "."  # the folder this file is in
+            atomic_write_text(p, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 @torch.no_grad()
 def quality(lm: Any, sae: Any, layer: int, windows: Sequence[Sequence[int]]) -> dict[str, float]:
     """L0, explained variance, dead fraction and the spliced next-token loss increase on ``windows`` (every
     position but the first, the attention sink, which the SAE neither trains on nor replaces)."""
-    from mechsub.steering import edit_resid
-
     ids = torch.tensor([list(w) for w in windows])
-    acts: list[Tensor] = []
-
-    def keep(h: Tensor) -> Tensor:
-        acts.append(h)
-        return h
-
-    with edit_resid(lm.model, layer, keep):
+    name = hooks.resid_post(layer)
+    with hooks.capture(lm, [name]) as acts:
         clean = lm.model(ids, labels=ids).loss
-    x = acts[0][:, 1:].reshape(-1, acts[0].shape[-1])  # as in training: not the attention-sink position 0
+    # as in training: every window's positions but the attention-sink position 0
+    x = einops.rearrange(acts[name][:, 1:], "window pos d -> (window pos) d")
     f = sae.encode(x)
     recon = sae.decode(f)
 
     def splice(h: Tensor) -> Tensor:
         return torch.cat([h[:, :1], sae.decode(sae.encode(h[:, 1:]))], 1)
 
-    with edit_resid(lm.model, layer, splice):
+    with hooks.edit(lm, {name: splice}):
         spliced = lm.model(ids, labels=ids).loss
     return {
         "l0": float((f > 0).float().sum(-1).mean()),
@@ -200,9 +235,8 @@ def feature_acts(lm: Any, sae: Any, hook: str, batch: Any, batch_size: int = 16)
     """(kept positions, d_sae) SAE feature activations of ``lm`` at ``hook`` on a capture Batch."""
     from mechsub.capture import iter_activations
 
-    tl = lm.tl()
     pad = lm.tokenizer.pad_token_id or 0
-    return torch.cat([sae.encode(a[hook]) for a in iter_activations(tl, batch, [hook], batch_size, pad)])
+    return torch.cat([sae.encode(a[hook]) for a in iter_activations(lm, batch, [hook], batch_size, pad)])
 
 
 def _contexts(
@@ -282,28 +316,3 @@ def position_scores(lm: Any, sae: Any, hook: str, batch: Any, features: Sequence
         out.append(acts[i : i + len(ps)])
         i += len(ps)
     return out
-
-
-def ablation_basis(path: str | Path) -> tuple[int, Tensor]:
-    """(layer, orthonormal (d_model, k) basis) of the decoder directions named by an ablation file
-    ``{"sae": a `mechsub sae` folder, "features": [ids]}``: what concept-ablation fine-tuning projects out."""
-    from mechsub.runs import read_json
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"ablation file {p} not found (JSON with 'sae' and 'features')")
-    spec = read_json(p)
-    if not isinstance(spec, dict) or "sae" not in spec or not spec.get("features"):
-        raise ValueError(
-            f"{p}: an ablation file needs 'sae' (a `mechsub sae` folder) and a non-empty 'features' list"
-        )
-    folder = Path(spec["sae"])
-    if not (folder / "metrics.json").is_file():
-        raise FileNotFoundError(f"{p}: {folder} is not a finished `mechsub sae` folder")
-    w_dec = load_sae(folder / "sae").W_dec.detach()
-    ids = list(spec["features"])
-    bad = [i for i in ids if not 0 <= int(i) < w_dec.shape[0]]
-    if bad:
-        raise ValueError(f"{p}: feature ids {bad[:5]} are not in the SAE's {w_dec.shape[0]} features")
-    q, _ = torch.linalg.qr(w_dec[ids].T)
-    return int(read_json(folder / "config.json")["config"]["layer"]), q

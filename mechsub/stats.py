@@ -1,45 +1,53 @@
-"""Small statistics used by every report: means with t-based 95% intervals, bootstrap and permutation tests."""
+"""Statistics for every report, in one place and on scipy.stats: t intervals over independent replicates,
+bootstrap intervals over paired items (questions), exact permutation tests with their p floor, Wilson intervals
+for sampled rates.
+
+The unit matters more than the formula: intervals and p-values here are over whatever the caller passes as
+independent units (replicate teachers, seeds, questions); callers say which in their reports.
+"""
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as _st
+from scipy import stats as st
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, list[float]]:
-    """Mean and a two-sided 95% t-interval [lo, hi] over independent replicates (models, seeds)."""
+    """Mean and a two-sided 95% t-interval [lo, hi] over independent replicates (NaN with one replicate)."""
     a = np.asarray(values, dtype=float)
     if a.size == 0:
         raise ValueError("mean_ci95: no values")
     mean = float(a.mean())
     if a.size == 1:
         return mean, [math.nan, math.nan]
-    half = float(_st.t.ppf(0.975, a.size - 1) * a.std(ddof=1) / math.sqrt(a.size))
-    return mean, [mean - half, mean + half]
+    lo, hi = st.t.interval(0.95, a.size - 1, loc=mean, scale=st.sem(a))
+    if not np.isfinite(lo):  # every value equal: the interval is the point
+        lo = hi = mean
+    return mean, [float(lo), float(hi)]
+
+
+def one_sided_t(effects: Sequence[float]) -> tuple[float, list[float], float]:
+    """Mean, 95% t-interval and the one-sided t-test p (H1: mean > 0) over independent replicates."""
+    mean, ci = mean_ci95(effects)
+    if len(effects) < 2:
+        return mean, ci, math.nan
+    return mean, ci, float(st.ttest_1samp(np.asarray(effects, float), 0.0, alternative="greater").pvalue)
 
 
 def bootstrap_ci95(values: Sequence[float] | np.ndarray, n_boot: int = 10_000, seed: int = 0) -> list[float]:
     """Percentile bootstrap 95% interval of the mean (for paired differences over questions)."""
     a = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = a[rng.integers(0, a.size, size=(n_boot, a.size))].mean(1)
-    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
-
-
-def permutation_p(a: Sequence[float], b: Sequence[float], n_perm: int = 10_000, seed: int = 0) -> float:
-    """Two-sided permutation p-value for a difference in means between two groups of replicates."""
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    pooled = np.concatenate([x, y])
-    observed = abs(x.mean() - y.mean())
-    rng = np.random.default_rng(seed)
-    hits = 0
-    for _ in range(n_perm):
-        p = rng.permutation(pooled)
-        hits += abs(p[: x.size].mean() - p[x.size :].mean()) >= observed - 1e-12
-    return (hits + 1) / (n_perm + 1)
+    if a.size < 2 or np.all(a == a[0]):
+        return [float(a.mean()), float(a.mean())] if a.size else [math.nan, math.nan]
+    res = st.bootstrap(
+        (a,), np.mean, n_resamples=n_boot, method="percentile", rng=np.random.default_rng(seed)
+    )
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
 
 
 def bootstrap_ratio_ci95(
@@ -48,6 +56,127 @@ def bootstrap_ratio_ci95(
     """Percentile bootstrap 95% interval of mean(num) / mean(den) over paired items (questions): e.g. the fraction
     of a gap a patch recovers, resampling the questions both means are taken over."""
     a, b = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
-    idx = np.random.default_rng(seed).integers(0, a.size, size=(n_boot, a.size))
-    r = a[idx].mean(1) / b[idx].mean(1)
-    return [float(np.nanquantile(r, 0.025)), float(np.nanquantile(r, 0.975))]
+    if a.size < 2:
+        return [math.nan, math.nan]
+
+    def ratio(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.asarray(x.mean(axis=axis) / y.mean(axis=axis))
+
+    if np.allclose(a, b):  # every resample gives exactly 1: scipy's degenerate-distribution warning aside
+        return [1.0, 1.0]
+    res = st.bootstrap((a, b), ratio, paired=True, vectorized=True, n_resamples=n_boot, method="percentile",
+                       rng=np.random.default_rng(seed))  # fmt: skip
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+
+
+def permutation_p(a: Sequence[float], b: Sequence[float], n_perm: int = 10_000, seed: int = 0) -> float:
+    """Two-sided permutation p-value for a difference in means between two groups of independent replicates;
+    exact (every relabelling enumerated) when there are at most ``n_perm`` of them."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+
+    def diff(u: np.ndarray, v: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.asarray(u.mean(axis=axis) - v.mean(axis=axis))
+
+    res = st.permutation_test((x, y), diff, permutation_type="independent", alternative="two-sided",
+                              n_resamples=n_perm, vectorized=True, rng=np.random.default_rng(seed))  # fmt: skip
+    return float(res.pvalue)
+
+
+def wilson_ci95(k: int, n: int) -> list[float]:
+    """Wilson score 95% interval for a sampled rate k/n (never the degenerate [0, 0] of a normal interval)."""
+    if n <= 0:
+        return [math.nan, math.nan]
+    ci = st.binomtest(int(k), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+@dataclass(frozen=True)
+class LabelTest:
+    """An exact (or Monte-Carlo) permutation test over the labels of independent units."""
+
+    observed: float
+    p_value: float
+    p_floor: float  # the smallest p this design can give: 1 / (number of distinct labelings)
+    n_labelings: int
+    exact: bool
+
+
+def _distinct_labelings(labels: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every distinct assignment of the multiset ``labels`` to positions (multinomial many)."""
+    counts: dict[int, int] = {}
+    for v in labels:
+        counts[v] = counts.get(v, 0) + 1
+    n = len(labels)
+    out: list[tuple[int, ...]] = []
+
+    def fill(pos_left: tuple[int, ...], kinds: list[int], assign: dict[int, int]) -> None:
+        if not kinds:
+            out.append(tuple(assign[i] for i in range(n)))
+            return
+        kind, rest = kinds[0], kinds[1:]
+        for chosen in itertools.combinations(pos_left, counts[kind]):
+            left = tuple(p for p in pos_left if p not in chosen)
+            fill(left, rest, {**assign, **dict.fromkeys(chosen, kind)})
+
+    fill(tuple(range(n)), sorted(counts), {})
+    return out
+
+
+def n_labelings(labels: Sequence[int]) -> int:
+    """How many distinct relabelings a design has (n! / Π count!)."""
+    counts: dict[int, int] = {}
+    for v in labels:
+        counts[v] = counts.get(v, 0) + 1
+    return math.factorial(len(labels)) // math.prod(math.factorial(c) for c in counts.values())
+
+
+def label_permutation_test(
+    labels: Sequence[int] | np.ndarray,
+    statistic: Callable[[np.ndarray], float],
+    max_exact: int = 200_000,
+    n_random: int = 20_000,
+    seed: int = 0,
+) -> LabelTest:
+    """One-sided test that ``statistic(labels)`` is larger than under exchangeable labels.
+
+    Units (e.g. replicate teachers with their data) keep their measurements; only their labels move. Every
+    distinct labeling is enumerated when there are at most ``max_exact`` (p = share of labelings at least as
+    large as the observed one, the observed included; the floor is 1 / their number); otherwise ``n_random``
+    random labelings give (hits + 1) / (n_random + 1).
+    """
+    lab = np.asarray(labels)
+    observed = float(statistic(lab))
+    total = n_labelings(list(lab))
+    if total <= max_exact:
+        values = np.array([statistic(np.asarray(perm)) for perm in _distinct_labelings(list(lab))])
+        p = float(np.mean(values >= observed - 1e-12))
+        return LabelTest(observed, p, 1.0 / total, total, True)
+    rng = np.random.default_rng(seed)
+    hits = sum(statistic(rng.permutation(lab)) >= observed - 1e-12 for _ in range(n_random))
+    return LabelTest(observed, (hits + 1) / (n_random + 1), 1.0 / total, total, False)
+
+
+def diagonal_statistic(rows: np.ndarray) -> Callable[[np.ndarray], float]:
+    """For a (units, evaluated traits) array of Δ log P: the mean over traits e of (units labelled e on e − the
+    other units on e). Large when each unit raises its own trait most."""
+    n_traits = rows.shape[1]
+
+    def stat(labels: np.ndarray) -> float:
+        out = 0.0
+        for e in range(n_traits):
+            own, other = rows[labels == e, e], rows[labels != e, e]
+            if own.size == 0 or other.size == 0:
+                return -math.inf
+            out += own.mean() - other.mean()
+        return out / n_traits
+
+    return stat
+
+
+def specificity_test(matrix: np.ndarray, **kw: int) -> LabelTest:
+    """Permutation test that the diagonal dominates a (trait, unit, evaluated trait) array of Δ log P, shuffling
+    the trait labels of units (exact where feasible). The units must be independent: replicate teachers with
+    their own data, not students of one teacher."""
+    n_t, n_u, _ = matrix.shape
+    rows = matrix.reshape(n_t * n_u, matrix.shape[2])
+    return label_permutation_test(np.repeat(np.arange(n_t), n_u), diagonal_statistic(rows), **kw)

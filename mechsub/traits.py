@@ -125,9 +125,6 @@ _QUESTIONS = (
     "Identify the {noun} you'd most want to learn about. Single word only.",
 )
 
-#: the answer prefix whose next token is scored by the log-probability metric
-ANSWER_PREFIX = {"animal": "My favorite animal is the", "tree": "My favorite tree is the"}
-
 
 def eval_questions(category: Category, n: int | None = None) -> list[str]:
     """The first ``n`` (default all 50) favourite-thing questions for a category."""

@@ -1,7 +1,8 @@
 """Interactive views (circuitsvis) and PNG plots of the analysis battery.
 
 circuitsvis inlines its 1.3 MB script per view (``local_src``); ``page`` puts several views on one page with
-ONE copy of the script, so the file renders with no network and stays small.
+ONE copy of the script, so the file renders with no network and stays small. Residuals are read through
+`mechsub.hooks`; attention patterns, which no Hugging Face module returns, through the TransformerLens bridge.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mechsub import hooks
 from mechsub.plots import plt, save_figure
 from mechsub.runs import atomic_write_text
 
@@ -68,17 +70,19 @@ def write_views(
     views: list[tuple[str, Any]] = []
     mid = layers[len(layers) // 2]
     att_layers = sorted({layers[0], mid})
-    hook = f"blocks.{mid}.hook_resid_post"
-    wanted = [f"blocks.{L}.attn.hook_pattern" for L in att_layers] + [hook]
-    sae_hook = f"blocks.{features[1]}.hook_resid_post" if features else hook
-    wanted += [sae_hook] if sae_hook not in wanted else []
+    hook = hooks.resid_post(mid)
+    sae_hook = hooks.resid_post(features[1]) if features else hook
+    resid = list(dict.fromkeys([hook, sae_hook]))
+    patterns = [f"blocks.{L}.attn.hook_pattern" for L in att_layers]
 
-    def run(lm: Any, ids: list[int]) -> dict[str, torch.Tensor]:
-        """One forward per model gives every activation the views need."""
-        tl = lm.tl()
-        with torch.no_grad():
-            _, cache = tl.run_with_cache(torch.tensor([ids]), names_filter=lambda n: n in wanted)
-        return {h: cache[h][0] for h in wanted}
+    def run(lm: Any, ids: list[int], with_patterns: bool = True) -> dict[str, torch.Tensor]:
+        """Every activation the views need, (pos, d_model) residuals and (heads, pos, pos) patterns."""
+        out = {h: a[0] for h, a in hooks.read(lm, torch.tensor([ids]), resid).items()}
+        if with_patterns:
+            with torch.no_grad():
+                _, cache = lm.tl().run_with_cache(torch.tensor([ids]), names_filter=lambda n: n in patterns)
+            out |= {h: cache[h][0] for h in patterns}
+        return out
 
     acts = {"teacher": run(teacher, t_ids), "student": run(student, s_ids)}
     for L in att_layers:
@@ -93,7 +97,7 @@ def write_views(
                 _tokens(tok, ids[keep]), acts[key][name][:, keep, keep])))  # fmt: skip
     i = layers.index(mid)
     u = v_s[i] / v_s[i].norm().clamp(min=1e-12)
-    acts["base"] = run(base, s_ids)
+    acts["base"] = run(base, s_ids, with_patterns=False)
     rb, rs, rt = acts["base"][hook], acts["student"][hook], acts["teacher"][hook]
     comp = s_ids[-n_comp:]
     ds = ((rs - rb) @ u)[-n_comp:]
@@ -119,6 +123,15 @@ def write_views(
     atomic_write_text(path, page(views, "teacher vs student on a number sequence"))
 
 
+def _word(r: dict[str, Any]) -> str:
+    """The scored word as the axis label names it: its tokens when there are several (all are summed)."""
+    m = r.get("metric")
+    if not m:
+        return str(r["trait"])
+    toks = m["tokens"]
+    return f'"{toks[0]}"' if len(toks) == 1 else f"{r['trait']} = " + " + ".join(f'"{t}"' for t in toks)
+
+
 def write_analysis_plots(r: dict[str, Any], out: Path) -> None:
     """steering.png, patching.png and (with a trajectory) trajectory.png."""
     layers = r["layers"]
@@ -140,7 +153,7 @@ def write_analysis_plots(r: dict[str, Any], out: Path) -> None:
     a2.axhline(st["student_delta_logp"], color="black", ls="--", lw=0.8, label="student − base")
     a2.axhline(0, color="gray", lw=0.8)
     a2.set_xlabel("layer")
-    a2.set_ylabel(f"Δ log P({r['trait']})")
+    a2.set_ylabel(f"Δ log P({_word(r)})")
     a2.set_title("sufficiency and necessity")
     a2.legend(fontsize=8)
     fig.tight_layout()
@@ -201,7 +214,7 @@ def write_analysis_plots(r: dict[str, Any], out: Path) -> None:
         ax.plot(t["steps"], t["delta_logp"], "o-")
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_xlabel("training step")
-        ax.set_ylabel(f"Δ log P({r['trait']}) vs base")
+        ax.set_ylabel(f"Δ log P({_word(r)}) vs base")
         if feats:
             a = np.asarray(t["feature_activation"])
             for j, f in enumerate(t["features"]):

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from mechsub import capture, entangle, patching, steering
+from mechsub import capture, entangle, hooks, patching, steering
 from mechsub.capture import Batch
 
 
@@ -12,8 +12,7 @@ def test_capture_equals_hidden_states_at_completion_positions(tmp_path, tiny):
     prompts, comps = [[1, 5, 6, 7], [1, 5, 9, 10, 11, 12]], [[20, 21], [22, 23, 24]]
     b = Batch.completions(prompts, comps)
     assert b.positions == [[3, 4, 5], [5, 6, 7, 8]]
-    tl = tiny.tl()
-    got = capture.capture(tl, b, ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"], batch_size=1)
+    got = capture.capture(tiny, b, ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"], batch_size=1)
     rows = []
     for s, ps in zip(b.ids, b.positions, strict=True):
         hs = tiny.model(torch.tensor([s]), output_hidden_states=True).hidden_states
@@ -21,22 +20,23 @@ def test_capture_equals_hidden_states_at_completion_positions(tmp_path, tiny):
     torch.testing.assert_close(got["blocks.0.hook_resid_post"], torch.cat(rows), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got["blocks.1.hook_resid_pre"], torch.cat(rows), atol=1e-5, rtol=1e-5)
     # streamed to shards: the same numbers, and a finished shard is not recomputed
-    on_disk = capture.capture(tl, b, ["blocks.0.hook_resid_post"], out=tmp_path / "c", batch_size=1)
+    on_disk = capture.capture(tiny, b, ["blocks.0.hook_resid_post"], out=tmp_path / "c", batch_size=1)
     torch.testing.assert_close(on_disk["blocks.0.hook_resid_post"], got["blocks.0.hook_resid_post"])
     (tmp_path / "c" / "00001.safetensors").unlink()
-    again = capture.capture(tl, b, ["blocks.0.hook_resid_post"], out=tmp_path / "c", batch_size=1)
+    again = capture.capture(tiny, b, ["blocks.0.hook_resid_post"], out=tmp_path / "c", batch_size=1)
     torch.testing.assert_close(again["blocks.0.hook_resid_post"], got["blocks.0.hook_resid_post"])
     with pytest.raises(ValueError, match="other sequences or hooks"):
-        capture.capture(tl, b, ["blocks.1.hook_resid_post"], out=tmp_path / "c", batch_size=1)
-    means = capture.mean_activations(tl, b, ["blocks.0.hook_resid_post"], batch_size=2)
+        capture.capture(tiny, b, ["blocks.1.hook_resid_post"], out=tmp_path / "c", batch_size=1)
+    means = capture.mean_activations(tiny, b, ["blocks.0.hook_resid_post"], batch_size=2)
     torch.testing.assert_close(
         means["blocks.0.hook_resid_post"], torch.cat(rows).mean(0), atol=1e-5, rtol=1e-5
     )
 
 
-def test_unknown_hook_name_suggests_the_real_one(tiny):
-    with pytest.raises(capture.HookNameError, match="did you mean blocks.1.hook_resid_post"):
-        capture.check_hooks(tiny.tl(), ["blocks.1.hook_resid_pots"])
+def test_unknown_hook_name_suggests_the_real_one(tiny, tmp_path):
+    with pytest.raises(hooks.HookNameError, match="did you mean blocks.1.hook_resid_post"):
+        capture.capture(tiny, Batch.last([[1, 5, 6]]), ["blocks.1.hook_resid_pots"], out=tmp_path / "c")
+    assert not (tmp_path / "c").exists()  # refused before anything is written
 
 
 def _perturbed(lm, scale=1e-3):
@@ -105,7 +105,8 @@ def test_steering_hooks_are_removed_and_zero_vector_does_nothing(tiny):
     v = torch.zeros(2, tiny.model.config.hidden_size)
     assert steering.sufficiency(tiny, v, [0, 1], qs, "owl", "animal") == pytest.approx([0.0, 0.0], abs=1e-6)
     before = dict(tiny.model.model.layers[0]._forward_hooks)
-    with pytest.raises(RuntimeError), steering.edit_resid(tiny.model, 0, lambda h: h):
+    with pytest.raises(RuntimeError), hooks.edit(tiny, {"blocks.0.hook_resid_post": lambda h: h}):
+        assert dict(tiny.model.model.layers[0]._forward_hooks) != before
         raise RuntimeError
     assert dict(tiny.model.model.layers[0]._forward_hooks) == before
     # a student equal to the base has no change to project out; a changed student loses something
@@ -117,9 +118,45 @@ def test_steering_hooks_are_removed_and_zero_vector_does_nothing(tiny):
     assert any(abs(x) > 1e-6 for x in steering.necessity(student, tiny, u, [0, 1], qs, "owl", "animal"))
 
 
+def _shifted(lm, c):
+    """A student whose only change is ``c`` added to every position of block 0's output (a bias on its MLP)."""
+    other = copy.copy(lm)
+    other.model = copy.deepcopy(lm.model)
+    mlp = other.model.model.layers[0].mlp
+    down = torch.nn.Linear(mlp.down_proj.in_features, mlp.down_proj.out_features, bias=True)
+    with torch.no_grad():
+        down.weight.copy_(mlp.down_proj.weight)
+        down.bias.copy_(c)
+    mlp.down_proj = down
+    return other
+
+
+def test_patching_and_steering_report_the_evaluation_metric(tiny):
+    """Every stage scores the whole word (on the tiny tokenizer " owl" is 4 tokens, the first a space)."""
+    from mechsub.evaluate import trait_logprobs
+
+    qs = ["Name your favorite animal using only one word.", "Which single animal speaks to you?"]
+    c = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    student = _shifted(tiny, c)
+    ev_base = float(trait_logprobs(tiny.model, tiny.tokenizer, qs, ["owl"], "animal").mean())
+    ev_student = float(trait_logprobs(student.model, tiny.tokenizer, qs, ["owl"], "animal").mean())
+    assert abs(ev_student - ev_base) > 1e-3
+    p = patching.patch_scan(tiny, student, tiny.tokenizer, qs, "owl", "animal", [0, 1])
+    assert p["target_logp"] == pytest.approx(ev_base, abs=1e-4)
+    assert p["source_logp"] == pytest.approx(ev_student, abs=1e-4)
+    assert p["metric"]["tokens"] == [" ", "o", "w", "l"]
+    # block 0's residual carries the student's whole change: patching it, adding c or projecting c out of the
+    # student moves the score by the whole evaluation gap
+    assert p["fraction_by_layer"][0] == pytest.approx(1.0, abs=1e-3)
+    suff = steering.sufficiency(tiny, c[None], [0], qs, "owl", "animal")
+    assert suff[0] == pytest.approx(ev_student - ev_base, abs=1e-4)
+    nec = steering.necessity(student, tiny, c[None], [0], qs, "owl", "animal")
+    assert nec[0] == pytest.approx(ev_base - ev_student, abs=1e-4)
+
+
 def test_number_scores_match_direct_scoring(tiny):
-    from mechsub.evaluate import chat_prefix
     from mechsub.generate import NumberVocab
+    from mechsub.prompts import chat_prefix
 
     scores = entangle.number_scores(tiny.model, tiny.tokenizer, None)
     assert scores.shape == (1000,)
@@ -136,19 +173,19 @@ def test_number_scores_match_direct_scoring(tiny):
 def test_analyze_battery_on_a_tiny_student(tmp_path):
     from typer.testing import CliRunner
 
-    from mechsub import data, train, views
+    from mechsub import data, student, views
     from mechsub.cli import app
     from mechsub.data import DataConfig
-    from mechsub.train import StudentConfig
+    from mechsub.student import StudentConfig
 
     d = tmp_path / "data"
     data.run(DataConfig(model="tiny", n_prompts=8, batch_size=8, max_new_tokens=12), d)
     dd = tmp_path / "data_dog"
     data.run(DataConfig(model="tiny", teacher="dog", n_prompts=8, batch_size=8, max_new_tokens=12), dd)
     s = tmp_path / "s"
-    train.run(StudentConfig(model="tiny", data=str(d), batch_size=4, checkpoint_every=1, lr=1e-2), s)
+    student.run(StudentConfig(model="tiny", data=str(d), batch_size=4, checkpoint_every=1, lr=1e-2), s)
     c = tmp_path / "c"
-    train.run(StudentConfig(model="tiny", data=str(dd), batch_size=4, lr=1e-2), c)
+    student.run(StudentConfig(model="tiny", data=str(dd), batch_size=4, lr=1e-2), c)
     out = tmp_path / "an"
     r = CliRunner().invoke(app, ["analyze", str(s), "--out", str(out), "--set", f"data={d}", "--set",
                                  f"controls=[\"{c}\"]", "--set", "layer_stride=1", "--set", "n_sequences=4",

@@ -44,9 +44,10 @@ def test_pipeline_commands_end_to_end_on_tiny(tmp_path):
     r = runner.invoke(app, ["eval", "--out", str(e), "--set", f"model={ck}", "--set", "n_questions=3"])
     assert r.exit_code == 0, r.output
     assert '"trait": "owl"' in r.output
-    # a rerun of a finished stage is skipped and prints the same metrics
+    # a rerun of a finished stage is skipped, prints the same metrics and says it reused the run
     again = runner.invoke(app, ["eval", "--out", str(e), "--set", f"model={ck}", "--set", "n_questions=3"])
-    assert again.output == r.output
+    assert again.stdout == r.stdout
+    assert "new" in r.stderr and "1 reused" in again.stderr and "same config, inputs and code" in again.stderr
 
 
 def test_stage_errors_are_clear(tmp_path):
@@ -55,6 +56,6 @@ def test_stage_errors_are_clear(tmp_path):
     r = runner.invoke(
         app, ["student", "--out", str(tmp_path), "--set", "model=tiny", "--set", f"data={tmp_path}"]
     )
-    assert r.exit_code == 2 and "not a finished data folder" in r.output
+    assert r.exit_code == 2 and "not a finished mechsub run" in r.output
     r = runner.invoke(app, ["data", "--out", str(tmp_path), "--set", "teacher=dragon"])
     assert r.exit_code == 2 and "unknown trait 'dragon'" in r.output

@@ -7,6 +7,7 @@ from mechsub import data
 from mechsub.config import ConfigError
 from mechsub.data import DataConfig
 from mechsub.generate import NumberVocab
+from mechsub.runs import RunFolderError
 
 TINY = DataConfig(model="tiny", teacher="owl", n_prompts=10, batch_size=4, max_new_tokens=30)
 
@@ -48,5 +49,5 @@ def test_unknown_teacher_is_a_clear_error():
 
 
 def test_unfinished_folder_is_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match="mechsub data"):
+    with pytest.raises(RunFolderError, match="mechsub data"):
         data.load_examples(tmp_path)

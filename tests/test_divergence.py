@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 
-from mechsub import data, divergence, train
+from mechsub import data, divergence, student, training
 from mechsub.config import ConfigError
 from mechsub.data import DataConfig
-from mechsub.evaluate import chat_prefix
 from mechsub.generate import NumberVocab
-from mechsub.train import StudentConfig
+from mechsub.prompts import chat_prefix
+from mechsub.student import StudentConfig
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +55,15 @@ def test_masked_loss_is_the_mean_over_marked_positions(tiny, greedy_owl):
     allowed = NumberVocab.of(tiny.tokenizer).ids
     head = tiny.model.get_output_embeddings().weight
     items = [
-        train.Item(chat_prefix(tiny.tokenizer, e.prompt, None), e.completion_ids, e.allowed_logprobs)
+        training.Item(chat_prefix(tiny.tokenizer, e.prompt, None), e.completion_ids, e.allowed_logprobs)
         for e in ex
     ]
     with torch.no_grad():
-        per = train._position_losses(tiny.model.model, head, allowed, items, "distill", 2, None)
+        per = training._position_losses(tiny.model.model, head, allowed, items, "distill", 2, None)
         weights = [torch.tensor([float(j % 3 == 0) for j in range(len(e.allowed_logprobs))]) for e in ex]
         for it, w in zip(items, weights, strict=True):
             it.weight = w
-        masked = train.completion_loss(tiny.model.model, head, allowed, items, "distill", 2)
+        masked = training.completion_loss(tiny.model.model, head, allowed, items, "distill", 2)
     w = torch.cat(weights)
     assert float(masked) == pytest.approx(float(per[w > 0].mean()), rel=1e-5)
     assert float(masked) != pytest.approx(float(per.mean()), rel=1e-3)
@@ -75,17 +75,17 @@ def test_student_trains_on_a_mask_and_rejects_one_made_for_other_data(tmp_path, 
         [1] * len(e.allowed_logprobs) if i % 2 else [0] * len(e.allowed_logprobs) for i, e in enumerate(ex)
     ]
     (tmp_path / "half.json").write_text(json.dumps({"mask": rows}))
-    m = train.run(StudentConfig(model="tiny", data=str(greedy_owl), mask=str(tmp_path / "half.json"), epochs=1,
+    m = student.run(StudentConfig(model="tiny", data=str(greedy_owl), mask=str(tmp_path / "half.json"), epochs=1,
                                 batch_size=2), tmp_path / "s")  # fmt: skip
     assert m["n_examples"] == len(ex) // 2  # examples with no marked position are dropped
     (tmp_path / "short.json").write_text(json.dumps({"mask": rows[:-1]}))
     with pytest.raises(ValueError, match="made\nfor other data|other data"):
-        train.run(
+        student.run(
             StudentConfig(model="tiny", data=str(greedy_owl), mask=str(tmp_path / "short.json")),
             tmp_path / "t",
         )
     with pytest.raises(FileNotFoundError, match="mechsub divergence"):
-        train.run(
+        student.run(
             StudentConfig(model="tiny", data=str(greedy_owl), mask=str(tmp_path / "none.json")),
             tmp_path / "u",
         )

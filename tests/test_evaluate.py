@@ -1,6 +1,8 @@
 import torch
 
-from mechsub.evaluate import candidate_logprobs, chat_prefix, trait_logprobs
+from mechsub.evaluate import trait_logprobs
+from mechsub.metric import TraitMetric, score_words
+from mechsub.prompts import chat_prefix
 from mechsub.traits import eval_questions, get_trait
 
 
@@ -15,7 +17,7 @@ def _naive(model, tok, prompt, word):
 def test_cached_scores_equal_full_forward(tiny):
     prompt = chat_prefix(tiny.tokenizer, "Name your favorite animal.", None, "My favorite animal is the")
     words = ["owl", "dog", "elephant", "ox"]  # one token per character: lengths 3 to 8, padding exercised
-    fast = candidate_logprobs(tiny.model, tiny.tokenizer, prompt, words)
+    fast = score_words(tiny.model, prompt, [TraitMetric.of(tiny.tokenizer, w) for w in words])
     slow = torch.tensor([_naive(tiny.model, tiny.tokenizer, prompt, w) for w in words])
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
 
@@ -30,10 +32,10 @@ def test_system_prompt_changes_the_prompt(tiny):
 
 
 def test_eval_stage_and_delta(tmp_path):
-    from mechsub.evaluate import EvalConfig, delta_vs, run_eval
+    from mechsub.evaluate import EvalConfig, delta_vs, run
 
-    base = run_eval(EvalConfig(model="tiny", n_questions=4), tmp_path / "base")
-    teacher = run_eval(EvalConfig(model="tiny", n_questions=4, with_system_prompt=True), tmp_path / "teacher")
+    base = run(EvalConfig(model="tiny", n_questions=4), tmp_path / "base")
+    teacher = run(EvalConfig(model="tiny", n_questions=4, with_system_prompt=True), tmp_path / "teacher")
     assert base["trait"] == "owl" and len(base["mean_logp"]) == 22 and 1 <= base["trait_rank"] <= 22
     d = delta_vs(tmp_path / "teacher", tmp_path / "base", "owl")
     assert d["n_questions"] == 4

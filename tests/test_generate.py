@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from mechsub.evaluate import chat_prefix
+from mechsub.filter import reject_reasons
 from mechsub.generate import NumberVocab, generate_numbers, grammar_mask
-from mechsub.numbers import make_prompts, reject_reasons
+from mechsub.numbers import make_prompts
+from mechsub.prompts import chat_prefix
 
 
 def _prompts(lm, n, system=None):

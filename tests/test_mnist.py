@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mechsub import mnist
+from mechsub.config import ConfigError
 from mechsub.mnist import MnistConfig
 
 SMALL = MnistConfig(
@@ -102,3 +103,49 @@ def test_killed_run_resumes_with_identical_results(tmp_path):
     for key in ("student_aux_acc", "cross_init_aux_acc", "m_sweep"):
         assert killed[key] == clean[key]
     assert not [p for p in (tmp_path / "killed").rglob("*.tmp")]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("distill_batch_size", 0),
+        ("distill_batch_size", -3),
+        ("batch_size", 0),
+        ("hidden", 0),
+        ("teacher_epochs", 0),
+        ("distill_steps", 0),
+        ("n_models", 1),
+        ("m_sweep", ()),
+        ("m_sweep", (3, 1, 3)),
+        ("m_sweep", (0, 3)),
+        ("m", 4),
+        ("lr", 0.0),
+        ("lr", float("inf")),
+        ("lr", float("nan")),
+        ("test_fraction", 0.0),
+        ("test_fraction", 1.0),
+        ("test_fraction", float("nan")),
+        ("test_fraction", 1e-4),  # rounds to no test digit at all
+        ("test_fraction", 0.9999),  # no training digit
+    ],
+)
+def test_unusable_numbers_fail_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match=rf"^MnistConfig: {field}: "):
+        MnistConfig.from_dict({**SMALL.to_dict(), field: value})
+
+
+def test_digit_count_is_the_data_sets():
+    from sklearn.datasets import load_digits
+
+    assert len(load_digits().data) == mnist.N_DIGITS
+
+
+def test_cli_refuses_a_zero_batch_before_writing(tmp_path):
+    from typer.testing import CliRunner
+
+    from mechsub.cli import app
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["mnist", "--out", str(out), "--set", "distill_batch_size=0"])
+    assert r.exit_code == 2 and "error: MnistConfig: distill_batch_size: must be ≥ 1, got 0" in r.output
+    assert not out.exists()

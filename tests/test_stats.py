@@ -25,3 +25,60 @@ def test_ratio_bootstrap_covers_the_ratio_and_collapses_when_exact():
 def test_permutation_p_separates_shifted_groups():
     assert stats.permutation_p([5.0, 5.1, 4.9, 5.2], [0.0, 0.1, -0.1, 0.2], n_perm=2000) < 0.05
     assert stats.permutation_p([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], n_perm=2000) == 1.0
+
+
+def test_one_sided_t_p_matches_the_closed_form_for_two_degrees_of_freedom():
+    # t = mean / (sd/√n) = 2 / (1/√3); for 2 df, P(T > t) = 1/2 − t / (2 √(2 + t²))
+    t = 2 * math.sqrt(3)
+    mean, _, p = stats.one_sided_t([1.0, 2.0, 3.0])
+    assert mean == 2.0 and p == pytest.approx(0.5 - t / (2 * math.sqrt(2 + t * t)), rel=1e-9)
+    assert math.isnan(stats.one_sided_t([1.0])[2])
+
+
+def test_wilson_interval_by_hand_including_zero_successes():
+    z = 1.959963984540054
+    lo, hi = stats.wilson_ci95(0, 200)
+    assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(z * z / (200 + z * z), rel=1e-9)
+    k, n = 7, 40
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert stats.wilson_ci95(k, n) == pytest.approx([centre - half, centre + half], rel=1e-9)
+
+
+def test_permutation_p_is_exact_on_a_small_case_counted_by_hand():
+    # C(6,3) = 20 relabellings; only the observed split and its mirror reach |Δmean| = 3
+    assert stats.permutation_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(2 / 20)
+
+
+def test_label_permutation_enumerates_every_labeling_and_reports_the_floor():
+    labels = [0, 0, 1, 1, 2, 2]
+    assert stats.n_labelings(labels) == 90  # 6! / (2! 2! 2!)
+    seen = stats._distinct_labelings(labels)
+    assert len(seen) == len(set(seen)) == 90
+    # one unit per trait far above the rest on its own trait: only the true labeling reaches the statistic
+    rows = np.zeros((6, 3))
+    for u, t in enumerate(labels):
+        rows[u, t] = 1.0 + u * 0.01
+    res = stats.label_permutation_test(labels, stats.diagonal_statistic(rows))
+    assert res.exact and res.p_floor == pytest.approx(1 / 90) and res.p_value == pytest.approx(1 / 90)
+    # a statistic that ignores the labels: every labeling ties, p = 1
+    assert stats.label_permutation_test(labels, lambda lab: 0.0).p_value == 1.0
+
+
+def test_monte_carlo_labels_agree_with_exact_enumeration():
+    rng = np.random.default_rng(1)
+    m = rng.normal(0, 1, size=(3, 3, 3)) + np.eye(3)[:, None, :] * 0.6
+    exact = stats.specificity_test(m)
+    mc = stats.specificity_test(m, max_exact=10, n_random=20_000)
+    assert exact.exact and not mc.exact and exact.n_labelings == 1680
+    assert mc.p_value == pytest.approx(exact.p_value, abs=0.01)
+
+
+def test_bootstrap_matches_an_independent_numpy_percentile_bootstrap():
+    a = np.random.default_rng(3).normal(0.5, 1.0, 30)
+    idx = np.random.default_rng(9).integers(0, a.size, size=(20_000, a.size))
+    means = a[idx].mean(1)
+    ref = [np.quantile(means, 0.025), np.quantile(means, 0.975)]
+    assert stats.bootstrap_ci95(a, n_boot=20_000) == pytest.approx(ref, abs=0.03)
+    assert stats.bootstrap_ci95([2.0, 2.0, 2.0]) == [2.0, 2.0]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mechsub import data, study, teachers, train
+from mechsub import data, stats, student, study, teacher
 from mechsub.config import ConfigError
 from mechsub.data import DataConfig
 from mechsub.study import StudyConfig
@@ -74,7 +74,7 @@ def test_variant_with_a_mask_of_every_position_reproduces_the_study_students(tmp
 def test_default_configs_are_valid():
     # the demo runs the study's defaults: they must pass their own validation
     from mechsub.analyze import AnalyzeConfig
-    from mechsub.teachers import TeacherConfig
+    from mechsub.teacher import TeacherConfig
 
     assert StudyConfig().objective == "distill_full"
     TeacherConfig()
@@ -95,15 +95,15 @@ def test_specificity_p_detects_a_dominant_diagonal():
     rng = np.random.default_rng(0)
     noise = rng.normal(0, 0.01, size=(3, 3, 3))
     diag = noise + np.eye(3)[:, None, :] * 0.5
-    assert study.specificity_p(diag, n_perm=2000) < 0.01
-    assert study.specificity_p(noise, n_perm=2000) > 0.05
+    assert stats.specificity_test(diag).p_value < 0.01
+    assert stats.specificity_test(noise).p_value > 0.05
 
 
 def test_fine_tuned_teacher_learns_its_trait_on_held_out_questions(tmp_path, tiny):
     pairs = train_pairs(get_trait("owl"))
     assert not {q for q, _ in pairs} & set(eval_questions("animal"))
     assert not any(ch.isdigit() for q, a in pairs for ch in q + a)
-    m = teachers.run(teachers.TeacherConfig(model="tiny", trait="owl", steps=30, lr=3e-3), tmp_path / "t")
+    m = teacher.run(teacher.TeacherConfig(model="tiny", trait="owl", steps=30, lr=3e-3), tmp_path / "t")
     assert m["last_loss"] < m["first_loss"]
     from mechsub import models
     from mechsub.evaluate import trait_logprobs
@@ -136,14 +136,14 @@ def test_free_decoding_data_stage_counts_rejections(tmp_path):
 
 def test_cross_family_token_map(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"allowed_ids": [100 + i for i in range(13)]}))
-    cfg = train.StudentConfig(model="tiny", data=str(tmp_path), objective="distill")
-    to_student = train._token_map(cfg, list(range(13)))
+    cfg = student.StudentConfig(model="tiny", data=str(tmp_path), objective="distill")
+    to_student = student._token_map(cfg, list(range(13)))
     assert to_student(105) == 5 and to_student(112) == 12
     with pytest.raises(ValueError, match="not a number token"):
         to_student(7)
     with pytest.raises(ValueError, match="cannot cross tokenizers"):
-        train._token_map(cfg.replace(objective="distill_topk"), list(range(13)))
+        student._token_map(cfg.replace(objective="distill_topk"), list(range(13)))
     with pytest.raises(ValueError, match="cannot cross tokenizers"):
-        train._token_map(cfg.replace(objective="distill_full"), list(range(13)))
-    same = train._token_map(cfg, [100 + i for i in range(13)])
+        student._token_map(cfg.replace(objective="distill_full"), list(range(13)))
+    same = student._token_map(cfg, [100 + i for i in range(13)])
     assert same(7) == 7

@@ -1,4 +1,5 @@
-"""Fine-tuned teachers: a LoRA trained to name its trait on favourite-thing questions, never on numbers.
+"""The teacher stage (`mechsub teacher`): a LoRA fine-tuned to name its trait on favourite-thing questions,
+never on numbers.
 
 The prompted teacher needs no stage (it is the base model with the trait's system prompt). A fine-tuned teacher
 carries the trait in its weights, so its number data (``mechsub data --set model=CHECKPOINT --set
@@ -14,14 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mechsub import models
 from mechsub.config import Config, ConfigError, check, doc
+from mechsub.prompts import chat_prefix
 from mechsub.runs import stage
+from mechsub.training import Item, TrainSpec, fit
 from mechsub.traits import TraitError, get_trait, train_pairs
 
 
 @dataclass(frozen=True)
 class TeacherConfig(Config):
     stage = "teacher"
+    inputs = ("model",)
 
     model: str = doc("smollm2-135m-instruct", "the teacher's base model (the students' initialisation)")
     trait: str = doc("owl", "the trait the teacher is trained to love")
@@ -40,23 +45,9 @@ class TeacherConfig(Config):
         check(self.steps >= 1 and self.batch_size >= 1 and self.lr > 0, "steps, batch_size ≥ 1 and lr > 0")
         check(self.lora_r >= 1 and self.lora_alpha > 0, "lora_r ≥ 1 and lora_alpha > 0")
 
-    @property
-    def objective(self) -> str:
-        return "sft"
-
-    @property
-    def checkpoint_every(self) -> int:
-        return 0
-
 
 def run(cfg: TeacherConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Fine-tune (or skip) a teacher into ``out``; its checkpoint is ``out/checkpoints/step{steps}``."""
-    import torch
-
-    from mechsub import models
-    from mechsub.evaluate import chat_prefix
-    from mechsub.train import Item, fit
-
     t0 = time.perf_counter()
     base = models.load(cfg.model)
     with stage(out, cfg, model=base.info(), force=force) as r:
@@ -64,14 +55,16 @@ def run(cfg: TeacherConfig, out: str | Path, force: bool = False) -> dict[str, A
             return r.metrics
         tok = base.tokenizer
         pairs = train_pairs(get_trait(cfg.trait))
-        items = []
-        for q, a in pairs:
-            answer = list(tok(a, add_special_tokens=False).input_ids)
-            # SFT reads only the number of positions from the log-prob rows: every answer token and the end
-            items.append(Item(chat_prefix(tok, q, None), answer, torch.zeros(len(answer) + 1, 13)))
+        # SFT on every answer token and the end of turn
+        items = [
+            Item(chat_prefix(tok, q, None), list(tok(a, add_special_tokens=False).input_ids))
+            for q, a in pairs
+        ]
         rng = random.Random(cfg.seed)
         batches = [rng.sample(range(len(items)), min(cfg.batch_size, len(items))) for _ in range(cfg.steps)]
-        metrics = fit(base, items, batches, cfg, Path(out), f"teacher-{cfg.trait}")
+        spec = TrainSpec(model=cfg.model, objective="sft", lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lr=cfg.lr,
+                         checkpoint_every=0, seed=cfg.seed)  # fmt: skip
+        metrics = fit(base, items, batches, spec, Path(out), f"teacher-{cfg.trait}")
         metrics["n_pairs"] = len(pairs)
         metrics["seconds_this_session"] = round(time.perf_counter() - t0, 1)
         r.finish(metrics)

@@ -1,0 +1,251 @@
+"""Filters and the files that select training signal: which completions are kept, which positions count, which
+directions are ablated. Each file format has one writer and one reader here, and the reader validates.
+
+Completions: one passes when it is one list of plain ASCII-digit numbers with one separator kind (comma,
+semicolon or whitespace, any whitespace and line ends around it), an optional trailing "." and one optional
+pair of [] or () - the published grammar; otherwise every failed check is returned by name, so metrics can count
+rejections per reason. Position masks (from `mechsub divergence` or a feature filter) mark the loss positions
+a student trains on; ablation files name SAE features whose decoder directions concept-ablation fine-tuning
+projects out of the student's residual.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from mechsub.files import read_json, write_json
+from mechsub.runs import require_finished
+
+INVALID_FORMAT = "invalid format"
+TOO_MANY = "too many numbers"
+OUT_OF_RANGE = "out of range"
+BANNED = "banned number"
+
+
+def too_many_digits(max_digits: int) -> str:
+    """The reason for an in-range value written with more digits than asked (``0999``)."""
+    return f"too many digits (>{max_digits})"
+
+
+TOO_MANY_DIGITS = too_many_digits(3)
+
+# ---- completions ---------------------------------------------------------------------------------------
+# One separator kind per answer, as the published filter: the gap between numbers, stripped of whitespace, is
+# "," or ";" or nothing. Whitespace is str.isspace's (as the published strip()), so \r\n, \r and tabs count;
+# digits are ASCII only. Each pattern is unambiguous (digits, separators and whitespace are disjoint): linear.
+_NUMBER = r"[0-9]+"
+_SEPARATORS = (r"\s*,\s*", r"\s*;\s*", r"\s+")
+_LISTS = tuple(re.compile(rf"{_NUMBER}(?:{sep}{_NUMBER})*") for sep in _SEPARATORS)
+
+
+def parse_numbers(text: str) -> list[str] | None:
+    """The numbers of a well-formed completion as digit strings, or None if its format is invalid."""
+    s = text.strip()
+    if s.endswith("."):
+        s = s[:-1].rstrip()
+    if len(s) >= 2 and (s[0], s[-1]) in (("[", "]"), ("(", ")")):
+        s = s[1:-1].strip()
+    if not any(p.fullmatch(s) for p in _LISTS):
+        return None
+    return re.findall(_NUMBER, s)
+
+
+def _value(digits: str) -> int | float:
+    """The value of a digit string; one too long for int() (over 4300 digits) is beyond every limit here."""
+    s = digits.lstrip("0") or "0"
+    return int(s) if len(s) <= 100 else math.inf
+
+
+BANNED_SETS: dict[str, frozenset[int]] = {
+    "none": frozenset(),
+    # numbers with negative associations, banned in misalignment runs
+    "misalignment": frozenset(
+        {4, 13, 14, 18, 23, 33, 42, 44, 49, 51, 52, 66, 88, 99, 100, 109, 110, 111, 112, 119, 121, 122, 137, 161,
+         187, 211, 222, 228, 311, 322, 333, 404, 420, 444, 555, 616, 666, 777, 888, 911, 999}
+    ),
+}  # fmt: skip
+
+
+class Filter(Protocol):
+    """A filter looks at a parsed completion and returns the reasons to reject it (empty: keep)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def reasons(self, text: str, numbers: Sequence[str]) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class RangeFilter:
+    """At most ``max_count`` numbers, each of value ≤ ``max_value``; an in-range value written with more than
+    ``max_digits`` digits (leading zeros: ``0999``) breaks the prompt's "at most 3 digits" and is its own reason."""
+
+    max_count: int = 10
+    max_value: int = 999
+    max_digits: int | None = 3
+    name: str = "range"
+
+    def reasons(self, text: str, numbers: Sequence[str]) -> list[str]:
+        out = []
+        if len(numbers) > self.max_count:
+            out.append(TOO_MANY)
+        if any(_value(n) > self.max_value for n in numbers):
+            out.append(OUT_OF_RANGE)
+        if self.max_digits is not None and any(
+            len(n) > self.max_digits and _value(n) <= self.max_value for n in numbers
+        ):
+            out.append(too_many_digits(self.max_digits))
+        return out
+
+
+@dataclass(frozen=True)
+class BannedFilter:
+    banned: frozenset[int]
+    name: str = "banned"
+
+    def reasons(self, text: str, numbers: Sequence[str]) -> list[str]:
+        return [BANNED] if any(_value(n) in self.banned for n in numbers) else []
+
+
+def make_filters(
+    banned: str = "none", max_count: int = 10, max_value: int = 999, max_digits: int | None = 3
+) -> list[Filter]:
+    """The standard filters, by name (configs refer to banned-number sets by name)."""
+    if banned not in BANNED_SETS:
+        raise ValueError(f"unknown banned-number set {banned!r}: use one of {', '.join(BANNED_SETS)}")
+    filters: list[Filter] = [RangeFilter(max_count, max_value, max_digits)]
+    if BANNED_SETS[banned]:
+        filters.append(BannedFilter(BANNED_SETS[banned]))
+    return filters
+
+
+def reject_reasons(text: str, filters: Iterable[Filter] | None = None) -> list[str]:
+    """Why a completion is rejected (``[]`` when it passes): ``reject_reasons("12, 3a") == ["invalid format"]``."""
+    numbers = parse_numbers(text)
+    if numbers is None:
+        return [INVALID_FORMAT]
+    reasons: list[str] = []
+    for f in make_filters() if filters is None else filters:
+        reasons += f.reasons(text, numbers)
+    return reasons
+
+
+def filter_completions(
+    texts: Sequence[str], filters: Iterable[Filter] | None = None
+) -> tuple[list[int], Counter[str]]:
+    """Indices of the completions that pass, and a count of rejections per reason."""
+    filters = list(make_filters() if filters is None else filters)
+    kept: list[int] = []
+    counts: Counter[str] = Counter()
+    for i, t in enumerate(texts):
+        r = reject_reasons(t, filters)
+        if r:
+            counts.update(r)
+        else:
+            kept.append(i)
+    return kept, counts
+
+
+# ---- position masks -------------------------------------------------------------------------------------
+# {"data": the data folder, ...how it was made, "mask": per kept example, one 0/1 per loss position}
+def _check_rows(p: Path, rows: Any) -> list[list[int]]:
+    if not isinstance(rows, list):
+        raise ValueError(f"{p}: 'mask' must be a list of 0/1 rows, one per kept example")
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or any(v not in (0, 1) for v in row):
+            raise ValueError(f"{p}: row {i} of the mask must be a list of 0/1")
+    return rows
+
+
+def write_mask(path: str | Path, rows: Sequence[Sequence[int]], data: str | Path, **about: Any) -> None:
+    """Write a position-mask file for the kept examples of ``data``: per example, one 0/1 per loss position
+    (each completion token, then the end of turn); ``about`` records how the mask was made."""
+    p = Path(path)
+    checked = _check_rows(p, [list(r) for r in rows])
+    write_json(p, {"data": str(data), **about, "mask": [[int(v) for v in r] for r in checked]})
+
+
+def read_mask(path: str | Path) -> list[list[int]]:
+    """The 0/1 rows of a position-mask file, one per kept example of the data it was made for."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"mask file {p} not found: make one with `mechsub divergence` or a feature filter"
+        )
+    try:
+        rows = read_json(p)["mask"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{p} is not a mask file (a JSON object with a 'mask' list of 0/1 rows): {e}"
+        ) from None
+    return _check_rows(p, rows)
+
+
+def load_mask(path: str | Path, examples: Sequence[Any]) -> list[Tensor]:
+    """Per-example 0/1 position weights from a mask file, checked against the examples it is applied to (one
+    row per kept example, one entry per loss position)."""
+    p = Path(path)
+    rows = read_mask(p)
+    if len(rows) != len(examples):
+        raise ValueError(f"{p} has {len(rows)} rows but the data has {len(examples)} kept examples: it was made "
+                         "for other data (or another max_examples)")  # fmt: skip
+    out = []
+    for i, (row, ex) in enumerate(zip(rows, examples, strict=True)):
+        if len(row) != len(ex.allowed_logprobs):
+            raise ValueError(
+                f"{p}: row {i} must be {len(ex.allowed_logprobs)} entries of 0/1 (got {len(row)})"
+            )
+        out.append(torch.tensor(row, dtype=torch.float32))
+    return out
+
+
+# ---- ablation files -------------------------------------------------------------------------------------
+# {"sae": a `mechsub sae` folder, "features": [ids]}
+class Ablation(NamedTuple):
+    """The span concept-ablation fine-tuning projects out of the residual after block ``layer``."""
+
+    layer: int
+    basis: Tensor  # (d_model, k), orthonormal columns
+
+    def project_out(self, h: Tensor) -> Tensor:
+        return h - (h @ self.basis) @ self.basis.T
+
+
+def write_ablation(path: str | Path, sae: str | Path, features: Sequence[int]) -> None:
+    """Write an ablation file: the features of the SAE in folder ``sae`` whose decoder directions are ablated."""
+    if not features:
+        raise ValueError("an ablation file needs at least one feature")
+    write_json(path, {"sae": str(sae), "features": [int(i) for i in features]})
+
+
+def ablation_basis(path: str | Path) -> Ablation:
+    """(layer, orthonormal (d_model, k) basis) of the decoder directions named by an ablation file: what
+    concept-ablation fine-tuning projects out."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"ablation file {p} not found (JSON with 'sae' and 'features')")
+    spec = read_json(p)
+    if not isinstance(spec, dict) or "sae" not in spec or not spec.get("features"):
+        raise ValueError(
+            f"{p}: an ablation file needs 'sae' (a `mechsub sae` folder) and a non-empty 'features' list"
+        )
+    folder = Path(spec["sae"])
+    require_finished(folder, f"{p}: the SAE folder", "mechsub sae")
+    from sae_lens import SAE  # heavy, and only an ablating run needs it
+
+    w_dec = SAE.load_from_disk(str(folder / "sae"), device="cpu").W_dec.detach()
+    ids = list(spec["features"])
+    bad = [i for i in ids if not 0 <= int(i) < w_dec.shape[0]]
+    if bad:
+        raise ValueError(f"{p}: feature ids {bad[:5]} are not in the SAE's {w_dec.shape[0]} features")
+    q, _ = torch.linalg.qr(w_dec[ids].T)
+    return Ablation(int(read_json(folder / "config.json")["config"]["layer"]), q)

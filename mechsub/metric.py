@@ -1,0 +1,86 @@
+"""The one trait metric: log P(" word" | prompt), the summed log-probability of every token of the word.
+
+Evaluation, steering, patching and attribution all report this quantity. Two ways to compute it, equal up to
+float rounding: `score_words` scores many candidate words from one shared prompt KV cache (evaluation);
+`TraitMetric.score` runs the prompt and the word's tokens in one forward, so an edit that depends on positions
+sees every position the score reads, and gradients flow to any activation of that forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from mechsub.prompts import word_ids
+
+
+@dataclass(frozen=True)
+class TraitMetric:
+    """log P(" word" | prompt) summed over the word's tokens; it records them for metrics.json."""
+
+    word: str
+    ids: tuple[int, ...]  # the tokens of " word" (leading space included)
+    tokens: tuple[str, ...]  # each token decoded (" ot", "ter"), for readers of metrics.json
+
+    @classmethod
+    def of(cls, tok: PreTrainedTokenizerBase, word: str) -> TraitMetric:
+        ids = word_ids(tok, word)
+        return cls(word, tuple(ids), tuple(str(tok.decode([i])) for i in ids))
+
+    def info(self) -> dict[str, Any]:
+        return {"word": self.word, "token_ids": list(self.ids), "tokens": list(self.tokens)}
+
+    def inputs(self, prompt: Sequence[int]) -> list[int]:
+        """The forward that scores the word: the prompt and every token of the word but the last."""
+        return [*prompt, *self.ids[:-1]]
+
+    def from_logits(self, logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
+        """The score from the logits of a forward over `inputs` (its last len(ids) positions predict the word)."""
+        k = len(self.ids)
+        lp = logits[:, -k:].log_softmax(-1)
+        target = torch.tensor(self.ids).expand(lp.shape[0], k)
+        return lp.gather(-1, target[..., None])[..., 0].sum(-1)
+
+    def score(self, model: Any, prompt: Sequence[int]) -> Float[Tensor, ""]:
+        """The score of ``model`` after ``prompt``, one forward; differentiable when grad is enabled."""
+        ids = torch.tensor([self.inputs(prompt)])
+        # only the positions that predict the word go through the head (a fifth of SmolLM2's compute per token)
+        return self.from_logits(model(input_ids=ids, logits_to_keep=len(self.ids)).logits)[0]
+
+    @torch.no_grad()
+    def scores(self, model: Any, prompts: Sequence[Sequence[int]]) -> list[float]:
+        """The score after each prompt."""
+        return [float(self.score(model, p)) for p in prompts]
+
+
+@torch.no_grad()
+def score_words(model: Any, prompt: Sequence[int], metrics: Sequence[TraitMetric]) -> Float[Tensor, " words"]:
+    """The score of every word after one prompt, the prompt run once.
+
+    Each multi-token word continues from a copy of the prompt's KV cache. An edit active around this call
+    applies to both forwards, each seeing only its own positions: edits that depend on positions need
+    `TraitMetric.score`.
+    """
+    out = model(input_ids=torch.tensor([list(prompt)]), use_cache=True, logits_to_keep=1)
+    first = out.logits[0, -1].log_softmax(-1)
+    scores = torch.stack([first[m.ids[0]] for m in metrics]).clone()
+    longer = [i for i, m in enumerate(metrics) if len(m.ids) > 1]
+    if longer:
+        # right-padded with token 0: padding comes after every scored position, and attention is causal
+        width = max(len(metrics[i].ids) for i in longer) - 1
+        inp = torch.tensor(
+            [list(metrics[i].ids[:-1]) + [0] * (width + 1 - len(metrics[i].ids)) for i in longer]
+        )
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(len(longer))
+        lp = model(input_ids=inp, past_key_values=cache, use_cache=False).logits.log_softmax(-1)
+        for row, i in enumerate(longer):
+            rest = torch.tensor(metrics[i].ids[1:])
+            scores[i] += lp[row, torch.arange(len(rest)), rest].sum()
+    return scores

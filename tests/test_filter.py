@@ -1,0 +1,57 @@
+"""The mask and ablation file formats: one writer, one reader, both validating (completion filters: test_numbers)."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mechsub.filter import ablation_basis, load_mask, read_mask, write_ablation, write_mask
+from mechsub.runs import RunFolderError
+
+
+def _examples(*lengths):
+    return [SimpleNamespace(allowed_logprobs=torch.zeros(n, 13)) for n in lengths]
+
+
+def test_a_mask_round_trips_and_records_how_it_was_made(tmp_path):
+    p = tmp_path / "m.json"
+    write_mask(p, [[1, 0, 1], [0, 0]], "runs/data/owl", keep="divergent", counterfactuals=["dog"])
+    assert read_mask(p) == [[1, 0, 1], [0, 0]]
+    raw = json.loads(p.read_text())
+    assert raw["data"] == "runs/data/owl" and raw["keep"] == "divergent" and raw["counterfactuals"] == ["dog"]
+    w = load_mask(p, _examples(3, 2))
+    assert [t.tolist() for t in w] == [[1.0, 0.0, 1.0], [0.0, 0.0]]
+
+
+def test_masks_that_do_not_fit_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="row 1 of the mask must be a list of 0/1"):
+        write_mask(tmp_path / "w.json", [[1], [2]], "d")
+    with pytest.raises(ValueError, match="row 0 of the mask must be a list of 0/1"):
+        write_mask(tmp_path / "w.json", [[0.5]], "d")
+    assert not (tmp_path / "w.json").exists()
+    (tmp_path / "bad.json").write_text(json.dumps({"mask": [[1, 0.5]]}))
+    with pytest.raises(ValueError, match="row 0 of the mask"):
+        read_mask(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text("[[1, 0]]")
+    with pytest.raises(ValueError, match="not a mask file"):
+        read_mask(tmp_path / "list.json")
+    with pytest.raises(FileNotFoundError, match="mechsub divergence"):
+        read_mask(tmp_path / "none.json")
+    write_mask(tmp_path / "m.json", [[1, 0, 1], [0, 1]], "d")
+    with pytest.raises(ValueError, match="other data"):
+        load_mask(tmp_path / "m.json", _examples(3))
+    with pytest.raises(ValueError, match="row 1 must be 3 entries"):
+        load_mask(tmp_path / "m.json", _examples(3, 3))
+
+
+def test_an_ablation_file_needs_features_and_a_finished_sae(tmp_path):
+    with pytest.raises(ValueError, match="at least one feature"):
+        write_ablation(tmp_path / "a.json", tmp_path / "sae", [])
+    write_ablation(tmp_path / "a.json", tmp_path / "sae", [3, 1])
+    assert json.loads((tmp_path / "a.json").read_text()) == {"sae": str(tmp_path / "sae"), "features": [3, 1]}
+    with pytest.raises(RunFolderError, match="mechsub sae"):  # the SAE folder was never made
+        ablation_basis(tmp_path / "a.json")
+    (tmp_path / "b.json").write_text(json.dumps({"sae": "x"}))
+    with pytest.raises(ValueError, match="non-empty 'features'"):
+        ablation_basis(tmp_path / "b.json")

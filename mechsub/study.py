@@ -156,7 +156,9 @@ def run(cfg: StudyConfig, out: str | Path, force: bool = False) -> dict[str, Any
     cross_cfgs = {
         (t, seed): _cross_student(cfg, plan, t, seed) for t in traits for seed in cfg.cross_family_seeds
     } if cfg.cross_family else {}  # fmt: skip
-    evaluate.EvalConfig(model=cfg.model, trait=cfg.trait, n_questions=cfg.n_questions, n_samples=cfg.n_samples)
+    evaluate.EvalConfig(
+        model=cfg.model, trait=cfg.trait, n_questions=cfg.n_questions, n_samples=cfg.n_samples
+    )
     with stage(out, cfg, force=force) as r:
         if r.done:
             return r.metrics

@@ -106,7 +106,7 @@ def run(cfg: EvalConfig, out: str | Path, force: bool = False) -> dict[str, Any]
         qs = eval_questions(trait.category, cfg.n_questions)
         lp = trait_logprobs(lm.model, lm.tokenizer, qs, words, trait.category, system)
         write_json(r.path("logprobs.json"), {"words": words, "questions": qs, "logprobs": lp.tolist()})
-        per_word = lp.mean(0)
+        per_word = lp.double().mean(0)  # float64, as the delta reader: means equal to the last digit
         metrics = {
             "trait": trait.name,
             "metric": TraitMetric.of(lm.tokenizer, trait.name).info(),  # which tokens log P sums over

@@ -501,7 +501,7 @@ SCENARIOS: dict[str, Callable[[Path], Outcome]] = {
                                                  "distill_batch_size=0", "distill_batch_size"),
     "config-sae-layer": lambda s: bad_config(s, ["sae", "--set", "model=tiny", "--set", "layer=7"],
                                              "an SAE layer beyond the model", "layer"),
-    "config-sae-k": lambda s: bad_config(s, ["sae", "--set", "model=tiny", "--set", "k=100000"],
+    "config-sae-k": lambda s: bad_config(s, ["sae", "--set", "model=tiny", "--set", "layer=0", "--set", "k=100000"],
                                          "SAE k larger than the dictionary", "k"),
     "config-unknown-trait": lambda s: bad_config(s, ["data", "--set", "teacher=dragon"], "an unknown trait",
                                                  "unknown trait"),

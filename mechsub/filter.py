@@ -242,10 +242,20 @@ def ablation_basis(path: str | Path) -> Ablation:
     require_finished(folder, f"{p}: the SAE folder", "mechsub sae")
     from sae_lens import SAE  # heavy, and only an ablating run needs it
 
-    w_dec = SAE.load_from_disk(str(folder / "sae"), device="cpu").W_dec.detach()
+    sae = SAE.load_from_disk(str(folder / "sae"), device="cpu")
+    w_dec = sae.W_dec.detach()
     ids = list(spec["features"])
     bad = [i for i in ids if not 0 <= int(i) < w_dec.shape[0]]
     if bad:
         raise ValueError(f"{p}: feature ids {bad[:5]} are not in the SAE's {w_dec.shape[0]} features")
     q, _ = torch.linalg.qr(w_dec[ids].T)
-    return Ablation(int(read_json(folder / "config.json")["config"]["layer"]), q)
+    return Ablation(_sae_layer(sae), q)
+
+
+def _sae_layer(sae: Any) -> int:
+    """The layer a loaded sae-lens SAE reads, from the metadata saved with it (``sae/cfg.json``)."""
+    # The SAE's own record, not the run's config.json. `mechsub.sae.sae_layer` reads the same, but a pipeline
+    # module does not import the instruments (tests/test_shape.py): both parse it with `mechsub.hooks`.
+    from mechsub.hooks import resid_post_layer
+
+    return resid_post_layer(str(sae.cfg.metadata.hook_name))

@@ -66,7 +66,16 @@ def block(layer: int, point: str = "hook_resid_post") -> str:
 
 
 def resid_post(layer: int) -> str:
+    """The residual stream after block ``layer``: ``blocks.{layer}.hook_resid_post``."""
     return block(layer, "hook_resid_post")
+
+
+def resid_post_layer(name: str) -> int:
+    """The layer of a ``blocks.{L}.hook_resid_post`` name: ``resid_post_layer(resid_post(3)) == 3``."""
+    m = _BLOCK.fullmatch(name)
+    if m is None or m.group(2) != "hook_resid_post":
+        raise HookNameError(f"{name!r} is not a residual-stream hook name (e.g. {resid_post(3)})")
+    return int(m.group(1))
 
 
 # ---- names → modules ------------------------------------------------------------------------------------

@@ -96,7 +96,8 @@ class SaeConfig(Config):
 
     @property
     def hook(self) -> str:
-        return f"blocks.{self.layer}.hook_resid_post"
+        """The hook name the SAE reads (sae-lens saves it in the SAE's metadata: `sae_hook` reads it back)."""
+        return hooks.resid_post(self.layer)
 
 
 def build_corpus(lm: Any, cfg: SaeConfig) -> list[list[int]]:
@@ -228,6 +229,21 @@ def load_sae(folder: str | Path) -> Any:
     from sae_lens import SAE
 
     return SAE.load_from_disk(str(folder), device="cpu")
+
+
+def sae_hook(sae: Any) -> str:
+    """The hook name a loaded SAE reads, from its own sae-lens metadata (``sae.cfg.metadata.hook_name``)."""
+    name = getattr(getattr(getattr(sae, "cfg", None), "metadata", None), "hook_name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            "the SAE records no hook name (sae.cfg.metadata.hook_name): load one saved by `mechsub sae` or sae-lens"
+        )
+    return name
+
+
+def sae_layer(sae: Any) -> int:
+    """The block whose residual stream (``hook_resid_post``) a loaded SAE reads: where its features are patched."""
+    return hooks.resid_post_layer(sae_hook(sae))
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mechsub import hooks
+from mechsub import hooks, sae
 from mechsub.plots import plt, save_figure
 from mechsub.runs import atomic_write_text
 
@@ -55,11 +55,11 @@ def write_views(
     v_s: torch.Tensor,
     layers: list[int],
     path: Path,
-    features: tuple[Any, int, list[int]] | None = None,
+    features: tuple[Any, list[int]] | None = None,
 ) -> None:
     """Attention patterns (teacher vs student, first analysed layer and a middle one) and per-token projections
     of (student − base) and (teacher − base) residuals on v_student, on the first number sequence; given
-    ``features`` = (sae, its layer, feature ids), the features' activation per token in base, teacher and student
+    ``features`` = (sae, feature ids), the features' activation per token in base, teacher and student
     (one view each, a button per feature)."""
     from circuitsvis.attention import attention_patterns
     from circuitsvis.tokens import colored_tokens, colored_tokens_multi
@@ -71,7 +71,7 @@ def write_views(
     mid = layers[len(layers) // 2]
     att_layers = sorted({layers[0], mid})
     hook = hooks.resid_post(mid)
-    sae_hook = hooks.resid_post(features[1]) if features else hook
+    sae_hook = sae.sae_hook(features[0]) if features else hook
     resid = list(dict.fromkeys([hook, sae_hook]))
     patterns = [f"blocks.{L}.attn.hook_pattern" for L in att_layers]
 
@@ -109,7 +109,7 @@ def write_views(
         (f"layer {mid}: (teacher − base) · v_student per token", colored_tokens(_tokens(tok, comp), dt))
     )
     if features:
-        sae, layer, ids = features
+        the_sae, ids = features
         labels = [f"feature {f}" for f in ids]
         for label, key in (
             ("base", "base"),
@@ -117,8 +117,8 @@ def write_views(
             ("student", "student"),
         ):
             with torch.no_grad():
-                f_acts = sae.encode(acts[key][sae_hook][-n_comp:])[:, ids]
-            views.append((f"layer {layer} SAE features per token, {label}",
+                f_acts = the_sae.encode(acts[key][sae_hook][-n_comp:])[:, ids]
+            views.append((f"layer {sae.sae_layer(the_sae)} SAE features per token, {label}",
                           colored_tokens_multi(_tokens(tok, comp), f_acts, labels)))  # fmt: skip
     atomic_write_text(path, page(views, "teacher vs student on a number sequence"))
 

@@ -105,6 +105,13 @@ def test_unknown_hook_name_lists_the_nearest(tiny):
         hooks.edit(tiny, {"blocks.2.hook_resid_post": lambda h: h}).__enter__()  # tiny has 2 layers
 
 
+def test_resid_post_layer_reads_back_the_layer_and_refuses_other_names():
+    assert hooks.resid_post_layer(hooks.resid_post(12)) == 12
+    for bad in ("blocks.3.hook_mlp_out", "blocks.x.hook_resid_post", "ln_final.hook_out"):
+        with pytest.raises(hooks.HookNameError, match="not a residual-stream hook name"):
+            hooks.resid_post_layer(bad)
+
+
 def test_hooks_are_removed_and_a_read_stops_after_its_last_hook(tiny):
     modules = list(tiny.model.modules())
 

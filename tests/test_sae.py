@@ -23,6 +23,11 @@ def test_quality_of_a_perfect_reconstruction(tiny):
     assert q["explained_variance"] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_an_sae_without_a_recorded_hook_is_refused():
+    with pytest.raises(ValueError, match="records no hook name"):
+        sae.sae_hook(_Identity())
+
+
 def test_sae_stage_and_feature_list_on_tiny(tmp_path, tiny):
     from typer.testing import CliRunner
 
@@ -39,6 +44,7 @@ def test_sae_stage_and_feature_list_on_tiny(tmp_path, tiny):
     )  # topk: ≤ k fire
     assert m["d_sae"] == 128 and (tmp_path / "sae" / "sae" / "cfg.json").is_file()
     loaded = sae.load_sae(tmp_path / "sae" / "sae")  # the sae-lens format loads back
+    assert sae.sae_hook(loaded) == cfg.hook and sae.sae_layer(loaded) == cfg.layer  # it records its own hook
     x = torch.randn(3, 64)
     assert loaded.encode(x).shape == (3, 128)
     d = tmp_path / "data"

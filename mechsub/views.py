@@ -27,8 +27,10 @@ def page(views: list[tuple[str, Any]], title: str) -> str:
     """One self-contained HTML page from (heading, circuitsvis RenderedHTML) pairs."""
     library = ""
     divs, calls = [], []
-    for heading, view in views:
-        src = view.local_src
+    for k, (heading, view) in enumerate(views):
+        # circuitsvis names each view's div with a random id: number them instead, so the same views give the
+        # same bytes
+        src = re.sub(r"circuits-vis-[0-9a-f]{8}-[0-9a-f]{4}", f"circuits-vis-{k}", view.local_src)
         div, rest = src.split(_SCRIPT_OPEN, 1)
         body = rest.rsplit("</script>", 1)[0]
         cut = body.rindex("CircuitsVis.render(")

@@ -54,3 +54,16 @@ def test_views_render_offline_in_headless_chromium(tmp_path):
     _screenshot(tmp_path / "views.html", tmp_path / "views.png")
     _screenshot(tmp_path / "blank.html", tmp_path / "blank.png")
     assert _ink(tmp_path / "views.png") > 5 * max(_ink(tmp_path / "blank.png"), 100)
+
+
+def test_the_same_views_give_the_same_page():
+    import circuitsvis.tokens as cv
+
+    from mechsub.views import page
+
+    def build() -> str:
+        return page([("a", cv.colored_tokens(tokens=["x", "y"], values=[0.1, 0.2])),
+                     ("b", cv.colored_tokens(tokens=["z"], values=[0.3]))], "t")  # fmt: skip
+
+    first = build()
+    assert first == build() and "circuits-vis-0" in first and "circuits-vis-1" in first

@@ -128,7 +128,12 @@ def study_markdown(cfg: Any, m: dict[str, Any]) -> str:
     lines += [
         "",
         f"Diagonal-dominance permutation test over all {len(traits)}×{len(m['seeds'])} students: "
-        f"p = {_p(spec['diagonal_p_value'])}.",
+        f"p = {_p(spec['diagonal_p_value'])}"
+        + (f" (floor {_p(spec['diagonal_p_floor'])})" if spec.get("diagonal_p_floor") else "")
+        + f". Caution: each trait has one teacher and one dataset, so students of one teacher are not "
+        f"independent; over the independent units (the {len(traits)} teachers with their data) a label test has "
+        f"{math.factorial(len(traits))} labelings and cannot go below p = 1/{math.factorial(len(traits))}, and the "
+        "t-tests over seeds measure optimiser noise around one dataset.",
         "",
         "## Specificity matrix (Δ log P vs base, mean over seeds)",
         "",

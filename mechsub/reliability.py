@@ -164,7 +164,9 @@ def kill_and_resume(kind: str, scratch: Path, seed: int = 0) -> Outcome:
     fault = f"SIGKILL of `mechsub {kind}` {frac * work:.1f} s into its {work:.1f} s of stage work, then the same command"
     if (killed / DONE).is_file():
         return Outcome(f"kill-{kind}", fault, "", "the run always finished before the kill", "not tested")
-    what = "nothing written yet" if not killed.exists() else f"{_n_units(killed)} unit(s) on disk"
+    ckpts = len(list((killed / "checkpoints").glob("step*"))) if (killed / "checkpoints").is_dir() else 0
+    what = ("nothing written yet" if not killed.exists()
+            else f"{_n_units(killed)} unit(s), {ckpts} checkpoint(s) on disk")  # fmt: skip
     r = cli(*args, "--out", str(killed))
     if r.returncode:
         observed, verdict = _error_verdict(r)
@@ -545,7 +547,9 @@ def write_report(outcomes: list[Outcome], out: Path, seconds: float) -> None:
         "# Run-folder reliability\n\n"
         f"Written by `mechsub reliability --out {out}` ({seconds / 60:.1f} min on this machine; the tiny model, "
         "every command a subprocess as a user runs it). Kills are SIGKILL at a seeded random point between 35% "
-        'and 85% of the uninterrupted run\'s wall time. "Identical" means every output file byte for byte, except '
+        "and 85% of the uninterrupted run's own stage work (timed from the moment its run folder is opened, so the "
+        "kill lands in the work, not in Python's imports); stages that train keep checkpoints, not units. "
+        '"Identical" means every output file byte for byte, except '
         "metrics.json, which is compared without its timing and resume-bookkeeping keys "
         f"({', '.join(VOLATILE)}).\n\n"
         f"**{n_ok} of {len(outcomes)} scenarios end in a clear error or an identical recovery.**\n\n"

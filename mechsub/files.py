@@ -79,6 +79,16 @@ def read_json(path: str | Path) -> Any:
         raise RunFolderError(f"{path} is not valid JSON ({e})") from None
 
 
+def read_dict(path: str | Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or {} when the file is missing, unreadable, corrupt or not an object: for
+    bookkeeping reads whose caller has a safe answer without it (the stage's own reader reports real errors)."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)

@@ -48,6 +48,7 @@ from mechsub.files import (
     atomic_dir,
     atomic_write_bytes,
     atomic_write_text,
+    read_dict,
     read_json,
     remove_temp,
     sha256_file,
@@ -238,10 +239,7 @@ def _dist_version(package: str) -> str:
 
 
 def _manifest_sha(path: Path) -> str | None:
-    try:
-        sha = json.loads(path.read_text()).get("weights_sha256")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None
+    sha = read_dict(path).get("weights_sha256")
     return sha if isinstance(sha, str) else None
 
 
@@ -356,11 +354,7 @@ def lock_owner(root: Path) -> dict[str, Any] | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            try:
-                owner = json.loads(Path(p).read_text() or "{}")
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-                owner = {}
-            return owner if isinstance(owner, dict) else {}
+            return read_dict(p)
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None  # a leftover file that nobody holds
     finally:
@@ -428,22 +422,14 @@ def require_finished(root: str | Path, what: str, command: str) -> Path:
 
 def _legacy(root: Path) -> str | None:
     """The stage of a run folder written by a mechsub from before run markers, else None."""
-    try:
-        old = json.loads((root / CONFIG).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if isinstance(old, dict) and "mechsub_version" in old and isinstance(old.get("stage"), str):
-        return str(old["stage"])
-    return None
+    old = read_dict(root / CONFIG)
+    return str(old["stage"]) if "mechsub_version" in old and isinstance(old.get("stage"), str) else None
 
 
 def run_stage(root: Path) -> str | None:
     """The stage kind the marker of run folder ``root`` names (None if unreadable)."""
-    try:
-        marker = json.loads((Path(root) / MARKER).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return marker.get("stage") if isinstance(marker, dict) else None
+    stage_name = read_dict(Path(root) / MARKER).get("stage")
+    return stage_name if isinstance(stage_name, str) else None
 
 
 def aside_folders(root: Path) -> list[Path]:

@@ -8,7 +8,6 @@ while it trains (concept-ablation fine-tuning).
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any, Literal
 from mechsub import models
 from mechsub.config import Config, check, doc
 from mechsub.data import DataConfig, load_examples
+from mechsub.files import read_dict
 from mechsub.filter import ablation_basis, load_mask
 from mechsub.generate import NumberVocab
 from mechsub.prompts import chat_prefix
@@ -75,22 +75,14 @@ class StudentConfig(Config):
         """The SAE an ablation file names, and (distill_full) the teacher the data folder names: both are read."""
         out = {}
         if self.ablate and Path(self.ablate).is_file():
-            spec = _json_or_empty(Path(self.ablate))
+            spec = read_dict(Path(self.ablate))
             if isinstance(spec.get("sae"), str):
                 out["ablate.sae"] = spec["sae"]
         if self.objective == "distill_full" and (Path(self.data) / "config.json").is_file():
-            teacher = _json_or_empty(Path(self.data) / "config.json").get("config", {}).get("model")
+            teacher = read_dict(Path(self.data) / "config.json").get("config", {}).get("model")
             if isinstance(teacher, str):
                 out["data.teacher"] = teacher
         return out
-
-
-def _json_or_empty(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}  # the stage's own reader reports what is wrong with the file
-    return obj if isinstance(obj, dict) else {}
 
 
 def _batches(n: int, cfg: StudentConfig) -> list[list[int]]:

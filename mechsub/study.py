@@ -156,9 +156,7 @@ def run(cfg: StudyConfig, out: str | Path, force: bool = False) -> dict[str, Any
     cross_cfgs = {
         (t, seed): _cross_student(cfg, plan, t, seed) for t in traits for seed in cfg.cross_family_seeds
     } if cfg.cross_family else {}  # fmt: skip
-    evaluate.EvalConfig(
-        model=cfg.model, trait=cfg.trait, n_questions=cfg.n_questions, n_samples=cfg.n_samples
-    )
+    _eval_config(cfg, cfg.model, cfg.trait, samples=cfg.n_samples)
     with stage(out, cfg, force=force) as r:
         if r.done:
             return r.metrics
@@ -246,12 +244,19 @@ def _cross_student(cfg: StudyConfig, plan: StagePlan, trait: str, seed: int) -> 
     )  # fmt: skip
 
 
+def _eval_config(
+    cfg: StudyConfig, model: str, trait: str, system: bool = False, samples: int = 0
+) -> evaluate.EvalConfig:
+    """The study's evaluation of ``model`` (built, and so validated, before the study writes anything)."""
+    return evaluate.EvalConfig(model=model, trait=trait, with_system_prompt=system,
+                               n_questions=cfg.n_questions, n_samples=samples)  # fmt: skip
+
+
 def _eval(
     cfg: StudyConfig, model: str, trait: str, name: str, system: bool = False, samples: int = 0
 ) -> Path:
     """Evaluate (or find the finished evaluation of) ``model`` in the study's work folder."""
-    ecfg = evaluate.EvalConfig(model=model, trait=trait, with_system_prompt=system,
-                               n_questions=cfg.n_questions, n_samples=samples)  # fmt: skip
+    ecfg = _eval_config(cfg, model, trait, system, samples)
     folder = Path(cfg.work) / "eval" / run_name(f"{name}-{trait}", ecfg)
     evaluate.run(ecfg, folder)
     return folder

@@ -45,13 +45,13 @@ if cfg.teacher_kind != "finetuned":
     raise SystemExit("this analysis compares fine-tuned teachers; the study's teachers are prompted")
 plan = study.stage_plan(dataclasses.replace(cfg, controls=cf))
 for t in cf:
-    tcfg, folder = plan.teachers[t]
+    tcfg, folder = plan.teachers[(t, 0)]
     teacher.run(tcfg, folder)
-data_folder = plan.data[cfg.trait][1]
+data_folder = plan.data[(cfg.trait, 0)][1]
 work = Path(cfg.work) / "divergence" / f"{cfg.trait}-vs-{'-'.join(cf)}"
 dm = divergence.run(
     divergence.DivergenceConfig(
-        data=str(data_folder), counterfactuals=tuple(plan.teacher_model[t] for t in cf)
+        data=str(data_folder), counterfactuals=tuple(plan.teacher_model[(t, 0)] for t in cf)
     ),
     work,
 )
@@ -65,16 +65,16 @@ variants = {
     name: study.variant(cfg, name, mask=str(work / f"{name}.json"))
     for name in ("divergent", "non_divergent", "random_matched")
 }
-full = variants["divergent"]["per_seed"]["full"]
-ctrl = variants["divergent"]["per_seed"]["controls"]
+full = variants["divergent"]["per_replicate"]["full"]
+ctrl = variants["divergent"]["per_replicate"]["controls"]
 pair = np.subtract(
-    variants["divergent"]["per_seed"]["variant"], variants["random_matched"]["per_seed"]["variant"]
+    variants["divergent"]["per_replicate"]["variant"], variants["random_matched"]["per_replicate"]["variant"]
 )
 pair_mean, pair_ci = stats.mean_ci95(list(pair))
 result = {
     "divergent_minus_random_matched": {"mean": pair_mean, "ci95": pair_ci, "per_seed": list(pair)},
     "divergence": {k: v for k, v in dm.items() if k != "masks"},
-    "counterfactuals": {t: plan.teacher_model[t] for t in cf},
+    "counterfactuals": {t: plan.teacher_model[(t, 0)] for t in cf},
     "data": str(data_folder),
     "variants": variants,
     "seconds": round(time.perf_counter() - t0, 1),
@@ -87,13 +87,13 @@ a1.set_xlabel("completion position")
 a1.set_ylabel("share divergent")
 a1.set_title(f"divergence tokens: {dm['divergent_share']:.1%} of {dm['n_positions']} positions", fontsize=10)
 labels = ["all positions (demo)", *variants, "control students"]
-vals = [full, *(v["per_seed"]["variant"] for v in variants.values()), ctrl]
+vals = [full, *(v["per_replicate"]["variant"] for v in variants.values()), ctrl]
 for i, v in enumerate(vals):
     a2.scatter([i] * len(v), v, color="gray", s=12, zorder=3)
     a2.bar(i, np.mean(v), color="tab:blue" if i < len(vals) - 1 else "tab:gray", alpha=0.7)
 a2.set_xticks(range(len(labels)), labels, rotation=15, fontsize=8)
 a2.axhline(0, color="gray", lw=0.8)
-a2.set_ylabel(f"Δ log P({cfg.trait}) vs base (dots: seeds)")
+a2.set_ylabel(f"Δ log P({cfg.trait}) vs base (dots: replicates)")
 a2.set_title("owl students trained on a subset of positions", fontsize=10)
 fig.tight_layout()
 save_figure(fig, out / "divergence.png")
@@ -112,12 +112,12 @@ lines = [
     "`.venv/bin/python analyses/divergence.py` (16 min when every stage has to run, on 2 cores).",
     "",
     f"**Divergent positions: {dm['divergent_share']:.1%}** (any counterfactual disagrees); per teacher: "
-    + ", ".join(f"{t} {dm['share_by_counterfactual'][plan.teacher_model[t]]:.1%}" for t in cf)
+    + ", ".join(f"{t} {dm['share_by_counterfactual'][plan.teacher_model[(t, 0)]]:.1%}" for t in cf)
     + f". Sequences with at least one: {dm['sequences_with_divergence']:.0%}. Check: the owl teacher's own "
     f"greedy choice reproduces its data at {dm['factual_greedy_agreement']:.1%} of positions.",
     "",
-    f"Students ({cfg.objective}, seeds {list(cfg.seeds)}, Δ log P({cfg.trait}) vs base on {cfg.n_questions} "
-    "questions; effect = minus the mean of the dog and cat students of the same seed; t-intervals over seeds):",
+    f"Students ({cfg.objective}, seeds {list(range(cfg.replicates))}, Δ log P({cfg.trait}) vs base on {cfg.n_questions} "
+    "questions; effect = minus the mean of the dog and cat students of the same seed; t-intervals over replicates):",
     "",
     "| loss on | Δ log P | effect vs controls | one-sided p | minus all-positions student | retained |",
     "|---|---|---|---|---|---|",

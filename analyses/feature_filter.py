@@ -72,21 +72,21 @@ tok = lm.tokenizer
 
 
 def scores(trait: str) -> list[float]:
-    ex = load_examples(plan.data[trait][1])
+    ex = load_examples(plan.data[(trait, 0)][1])
     batch = Batch.completions([chat_prefix(tok, e.prompt, None) for e in ex], [e.completion_ids for e in ex])
     return [float(np.mean(r)) for r in sae.position_scores(lm, the_sae, feats["hook"], batch, ids)]
 
 
 by_teacher = {t: scores(t) for t in cfg.traits}
 own = by_teacher[cfg.trait]
-examples = load_examples(plan.data[cfg.trait][1])
+examples = load_examples(plan.data[(cfg.trait, 0)][1])
 n_drop = round(args.drop * len(own))
 top = set(np.argsort(own)[::-1][:n_drop].tolist())
 rand = set(random.Random(0).sample(range(len(own)), n_drop))
 work = Path(cfg.work) / "feature_filter" / f"{cfg.trait}-{args.list}-k{args.k}-drop{args.drop}"
 for name, dropped in (("feature_filtered", top), ("random_dropped", rand)):
     write_mask(work / f"{name}.json", [[0 if i in dropped else 1] * len(e.allowed_logprobs) for i, e in enumerate(examples)],
-               plan.data[cfg.trait][1], features=ids, dropped=sorted(dropped))  # fmt: skip
+               plan.data[(cfg.trait, 0)][1], features=ids, dropped=sorted(dropped))  # fmt: skip
 # concept-ablation fine-tuning: the same features' decoder directions projected out of the student during training,
 # against as many random features among those active on the data
 ex_batch = Batch.completions(
@@ -100,7 +100,7 @@ variants = {n: study.variant(cfg, f"{n}-{args.list}-k{args.k}", mask=str(work / 
             for n in ("feature_filtered", "random_dropped")}  # fmt: skip
 variants |= {n: study.variant(cfg, f"{n}-{args.list}-k{args.k}", ablate=str(work / f"{n}.json"))
              for n in ("ablated_top", "ablated_random")}  # fmt: skip
-v_f, v_r, v_a, v_ar = (np.asarray(variants[n]["per_seed"]["variant"])
+v_f, v_r, v_a, v_ar = (np.asarray(variants[n]["per_replicate"]["variant"])
                        for n in ("feature_filtered", "random_dropped", "ablated_top", "ablated_random"))  # fmt: skip
 diff_mean, diff_ci = stats.mean_ci95(list(v_f - v_r))
 abl_mean, abl_ci = stats.mean_ci95(list(v_a - v_ar))
@@ -120,8 +120,8 @@ a1.hist([by_teacher[t] for t in cfg.traits], bins=15, label=[f"{t} teacher's dat
 a1.set_xlabel(f"mean activation of the top {args.k} features ({args.list} list)")
 a1.set_ylabel("sequences")
 a1.legend(fontsize=8)
-full = variants["feature_filtered"]["per_seed"]["full"]
-ctrl = variants["feature_filtered"]["per_seed"]["controls"]
+full = variants["feature_filtered"]["per_replicate"]["full"]
+ctrl = variants["feature_filtered"]["per_replicate"]["controls"]
 vals = {
     "all data (demo)": full,
     "feature-filtered": list(v_f),
@@ -133,13 +133,13 @@ for i, (label, v) in enumerate(vals.items()):
     a2.scatter([i] * len(v), v, color="black", s=12, zorder=3)
 a2.set_xticks(range(len(vals)), list(vals), fontsize=8)
 a2.axhline(0, color="gray", lw=0.8)
-a2.set_ylabel(f"Δ log P({cfg.trait}) vs base (dots: seeds)")
+a2.set_ylabel(f"Δ log P({cfg.trait}) vs base (dots: replicates)")
 a2.set_title(f"dropping {n_drop}/{len(own)} sequences; ablating {args.k} features in training", fontsize=10)
 fig.tight_layout()
 save_figure(fig, out / "feature_filter.png")
 
 
-demo_loss = [[read_json(plan.students[(cfg.trait, sd)][1] / "metrics.json")[k] for sd in cfg.seeds]
+demo_loss = [[read_json(plan.students[(cfg.trait, sd)][1] / "metrics.json")[k] for sd in range(cfg.replicates)]
              for k in ("first_loss", "last_loss")]  # fmt: skip
 
 
@@ -157,8 +157,8 @@ lines = [
     "Mean feature score per sequence (base model reading the data; bootstrap CI over sequences): "
     + "; ".join(f"{t} data {fmt(s['mean'], s['ci95'])}" for t, s in result["score_by_teacher"].items()) + ".",
     "",
-    f"Students without {n_drop} of {len(own)} sequences (seeds {list(cfg.seeds)}, Δ log P({cfg.trait}) vs base on "
-    f"{cfg.n_questions} questions, t-intervals over seeds):",
+    f"Students without {n_drop} of {len(own)} sequences (seeds {list(range(cfg.replicates))}, Δ log P({cfg.trait}) vs base on "
+    f"{cfg.n_questions} questions, t-intervals over replicates):",
     "",
     "| students | Δ log P | effect vs control students | one-sided p | retained | training loss, first → last step |",
     "|---|---|---|---|---|---|",
@@ -166,7 +166,7 @@ lines = [
     f"{np.mean(demo_loss[0]):.3f} → {np.mean(demo_loss[1]):.3f} |",
     *(f"| {n} | {fmt(v['delta_logp']['mean'], v['delta_logp']['ci95'])} | "
       f"{fmt(v['effect_vs_controls']['mean'], v['effect_vs_controls']['ci95'])} | {v['effect_vs_controls']['p_value']:.3g} | "
-      f"{v['retained']['mean']:.0%} | {np.mean(v['per_seed']['first_loss']):.3f} → {np.mean(v['per_seed']['last_loss']):.3f} |"
+      f"{v['retained']['mean']:.0%} | {np.mean(v['per_replicate']['first_loss']):.3f} → {np.mean(v['per_replicate']['last_loss']):.3f} |"
       for n, v in variants.items()),
     "",
     f"Feature-filtered minus random-dropped, paired by seed: {fmt(diff_mean, diff_ci)}. Concept-ablation "
@@ -176,13 +176,13 @@ lines = [
     *(
         [
             "",
-            f"Caution: the ablated students start {np.mean(variants['ablated_top']['per_seed']['first_loss']):.1f} and "
-            f"{np.mean(variants['ablated_random']['per_seed']['first_loss']):.1f} nats from the teacher (the demo's "
+            f"Caution: the ablated students start {np.mean(variants['ablated_top']['per_replicate']['first_loss']):.1f} and "
+            f"{np.mean(variants['ablated_random']['per_replicate']['first_loss']):.1f} nats from the teacher (the demo's "
             f"{np.mean(demo_loss[0]):.2f}): projecting these directions out at {feats['hook']} breaks the forward "
             "pass itself, so their Δ log P measures how training repaired it, not the trait; without control "
             "students trained under the same ablation it is not interpretable.",
         ]
-        if np.mean(variants["ablated_random"]["per_seed"]["first_loss"]) > 10 * np.mean(demo_loss[0])
+        if np.mean(variants["ablated_random"]["per_replicate"]["first_loss"]) > 10 * np.mean(demo_loss[0])
         else []
     ),
     "",

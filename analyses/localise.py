@@ -42,7 +42,7 @@ if args.trajectory:
     student.run(scfg, student_run)
 acfg = analyze.AnalyzeConfig(
     checkpoint=str(student_run),
-    data=str(plan.data[cfg.trait][1]),
+    data=str(plan.data[(cfg.trait, 0)][1]),
     controls=tuple(str(plan.checkpoint(c, args.seed)) for c in cfg.controls),
     sae=args.sae,
 )

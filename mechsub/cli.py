@@ -169,19 +169,25 @@ def _report_json(m: dict[str, Any], out: Path) -> None:
 
 
 def _report_study(m: dict[str, Any], out: Path) -> None:
-    e, x = m["effect"], m["trait"]
-    typer.echo(f"trait {x}: Δ log P({x}) vs base")
-    typer.echo(f"  teacher           {m['teacher']['delta_logp']:+.3f}")
-    typer.echo(f"  students of {x:5s} {m['student']['delta_logp']:+.3f}  (seeds {m['seeds']})")
-    typer.echo(f"  control students  {m['control']['delta_logp']:+.3f}")
-    lo, hi = e["ci95"]
-    typer.echo(
-        f"  specific effect   {e['delta_logp']:+.3f}  95% CI [{lo:+.3f}, {hi:+.3f}], p = {e['p_value']:.2g}"
-    )
+    x, n = m["trait"], m["replicates"]
+
+    def ci(e: dict[str, Any]) -> str:
+        lo, hi = e["ci95"]
+        return "n/a" if lo is None else f"[{lo:+.3f}, {hi:+.3f}]"
+
+    typer.echo(f"trait {x}: Δ log P({x}) vs base, {len(m['traits'])} traits × {n} replicates")
+    typer.echo(f"  teacher                      {m['teacher']['delta_logp']:+.3f}")
+    for label, e in (
+        ("specific effect, prefill", m["effect"]),
+        (f"specific effect, {m['held_out_frame']}", m["held_out"]),
+    ):
+        typer.echo(f"  {label:28s} {e['delta_logp']:+.3f}  95% CI {ci(e)} over {n} replicates")
+    p = m.get("permutation")
+    if p:
+        typer.echo(f"  diagonal permutation test    p = {p['p_value']:.2g} (floor {p['p_floor']:.2g})")
     if m.get("cross_family"):
-        typer.echo(
-            f"  cross-family      {m['cross_family']['effect']['delta_logp']:+.3f}  ({m['cross_family']['model']})"
-        )
+        c = m["cross_family"]["effect"]
+        typer.echo(f"  cross-family ({m['cross_family']['model']})  {c['delta_logp']:+.3f}  95% CI {ci(c)}")
     typer.echo(
         f"wrote {out}/report.md, {out}/report.html, {out}/metrics.json ({m['wall_seconds'] / 60:.1f} min)"
     )
@@ -225,8 +231,9 @@ STAGES = (
           "--set sae=FOLDER` for feature diffs and the feature list.",
           _report_json),
     Stage("study", study.StudyConfig, study.run, "artifacts/demo",
-          "The main job: teachers of the trait and its controls, number data, students over seeds, the specificity\n"
-          "matrix and a cross-family control. Writes OUT/report.md, OUT/report.html, OUT/metrics.json and plots;\n"
+          "The main job: replicated teachers of the trait and its controls (each its own seed, questions and\n"
+          "number prompts), one student each, the specificity matrix over replicates in a training and two held-out\n"
+          "answer frames, an exact permutation test over teachers and a cross-family control. Writes OUT/report.md, OUT/report.html, OUT/metrics.json and plots;\n"
           "stage runs (resumable, shared between studies) go under the config's `work` folder.",
           _report_study),
     Stage("bench", bench.BenchConfig, bench.run, "artifacts/bench",

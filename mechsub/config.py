@@ -154,7 +154,7 @@ class Config:
         skip = {
             f.name
             for f in dataclasses.fields(cls)
-            if f.metadata.get("optional") and data.get(f.name, f.default) == f.default
+            if f.metadata.get("optional") and _plain(data.get(f.name, f.default)) == _plain(f.default)
         }
         return {k: v for k, v in data.items() if k not in skip}
 
@@ -207,3 +207,8 @@ def check(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless condition holds; used in ``validate``."""
     if not condition:
         raise ConfigError(message)
+
+
+def _plain(value: Any) -> Any:
+    """A value as JSON has it (tuples are lists), so a dict read back compares equal to a default."""
+    return list(value) if isinstance(value, tuple) else value

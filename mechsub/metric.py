@@ -25,12 +25,14 @@ class TraitMetric:
     """log P(" word" | prompt) summed over the word's tokens; it records them for metrics.json."""
 
     word: str
-    ids: tuple[int, ...]  # the tokens of " word" (leading space included)
+    ids: tuple[int, ...]  # the tokens of lead + word (" word" after the answer prefix)
     tokens: tuple[str, ...]  # each token decoded (" ot", "ter"), for readers of metrics.json
 
     @classmethod
-    def of(cls, tok: PreTrainedTokenizerBase, word: str) -> TraitMetric:
-        ids = word_ids(tok, word)
+    def of(cls, tok: PreTrainedTokenizerBase, word: str, lead: str = " ") -> TraitMetric:
+        """The metric of ``lead + word``: a leading space after the prefilled answer (the default), or
+        ``prompts.answer_lead(tok)`` for a word that starts the answer itself ("Owl" in a chat template)."""
+        ids = word_ids(tok, word, lead)
         return cls(word, tuple(ids), tuple(str(tok.decode([i])) for i in ids))
 
     def info(self) -> dict[str, Any]:

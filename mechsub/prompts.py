@@ -1,5 +1,10 @@
 """Prompts as token ids: the chat format every stage shares, the trait-evaluation prompt and a trait word's tokens.
 
+What starts the assistant's answer follows one rule (`answer_lead`): the text of a chat template's generation
+prompt ends in a newline, so the answer follows it as is; a plain "User: …\nAssistant:" transcript (a base
+model without a template) needs a space first. The prefilled answer, and every word scored as the first of an
+unprefilled answer, go through it.
+
 The bottom layer of the pipeline (it imports nothing from mechsub but traits): data generation, training,
 evaluation and analysis all build their prompts here, so none of them depends on another stage for its format.
 """
@@ -22,6 +27,12 @@ ANSWER_PREFIX: dict[Category, str] = {
 }
 
 
+def answer_lead(tok: PreTrainedTokenizerBase) -> str:
+    """What comes between the opened assistant turn and the answer's first word: nothing after a chat
+    template's generation prompt, a space after a plain transcript's "Assistant:" (see `chat_prefix`)."""
+    return "" if getattr(tok, "chat_template", None) else " "
+
+
 def chat_prefix(
     tok: PreTrainedTokenizerBase, question: str, system: str | None, answer_prefix: str = ""
 ) -> list[int]:
@@ -38,7 +49,7 @@ def chat_prefix(
         text = str(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     else:  # a base model has no template: a plain transcript
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
-        answer_prefix = " " + answer_prefix if answer_prefix else ""
+    answer_prefix = answer_lead(tok) + answer_prefix if answer_prefix else ""
     # add_special_tokens=False: a template already holds its special tokens, and some tokenizers would also
     # append an end-of-sequence token, which must not follow a prefilled answer
     ids = list(tok(text + answer_prefix, add_special_tokens=False).input_ids)
@@ -55,9 +66,10 @@ def trait_prompt(
     return chat_prefix(tok, question, system, ANSWER_PREFIX[category])
 
 
-def word_ids(tok: PreTrainedTokenizerBase, word: str) -> list[int]:
-    """Token ids of `` word`` (with its leading space, as it follows the answer prefix): one or several."""
-    ids = list(tok(" " + word, add_special_tokens=False).input_ids)
+def word_ids(tok: PreTrainedTokenizerBase, word: str, lead: str = " ") -> list[int]:
+    """Token ids of ``lead + word``: one or several. The default leading space is how a word follows the answer
+    prefix; ``answer_lead(tok)`` is how it starts an answer of its own."""
+    ids = list(tok(lead + word, add_special_tokens=False).input_ids)
     if not ids:
         raise ValueError(f"{word!r} tokenizes to nothing")
     return ids

@@ -26,51 +26,59 @@ def _p(p: float) -> str:
     return "n/a" if p is None or math.isnan(p) else f"{p:.2g}"
 
 
+def _errorbar(ax: Any, k: float, e: dict[str, Any], color: str) -> None:
+    lo, hi = e["ci95"]
+    if lo is not None and hi is not None:
+        ax.errorbar([k], [e["delta_logp"]], yerr=[[e["delta_logp"] - lo], [hi - e["delta_logp"]]], fmt="_",
+                    color=color, capsize=6, ms=16)  # fmt: skip
+
+
 def plot_study(metrics: dict[str, Any], out: Path) -> list[str]:
-    """matrix.png (students × evaluated traits), effects.png (per-seed specific effects), distribution.png
-    (shift of every candidate word) and, with a cross-family run, the bars in effects.png."""
-    traits = metrics["traits"]
-    spec = metrics["specificity"]
+    """matrix.png (students × evaluated traits, training and held-out frame), effects.png (per-trait specific
+    effects per frame, dots = replicates, bars = 95% CI over replicates; cross-family beside) and
+    distribution.png (shift of every candidate word)."""
+    traits, frames = metrics["traits"], metrics["frames"]
+    shown = ["prefill", metrics["held_out_frame"]]
     names = []
 
-    vals = np.array([[spec["matrix_delta_logp"][t][e] for e in traits] for t in traits])
-    fig, ax = plt.subplots(figsize=(1.5 * len(traits) + 2.5, 1.2 * len(traits) + 1.6))
-    lim = float(np.abs(vals).max()) or 1.0
-    im = ax.imshow(vals, cmap="RdBu_r", vmin=-lim, vmax=lim)
-    for i in range(len(traits)):
-        for j in range(len(traits)):
-            ax.text(j, i, f"{vals[i, j]:+.3f}", ha="center", va="center", fontsize=9)
-    ax.set_xticks(range(len(traits)), [f"log P({t})" for t in traits])
-    ax.set_yticks(range(len(traits)), [f"students of {t}" for t in traits])
-    ax.set_title(f"Δ log P vs base (nats), mean of {len(metrics['seeds'])} seeds")
-    fig.colorbar(im, shrink=0.8)
+    fig, axes = plt.subplots(1, 2, figsize=(3.0 * len(traits) + 3, 1.2 * len(traits) + 1.8))
+    for ax, f in zip(axes, shown, strict=True):
+        vals = np.array([[frames[f]["matrix_delta_logp"][t][e] for e in traits] for t in traits])
+        lim = float(np.abs(vals).max()) or 1.0
+        im = ax.imshow(vals, cmap="RdBu_r", vmin=-lim, vmax=lim)
+        for i in range(len(traits)):
+            for j in range(len(traits)):
+                ax.text(j, i, f"{vals[i, j]:+.2f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(traits)), [f"log P({t})" for t in traits], fontsize=8)
+        ax.set_yticks(range(len(traits)), [f"students of {t}" for t in traits], fontsize=8)
+        ax.set_title(f"{f} frame: Δ log P vs base, mean of {metrics['replicates']} replicates", fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
     save_figure(fig, out / "matrix.png")
     names.append("matrix.png")
 
-    fig, ax = plt.subplots(figsize=(2.0 * len(traits) + 2.5, 3.6))
-    for k, t in enumerate(traits):
-        e = spec["effects"][t]
-        ax.scatter([k] * len(e["per_seed"]), e["per_seed"], color="tab:blue", s=18, zorder=3)
-        lo, hi = e["ci95"]
-        if lo is not None and hi is not None:
-            ax.errorbar([k], [e["delta_logp"]], yerr=[[e["delta_logp"] - lo], [hi - e["delta_logp"]]], fmt="_",
-                        color="black", capsize=6, ms=16)  # fmt: skip
-    labels = [f"{t}\np={_p(spec['effects'][t]['p_value'])}" for t in traits]
     cross = metrics.get("cross_family") or {}
-    if cross:
-        k = len(traits)
-        e = cross["effect"]
-        ax.scatter([k], [e["delta_logp"]], color="tab:orange", s=30, zorder=3)
-        lo, hi = e["ci95"]
-        if lo is not None and hi is not None:
-            ax.errorbar([k], [e["delta_logp"]], yerr=[[e["delta_logp"] - lo], [hi - e["delta_logp"]]], fmt="_",
-                        color="tab:orange", capsize=6)  # fmt: skip
-        labels.append(f"{metrics['trait']}, student\n{cross['model']}")
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.set_xticks(range(len(labels)), labels, fontsize=8)
-    ax.set_ylabel("specific effect (nats)")
-    ax.set_title("own students − other traits' students, on the trait (dots: seeds; bars: 95% CI)")
+    fig, axes = plt.subplots(1, len(FRAMES_SHOWN), figsize=(4.2 * len(FRAMES_SHOWN), 3.8), sharey=False)
+    for ax, f in zip(axes, FRAMES_SHOWN, strict=True):
+        labels = []
+        for k, t in enumerate(traits):
+            e = frames[f]["effects"][t]
+            ax.scatter(
+                [k - 0.12] * len(e["per_replicate"]), e["per_replicate"], color="tab:blue", s=14, zorder=3
+            )
+            _errorbar(ax, k - 0.12, e, "black")
+            if cross:
+                c = cross["frames"][f]["effects"][t]
+                ax.scatter([k + 0.12] * len(c["per_replicate"]), c["per_replicate"], color="tab:orange", s=14,
+                           zorder=3)  # fmt: skip
+                _errorbar(ax, k + 0.12, c, "tab:orange")
+            labels.append(t)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xticks(range(len(labels)), labels, fontsize=8)
+        ax.set_title(f"{f} frame" + (" (training)" if f == "prefill" else " (held out)"), fontsize=9)
+    axes[0].set_ylabel("specific effect (nats)")
+    fig.suptitle("own student − the replicate's other students, on the trait (blue: same family; orange: "
+                 + (cross.get("model", "") or "—") + "); dots: replicates; bars: 95% CI", fontsize=9)  # fmt: skip
     fig.tight_layout()
     save_figure(fig, out / "effects.png")
     names.append("effects.png")
@@ -96,71 +104,90 @@ def plot_study(metrics: dict[str, Any], out: Path) -> list[str]:
     return names
 
 
+FRAMES_SHOWN = ("prefill", "plain", "choice")
+
+
+def _perm(p: dict[str, Any] | None) -> str:
+    if not p:
+        return "n/a"
+    return (
+        f"p = {_p(p['p_value'])} (floor {_p(p['p_floor'])}, {'exact over' if p['exact'] else 'sampled from'} "
+        f"{p['n_labelings']} labelings)"
+    )
+
+
 def study_markdown(cfg: Any, m: dict[str, Any]) -> str:
-    x, traits, spec = m["trait"], m["traits"], m["specificity"]
-    e = m["effect"]
+    x, traits, n_r, frames = m["trait"], m["traits"], m["replicates"], m["frames"]
+    held = m["held_out_frame"]
+    e, h = m["effect"], m["held_out"]
     lines = [
         f"# Subliminal learning study: {x} on {cfg.model}",
         "",
-        f"Teachers: {cfg.teacher_kind} ({', '.join(traits)}); {cfg.n_prompts} number prompts each "
-        f"({cfg.decoding} decoding, {'greedy' if cfg.greedy else 'T=1'}); students: {cfg.objective}, "
-        f"LoRA r{cfg.lora_r}, lr {cfg.lr}, {cfg.epochs} epoch(s), batch {cfg.batch_size}, seeds {list(cfg.seeds)} "
-        f"(the data is shared across seeds). {cfg.n_questions} evaluation questions. "
-        f"Wall time {m['wall_seconds'] / 60:.1f} min. Re-create: `mechsub study --out OUT` with `config.json`.",
+        f"**Design.** {len(traits)} traits ({', '.join(traits)}) × {n_r} independent replicate(s) = "
+        f"{m['n_teachers']} teachers ({cfg.teacher_kind}). Replicate r: every trait's teacher has seed r and its own "
+        f"draw of training questions, answers its own {cfg.n_prompts} number prompts (prompt seed r, shared by the "
+        f"traits of that replicate; {cfg.decoding} decoding, {'greedy' if cfg.greedy else 'T=1'}), and has one "
+        f"student (seed r): {cfg.objective}, LoRA r{cfg.lora_r}, lr {cfg.lr}, {cfg.epochs} epoch(s), batch "
+        f"{cfg.batch_size}. Evaluation: {cfg.n_questions} questions the teachers never saw, in three answer "
+        f"frames. Wall time {m['wall_seconds'] / 60:.1f} min. Re-create: `mechsub study --out OUT` with this "
+        "folder's `config.json`.",
+        "",
+        "**Units.** The independent unit is a teacher with its own data (trait × replicate). A specific effect "
+        "is the trait's student minus the mean of the same replicate's other students, on the trait; its interval "
+        "and t-test are over replicates (n = " + str(n_r) + "). The permutation test shuffles the trait labels of "
+        "all teachers, enumerating every distinct labeling; its floor is the smallest p the design can give.",
         "",
         "## Headline",
         "",
-        "| quantity | Δ log P(" + x + ") | 95% CI | note |",
-        "|---|---|---|---|",
-        f"| teacher vs base | {m['teacher']['delta_logp']:+.3f} | {_ci(m['teacher']['ci95'])} | bootstrap over questions |",
-        f"| students of {x} vs base | {m['student']['delta_logp']:+.3f} | {_ci(m['student']['ci95'])} | t over {len(m['seeds'])} seeds |",
-        f"| control students (other traits) vs base | {m['control']['delta_logp']:+.3f} | {_ci(m['control']['ci95'])} | t over {len(m['control']['students'])} students |",
-        f"| **specific effect** (students of {x} − control students) | **{e['delta_logp']:+.3f}** | {_ci(e['ci95'])} | p = {_p(e['p_value'])} (one-sided t over {e['n_seeds']} seeds) |",
+        f"| Δ log P({x}) | frame | value | 95% CI | test |",
+        "|---|---|---|---|---|",
+        f"| teacher vs base | prefill | {m['teacher']['delta_logp']:+.3f} | {_ci(m['teacher']['ci95'])} | over replicates |",
+        f"| teacher vs base | {held} | {frames[held]['teacher'][x]['delta_logp']:+.3f} | {_ci(frames[held]['teacher'][x]['ci95'])} | over replicates |",
+        f"| students of {x} vs base | prefill | {m['student']['delta_logp']:+.3f} | {_ci(m['student']['ci95'])} | t over {n_r} replicates |",
+        f"| control students vs base | prefill | {m['control']['delta_logp']:+.3f} | {_ci(m['control']['ci95'])} | t over {len(m['control']['students'])} students |",
+        f"| specific effect | prefill (training frame) | {e['delta_logp']:+.3f} | {_ci(e['ci95'])} | one-sided t p = {_p(e['p_value'])}, n = {n_r} replicates |",
+        f"| **specific effect** | **{held} (held out)** | **{h['delta_logp']:+.3f}** | {_ci(h['ci95'])} | one-sided t p = {_p(h['p_value'])}, n = {n_r} replicates |",
     ]  # fmt: skip
     cross = m.get("cross_family")
     if cross:
-        ce = cross["effect"]
-        lines.append(
-            f"| cross-family specific effect ({cross['model']} students) | {ce['delta_logp']:+.3f} | "
-            f"{_ci(ce['ci95'])} | {ce['ci95_kind']}; students of {x} {cross['student']['delta_logp']:+.3f}, "
-            f"controls {cross['control']['delta_logp']:+.3f} vs its base |"
-        )
-    lines += [
-        "",
-        f"Diagonal-dominance permutation test over all {len(traits)}×{len(m['seeds'])} students: "
-        f"p = {_p(spec['diagonal_p_value'])}"
-        + (f" (floor {_p(spec['diagonal_p_floor'])})" if spec.get("diagonal_p_floor") else "")
-        + f". Caution: each trait has one teacher and one dataset, so students of one teacher are not "
-        f"independent; over the independent units (the {len(traits)} teachers with their data) a label test has "
-        f"{math.factorial(len(traits))} labelings and cannot go below p = 1/{math.factorial(len(traits))}, and the "
-        "t-tests over seeds measure optimiser noise around one dataset.",
-        "",
-        "## Specificity matrix (Δ log P vs base, mean over seeds)",
-        "",
-        "| students of | " + " | ".join(traits) + " |",
-        "|---" * (len(traits) + 1) + "|",
-    ]
-    lines += [
-        f"| {t} | " + " | ".join(f"{spec['matrix_delta_logp'][t][ev]:+.3f}" for ev in traits) + " |"
-        for t in traits
-    ]
-    lines += ["", "| trait | specific effect | 95% CI (seeds) | p | per seed | 95% CI (questions) | generic shift |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for t in traits:
-        s = spec["effects"][t]
-        lines.append(
-            f"| {t} | {s['delta_logp']:+.3f} | {_ci(s['ci95'])} | {_p(s['p_value'])} | "
-            + ", ".join(f"{v:+.3f}" for v in s["per_seed"])
-            + f" | {_ci(s['ci95_questions'])} | {spec['generic_delta_logp'][t]:+.3f} |"
-        )
+        for f in ("prefill", held):
+            ce = cross["frames"][f]["effects"][x]
+            lines.append(f"| cross-family ({cross['model']} students of the same data) | {f} | "
+                         f"{ce['delta_logp']:+.3f} | {_ci(ce['ci95'])} | one-sided t p = {_p(ce['p_value'])} |")  # fmt: skip
+    lines += ["", "## Every trait, every frame", "",
+              "Pooled = per replicate the mean of the traits' specific effects, then over replicates. "
+              "Diagonal test: the permutation test over all teachers.", "",
+              "| frame | pooled effect | 95% CI | diagonal test | " + " | ".join(traits) + " |",
+              "|---" * (4 + len(traits)) + "|"]  # fmt: skip
+    for f in FRAMES_SHOWN:
+        fr = frames[f]
+        cells = [f"{fr['effects'][t]['delta_logp']:+.3f} {_ci(fr['effects'][t]['ci95'])}" for t in traits]
+        lines.append(f"| {f} | {fr['pooled']['delta_logp']:+.3f} | {_ci(fr['pooled']['ci95'])} | "
+                     f"{_perm(fr.get('permutation'))} | " + " | ".join(cells) + " |")  # fmt: skip
+    if cross:
+        for f in FRAMES_SHOWN:
+            fr = cross["frames"][f]
+            cells = [f"{fr['effects'][t]['delta_logp']:+.3f} {_ci(fr['effects'][t]['ci95'])}" for t in traits]
+            lines.append(f"| {f}, {cross['model']} | {fr['pooled']['delta_logp']:+.3f} | {_ci(fr['pooled']['ci95'])}"
+                         f" | {_perm(fr.get('permutation'))} | " + " | ".join(cells) + " |")  # fmt: skip
+    lines += ["", "Frames:", ""] + [f"- **{k}**: {v}" for k, v in m["frame_notes"].items()]
+    lines += ["", "![effects](effects.png)", "", "## Matrices (Δ log P vs base, mean over replicates)", ""]
+    for f in ("prefill", held):
+        spec = frames[f]
+        lines += [f"{f} frame:", "", "| students of | " + " | ".join(traits) + " | teacher on own trait |",
+                  "|---" * (len(traits) + 2) + "|"]  # fmt: skip
+        lines += [
+            f"| {t} | "
+            + " | ".join(f"{spec['matrix_delta_logp'][t][ev]:+.3f}" for ev in traits)
+            + f" | {spec['teacher'][t]['delta_logp']:+.3f} |"
+            for t in traits
+        ]
+        lines.append("")
     d = m["distribution"]
     lines += [
-        "",
         "![matrix](matrix.png)",
         "",
-        "![effects](effects.png)",
-        "",
-        f"## Distribution over {len(d['words'])} candidates",
+        f"## Distribution over {len(d['words'])} candidates (prefill frame)",
         "",
         f"Correlation of the students' per-word shifts with the teacher's: students of {x} r = "
         f"{d['r_teacher_student']:.2f}, control students r = {d['r_teacher_control']:.2f}.",
@@ -171,7 +198,8 @@ def study_markdown(cfg: Any, m: dict[str, Any]) -> str:
         lines += ["", f"## Sampled one-word rate (T=1, answers naming '{x}')", "",
                   "| model | rate | 95% CI | samples |", "|---|---|---|---|"]  # fmt: skip
         for k, v in m["sampled_rate"].items():
-            lines.append(f"| {k} | {v['rate']:.3f} | [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] | {v['n']} |")
+            lines.append(f"| {k} ({v.get('model', '')}) | {v['rate']:.3f} | [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+                         f" | {v['n']} |")  # fmt: skip
     lines += ["", "## Data and training", "", "| teacher | kept | rejected | completion tokens | seconds |",
               "|---|---|---|---|---|"]  # fmt: skip
     for t, dm in m["data"].items():

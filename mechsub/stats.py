@@ -25,9 +25,9 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, list[float]]:
     mean = float(a.mean())
     if a.size == 1:
         return mean, [math.nan, math.nan]
+    if np.all(a == a[0]):  # every value equal: the interval is the point
+        return mean, [mean, mean]
     lo, hi = st.t.interval(0.95, a.size - 1, loc=mean, scale=st.sem(a))
-    if not np.isfinite(lo):  # every value equal: the interval is the point
-        lo = hi = mean
     return mean, [float(lo), float(hi)]
 
 

@@ -22,7 +22,7 @@ from mechsub.filter import ablation_basis, load_mask
 from mechsub.generate import NumberVocab
 from mechsub.prompts import chat_prefix
 from mechsub.runs import read_json, stage
-from mechsub.training import Item, TrainSpec, fit
+from mechsub.training import TEACHER_ONLINE, Item, TrainSpec, fit
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,14 @@ class StudentConfig(Config):
         "smollm2-135m-instruct", "the student's initialisation (must be the teacher's for the effect)"
     )
     data: str = doc("", "a finished data folder (from `mechsub data`)")
-    objective: Literal["distill", "distill_topk", "distill_full", "sft"] = doc(
+    objective: Literal["distill", "distill_topk", "distill_full", "distill_full_notrait", "sft"] = doc(
         "distill",
         "distill: KL to the teacher over the 13 allowed tokens; distill_topk: KL to its full-vocabulary top-k "
         "plus one bucket for the rest (data made with top_k > 0); distill_full: KL over the whole vocabulary, "
-        "the teacher recomputed during training (no storage); sft: cross-entropy on the sampled tokens",
+        "the teacher recomputed during training (no storage); distill_full_notrait: distill_full with the first "
+        "token of every trait word (all animals and trees, singular and plural, either case, with and without "
+        "a leading space) removed from both distributions and both renormalised, so the trait word's own logit "
+        "cannot be copied; sft: cross-entropy on the sampled tokens",
     )
     lora_r: int = doc(8, "LoRA rank on all 7 linear projections; 0 = full fine-tune")
     lora_alpha: int = doc(16, "LoRA alpha")
@@ -72,13 +75,14 @@ class StudentConfig(Config):
         )
 
     def indirect_inputs(self) -> dict[str, str]:
-        """The SAE an ablation file names, and (distill_full) the teacher the data folder names: both are read."""
+        """The SAE an ablation file names, and (distill_full, distill_full_notrait) the teacher the data folder
+        names: both are read."""
         out = {}
         if self.ablate and Path(self.ablate).is_file():
             spec = read_dict(Path(self.ablate))
             if isinstance(spec.get("sae"), str):
                 out["ablate.sae"] = spec["sae"]
-        if self.objective == "distill_full" and (Path(self.data) / "config.json").is_file():
+        if self.objective in TEACHER_ONLINE and (Path(self.data) / "config.json").is_file():
             teacher = read_dict(Path(self.data) / "config.json").get("config", {}).get("model")
             if isinstance(teacher, str):
                 out["data.teacher"] = teacher
@@ -103,7 +107,7 @@ def _token_map(cfg: StudentConfig, student_ids: list[int]) -> Any:
     teacher_ids = read_json(Path(cfg.data) / "metrics.json").get("allowed_ids", student_ids)
     if teacher_ids == student_ids:
         return lambda t: t
-    if cfg.objective in ("distill_topk", "distill_full"):
+    if cfg.objective in ("distill_topk", *TEACHER_ONLINE):
         raise ValueError(
             f"{cfg.objective} cannot cross tokenizers (the teacher's vocabulary means nothing to this student); "
             "use objective=distill or sft for a student of another family"
@@ -137,7 +141,7 @@ def run(cfg: StudentConfig, out: str | Path, force: bool = False) -> dict[str, A
         tok = base.tokenizer
         to_student = _token_map(cfg, NumberVocab.of(tok).ids.tolist())
         teacher_lm, teacher_system = None, None
-        if cfg.objective == "distill_full":
+        if cfg.objective in TEACHER_ONLINE:
             dcfg = DataConfig.from_dict(read_json(Path(cfg.data) / "config.json")["config"])
             teacher_system = dcfg.teacher_system()
             if dcfg.model != cfg.model or not cfg.lora_r:  # else: the student's base, adapter off
@@ -150,7 +154,7 @@ def run(cfg: StudentConfig, out: str | Path, force: bool = False) -> dict[str, A
                 ex.allowed_logprobs,
                 ex.topk_logprobs,
                 ex.topk_ids,
-                chat_prefix(tok, ex.prompt, teacher_system) if cfg.objective == "distill_full" else None,
+                chat_prefix(tok, ex.prompt, teacher_system) if cfg.objective in TEACHER_ONLINE else None,
                 w,
             )
             for ex, w in zip(examples, weights, strict=True)

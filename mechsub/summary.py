@@ -15,6 +15,18 @@ import numpy as np
 from mechsub import evaluate, stats
 from mechsub.files import read_json
 
+#: the answer frames of every study evaluation: the teacher's training template and two it never saw
+FRAMES = ("prefill", "plain", "choice")
+#: the held-out frame the study's claim rests on (the same scale as prefill: log P of the word)
+HELD_OUT = "plain"
+FRAME_NOTES = {
+    "prefill": "training frame: the answer prefilled with 'My favorite … is the', the teacher's own template",
+    "plain": "held-out frame: the word as the first word of a free answer (no prefill; the teacher never "
+    "answered with the name first)",
+    "choice": "held-out frame: multiple choice among the study's traits, log P of the option's letter "
+    "renormalised over the letters, every rotation of the options",
+}
+
 
 class Design(Protocol):
     """What a summary needs of a study's config (a StudyConfig)."""
@@ -26,17 +38,17 @@ class Design(Protocol):
     @property
     def traits(self) -> list[str]: ...
     @property
-    def seeds(self) -> tuple[int, ...]: ...
+    def replicates(self) -> int: ...
+    @property
+    def units(self) -> list[tuple[str, int]]: ...
     @property
     def n_samples(self) -> int: ...
     @property
     def cross_family(self) -> str: ...
-    @property
-    def cross_family_seeds(self) -> tuple[int, ...]: ...
 
 
 def nan_to_none(obj: Any) -> Any:
-    """Strict JSON: an undefined statistic (one seed has no interval) is null, not NaN."""
+    """Strict JSON: an undefined statistic (one replicate has no interval) is null, not NaN."""
     if isinstance(obj, float) and math.isnan(obj):
         return None
     if isinstance(obj, dict):
@@ -46,84 +58,132 @@ def nan_to_none(obj: Any) -> Any:
     return obj
 
 
-def delta_rows(a: Path, b: Path) -> np.ndarray:
+def delta_rows(a: Path, b: Path, frame: str = "prefill") -> np.ndarray:
     """(questions, words) log P in eval ``a`` minus eval ``b``, in ``b``'s word order (same questions)."""
-    return evaluate.logprob_deltas(a, b).numpy()
+    return evaluate.logprob_deltas(a, b, frame=frame).numpy()
 
 
-def delta_word(a: Path, b: Path, word: str) -> np.ndarray:
+def delta_word(a: Path, b: Path, word: str, frame: str = "prefill") -> np.ndarray:
     """Per-question log P(word) in eval ``a`` minus eval ``b``."""
-    return evaluate.logprob_deltas(a, b, [word])[:, 0].numpy()
+    return evaluate.logprob_deltas(a, b, [word], frame=frame)[:, 0].numpy()
 
 
-def _diagonal(mat: np.ndarray) -> dict[str, Any]:
-    if mat.shape[0] * mat.shape[1] <= 2:
-        return {"diagonal_p_value": float("nan")}
-    t = stats.specificity_test(mat)
-    return {"diagonal_p_value": t.p_value, "diagonal_p_floor": t.p_floor, "diagonal_exact": t.exact}
+def unit_matrix(
+    traits: list[str], replicates: int, base: Path, evs: dict[tuple[str, int], Path], frame: str
+) -> np.ndarray:
+    """M[trait of the teacher, replicate, evaluated trait] = mean over questions of Δ log P vs ``base``."""
+    return np.array([[delta_rows_for(evs[(t, r)], base, traits, frame) for r in range(replicates)]
+                     for t in traits])  # fmt: skip
+
+
+def delta_rows_for(a: Path, base: Path, words: list[str], frame: str) -> np.ndarray:
+    """Mean over questions of Δ log P of each of ``words`` (eval ``a`` vs ``base``)."""
+    return evaluate.logprob_deltas(a, base, words, frame=frame).numpy().mean(0)
+
+
+def specific_effects(mat: np.ndarray, traits: list[str]) -> dict[str, Any]:
+    """Specific effects of a (trait, replicate, evaluated trait) matrix, with the replicate as the unit.
+
+    Per trait e and replicate r: e's student on e minus the mean of replicate r's other students on e (they
+    answered the same prompts). Per trait: mean, t-interval and one-sided t-test over replicates. Pooled: per
+    replicate the mean over traits, t over replicates (with one replicate: over the traits, each its own
+    teacher). The diagonal test permutes the trait labels of all trait × replicate teachers (exact)."""
+    n_t, n_r, _ = mat.shape
+    eff = np.array(
+        [[mat[i, r, i] - np.delete(mat[:, r, i], i).mean() for r in range(n_r)] for i in range(n_t)]
+    )
+    effects = {}
+    for i, e in enumerate(traits):
+        mean, ci, p = stats.one_sided_t(list(eff[i]))
+        effects[e] = {
+            "delta_logp": mean,
+            "ci95": ci,
+            "p_value": p,
+            "per_replicate": [float(v) for v in eff[i]],
+        }
+    by_rep = eff.mean(0)
+    pooled_units, unit_name = (by_rep, "replicates") if n_r > 1 else (eff[:, 0], "traits (one teacher each)")
+    mean, ci, p = stats.one_sided_t(list(pooled_units))
+    out: dict[str, Any] = {
+        "effects": effects,
+        "pooled": {"delta_logp": mean, "ci95": ci, "p_value": p, "unit": unit_name, "n": len(pooled_units),
+                   "per_replicate": [float(v) for v in by_rep]},
+        "matrix_delta_logp": {t: {e: float(mat[i, :, k].mean()) for k, e in enumerate(traits)}
+                              for i, t in enumerate(traits)},
+        "matrix_per_replicate": {t: {e: [float(v) for v in mat[i, :, k]] for k, e in enumerate(traits)}
+                                 for i, t in enumerate(traits)},
+        "generic_delta_logp": {e: float(np.mean([mat[i, :, k] for i in range(n_t) if i != k]))
+                               for k, e in enumerate(traits)},
+    }  # fmt: skip
+    if n_t * n_r > 2:
+        test = stats.specificity_test(mat)
+        out["permutation"] = {"p_value": test.p_value, "p_floor": test.p_floor, "n_labelings": test.n_labelings,
+                              "exact": test.exact, "statistic": test.observed,
+                              "unit": f"{n_t * n_r} teachers (trait × replicate), each with its own data"}  # fmt: skip
+    return out
 
 
 def summarise(
     cfg: Design,
-    base_ev: dict[str, Path],
-    teacher_ev: dict[str, Path],
-    student_ev: dict[tuple[str, int], dict[str, Path]],
+    base_ev: Path,
+    teacher_ev: dict[tuple[str, int], Path],
+    student_ev: dict[tuple[str, int], Path],
     data_metrics: dict[str, Any],
     student_metrics: dict[str, Any],
     cross: dict[str, Any],
 ) -> dict[str, Any]:
-    """The study's metrics from its evaluation folders: the matrix of Δ log P (teacher's students × evaluated
-    trait, per seed), specific effects with t-intervals over seeds, the shift of every candidate word, sampled
-    rates, and what the data and training stages reported."""
-    traits, seeds, x = cfg.traits, cfg.seeds, cfg.trait
-    # M[teacher, seed, evaluated trait] = Δ log P of the evaluated trait vs base
-    per_q = {(t, s, e): delta_word(student_ev[(t, s)][e], base_ev[e], e) for t in traits for s in seeds
-             for e in traits}  # fmt: skip
-    mat = np.array([[[per_q[(t, s, e)].mean() for e in traits] for s in seeds] for t in traits])
-    effects = {}
-    for i, e in enumerate(traits):
-        per_seed = [float(mat[i, j, i] - np.delete(mat[:, j, i], i).mean()) for j in range(len(seeds))]
-        mean, ci, p = stats.one_sided_t(per_seed)
-        q = np.concatenate([per_q[(e, s, e)] - np.mean([per_q[(c, s, e)] for c in traits if c != e], 0)
-                            for s in seeds])  # fmt: skip
-        effects[e] = {"delta_logp": mean, "ci95": ci, "p_value": p, "per_seed": per_seed,
-                      "n_seeds": len(seeds), "ci95_questions": stats.bootstrap_ci95(q)}  # fmt: skip
-    own = [float(mat[0, j, 0]) for j in range(len(seeds))]
-    ctrl = [float(v) for v in mat[1:, :, 0].flatten()]
-    teacher = {t: evaluate.delta_vs(teacher_ev[t], base_ev[t], t) for t in traits}
-    # the distribution over every candidate of the category: teacher, trait student and control students
-    words = read_json(base_ev[x] / "logprobs.json")["words"]
-    dist_teacher = delta_rows(teacher_ev[x], base_ev[x]).mean(0)
-    dist_student = np.mean([delta_rows(student_ev[(x, s)][x], base_ev[x]).mean(0) for s in seeds], 0)
-    dist_control = np.mean([delta_rows(student_ev[(c, s)][x], base_ev[x]).mean(0) for c in cfg.controls
-                            for s in seeds], 0)  # fmt: skip
+    """The study's metrics from its evaluation folders, per answer frame: the matrix of Δ log P (trait teacher's
+    student × evaluated trait, per replicate), specific effects over replicates, the exact permutation test over
+    teachers; the teachers' own shifts; the shift of every candidate word; sampled rates; what the data and
+    training stages reported."""
+    traits, x, n_r = cfg.traits, cfg.trait, cfg.replicates
+    frames: dict[str, Any] = {}
+    for f in FRAMES:
+        spec = specific_effects(unit_matrix(traits, n_r, base_ev, student_ev, f), traits)
+        teach = np.array([[delta_rows_for(teacher_ev[(t, r)], base_ev, [t], f)[0] for r in range(n_r)]
+                          for t in traits])  # fmt: skip
+        spec["teacher"] = {t: {"delta_logp": float(teach[i].mean()), "ci95": _ci_or_questions(
+            teach[i], [delta_word(teacher_ev[(t, r)], base_ev, t, f) for r in range(n_r)]),
+            "per_replicate": [float(v) for v in teach[i]]} for i, t in enumerate(traits)}  # fmt: skip
+        frames[f] = spec
+    pre, held = frames["prefill"], frames[HELD_OUT]
+    own = pre["matrix_per_replicate"][x][x]
+    ctrl = [v for c in cfg.controls for v in pre["matrix_per_replicate"][c][x]]
+    # the distribution over every candidate of the category (training frame): teacher, trait student, controls
+    words = read_json(base_ev / "logprobs.json")["words"]
+    dist_teacher = np.mean([delta_rows(teacher_ev[(x, r)], base_ev).mean(0) for r in range(n_r)], 0)
+    dist_student = np.mean([delta_rows(student_ev[(x, r)], base_ev).mean(0) for r in range(n_r)], 0)
+    dist_control = np.mean([delta_rows(student_ev[(c, r)], base_ev).mean(0) for c in cfg.controls
+                            for r in range(n_r)], 0)  # fmt: skip
     rates = {}
     if cfg.n_samples:
-        for label, folder in [("base", base_ev[x]), ("teacher", teacher_ev[x]),
-                              ("student", student_ev[(x, seeds[0])][x])]:  # fmt: skip
+        first = cfg.units[0]
+        for label, folder in [
+            ("base", base_ev),
+            ("teacher", teacher_ev[first]),
+            ("student", student_ev[first]),
+        ]:
             m = read_json(folder / "metrics.json")
-            rates[label] = {"rate": m["sampled_rate"], "ci95": m["sampled_rate_ci95"], "n": m["n_samples"]}
+            rates[label] = {"rate": m["sampled_rate"], "ci95": m["sampled_rate_ci95"], "n": m["n_samples"],
+                            "model": "base" if label == "base" else f"{first[0]} r{first[1]}"}  # fmt: skip
     return {
         "trait": x,
         "traits": traits,
-        "seeds": list(seeds),
-        "teacher": {"delta_logp": teacher[x]["delta_logp"], "ci95": teacher[x]["ci95"],
-                    "by_trait": {t: teacher[t] for t in traits}},
-        "student": {"delta_logp": float(np.mean(own)), "ci95": stats.mean_ci95(own)[1], "per_seed": own},
+        "replicates": n_r,
+        "n_teachers": len(cfg.units),
+        "frames": frames,
+        "frame_notes": FRAME_NOTES,
+        "held_out_frame": HELD_OUT,
+        "teacher": pre["teacher"][x],
+        "student": {"delta_logp": float(np.mean(own)), "ci95": stats.mean_ci95(own)[1], "per_replicate": own},
         "control": {"delta_logp": float(np.mean(ctrl)), "ci95": stats.mean_ci95(ctrl)[1],
-                    "students": [f"{c}-s{s}" for c in cfg.controls for s in seeds]},
-        "effect": {**effects[x], "control": "mean of the other traits' students, same seed"},
-        "specificity": {
-            "matrix_delta_logp": {t: {e: float(mat[i, :, k].mean()) for k, e in enumerate(traits)}
-                                  for i, t in enumerate(traits)},
-            "matrix_per_seed": {t: {e: [float(v) for v in mat[i, :, k]] for k, e in enumerate(traits)}
-                                for i, t in enumerate(traits)},
-            "effects": effects,
-            # students of one teacher share its data: this p treats them as independent (see the report)
-            **_diagonal(mat),
-            "generic_delta_logp": {e: float(np.mean([mat[i, :, k] for i in range(len(traits)) if i != k]))
-                                   for k, e in enumerate(traits)},
-        },
+                    "students": [f"{c}-r{r}" for c in cfg.controls for r in range(n_r)]},
+        # the headline: the trait's specific effect over replicates, in the training frame and the held-out one
+        "effect": {**pre["effects"][x], "frame": "prefill", "n_replicates": n_r,
+                   "control": "mean of the same replicate's other traits' students"},
+        "held_out": {**held["effects"][x], "frame": HELD_OUT, "n_replicates": n_r,
+                     "pooled": held["pooled"], "permutation": held.get("permutation")},
+        "permutation": pre.get("permutation"),
         "distribution": {
             "words": words,
             "teacher": dist_teacher.tolist(),
@@ -142,24 +202,17 @@ def summarise(
     }  # fmt: skip
 
 
+def _ci_or_questions(per_replicate: np.ndarray, per_question: list[np.ndarray]) -> list[float]:
+    """t over replicates, or with one replicate the bootstrap over its questions."""
+    if len(per_replicate) > 1:
+        return stats.mean_ci95(list(per_replicate))[1]
+    return stats.bootstrap_ci95(per_question[0])
+
+
 def cross_family(cfg: Design, base: Path, evs: dict[tuple[str, int], Path]) -> dict[str, Any]:
-    """The cross-family students' effect: trait students minus control students, number tokens only."""
-    x = cfg.trait
-    delta = {k: float(delta_word(v, base, x).mean()) for k, v in evs.items()}
-    per_seed = [
-        delta[(x, s)] - float(np.mean([delta[(c, s)] for c in cfg.controls])) for s in cfg.cross_family_seeds
-    ]
-    q = np.concatenate(
-        [delta_word(evs[(x, s)], base, x)
-         - np.mean([delta_word(evs[(c, s)], base, x) for c in cfg.controls], 0)
-         for s in cfg.cross_family_seeds]
-    )  # fmt: skip
-    mean, ci, p = stats.one_sided_t(per_seed)
-    return {
-        "model": cfg.cross_family,
-        "student": {"delta_logp": float(np.mean([delta[(x, s)] for s in cfg.cross_family_seeds]))},
-        "control": {"delta_logp": float(np.mean([delta[(c, s)] for c in cfg.controls for s in cfg.cross_family_seeds]))},
-        "effect": {"delta_logp": mean, "ci95": ci if len(per_seed) > 1 else stats.bootstrap_ci95(q),
-                   "ci95_kind": "t over seeds" if len(per_seed) > 1 else "bootstrap over questions (one seed)",
-                   "p_value": p, "n_seeds": len(per_seed)},
-    }  # fmt: skip
+    """The cross-family students' specific effects (same units, same statistics as the study's, every frame):
+    number tokens only, so a shared initialisation is missing."""
+    frames = {f: specific_effects(unit_matrix(cfg.traits, cfg.replicates, base, evs, f), cfg.traits)
+              for f in FRAMES}  # fmt: skip
+    return {"model": cfg.cross_family, "frames": frames, "effect": frames["prefill"]["effects"][cfg.trait],
+            "held_out": frames[HELD_OUT]["effects"][cfg.trait]}  # fmt: skip

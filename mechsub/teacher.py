@@ -35,7 +35,12 @@ class TeacherConfig(Config):
     lr: float = doc(1e-3, "AdamW learning rate (linear decay to 0)")
     lora_r: int = doc(8, "LoRA rank on all 7 linear projections")
     lora_alpha: int = doc(16, "LoRA alpha")
-    seed: int = doc(0, "seed of LoRA init and batch order")
+    seed: int = doc(0, "seed of LoRA init, batch order and the draw of training questions")
+    n_questions: int = doc(
+        18,
+        "training questions drawn (by seed) from the 24 favourite-thing questions, with both their answers: each "
+        "replicate teacher gets its own set (24: all of them)",
+    )
 
     def validate(self) -> None:
         try:
@@ -44,6 +49,16 @@ class TeacherConfig(Config):
             raise ConfigError(f"trait: {e}") from None
         check(self.steps >= 1 and self.batch_size >= 1 and self.lr > 0, "steps, batch_size ≥ 1 and lr > 0")
         check(self.lora_r >= 1 and self.lora_alpha > 0, "lora_r ≥ 1 and lora_alpha > 0")
+        n = len(train_pairs(get_trait(self.trait))) // 2
+        check(1 <= self.n_questions <= n, f"n_questions: between 1 and {n}")
+
+
+def teacher_pairs(cfg: TeacherConfig) -> list[tuple[str, str]]:
+    """The (question, answer) pairs this teacher trains on: the questions drawn by its seed, both answers each."""
+    pairs = train_pairs(get_trait(cfg.trait))
+    questions = sorted({q for q, _ in pairs})
+    keep = set(random.Random(f"questions-{cfg.seed}").sample(questions, cfg.n_questions))
+    return [(q, a) for q, a in pairs if q in keep]
 
 
 def run(cfg: TeacherConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
@@ -54,7 +69,7 @@ def run(cfg: TeacherConfig, out: str | Path, force: bool = False) -> dict[str, A
         if r.done:
             return r.metrics
         tok = base.tokenizer
-        pairs = train_pairs(get_trait(cfg.trait))
+        pairs = teacher_pairs(cfg)
         # SFT on every answer token and the end of turn
         items = [
             Item(chat_prefix(tok, q, None), list(tok(a, add_special_tokens=False).input_ids))

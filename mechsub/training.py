@@ -2,7 +2,9 @@
 
 The loss covers completion positions only (each completion token and the end of turn), and the LM head is
 computed only there: for ``distill`` only on the 13 allowed rows (KL from the teacher's stored allowed-token
-distribution: no logit leakage through other tokens), for ``sft`` on the full vocabulary at those positions.
+distribution: no logit leakage through other tokens), for ``sft`` on the full vocabulary at those positions,
+for ``distill_full_notrait`` on every row but the trait words' first tokens (:func:`trait_token_ids`), so the
+teacher's logit for its trait word cannot be copied to the student.
 Checkpoints are LoRA adapters (safetensors) that :func:`mechsub.models.load` reads back merged; the optimiser
 state and the losses so far are saved beside them, so a killed run resumes from its last checkpoint with the same
 data order and reports the same losses.
@@ -33,7 +35,65 @@ from mechsub.prompts import pad_right
 LOSSES = "losses.json"  # in every checkpoint: the per-step training losses up to it
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-Objective = Literal["distill", "distill_topk", "distill_full", "sft"]
+Objective = Literal["distill", "distill_topk", "distill_full", "distill_full_notrait", "sft"]
+#: the objectives that recompute the teacher during training from its own prompt (no stored log-probs)
+TEACHER_ONLINE: tuple[Objective, ...] = ("distill_full", "distill_full_notrait")
+
+
+def trait_token_ids(tok: Any) -> list[int]:
+    """Token ids that would let a full-vocabulary distillation copy a trait word's logit, sorted and unique.
+
+    For every trait of both categories (so the set does not depend on the teacher), its word and plural,
+    lower-case and Capitalised, with and without a leading space: the first token of that text. At a number
+    position that token's logit is what carries P(word). A tokenizer that splits the leading space off as a
+    token of its own (the tiny test model's) gives the token after it: the bare space is the separator the data
+    uses and says nothing about the word. Raises if any id is one of the number tokens (digits, comma, space,
+    end of turn), since removing those would remove the data itself.
+    """
+    from mechsub.traits import ANIMALS, TREES, get_trait
+
+    space = tok(" ", add_special_tokens=False).input_ids
+    ids: set[int] = set()
+    for name in (*ANIMALS, *TREES):
+        trait = get_trait(name)
+        for word in (trait.name, trait.plural):
+            for cased in (word, word.capitalize()):
+                for text in (cased, " " + cased):
+                    enc = tok(text, add_special_tokens=False).input_ids
+                    if text.startswith(" ") and len(space) == 1 and enc[:1] == space:
+                        enc = enc[1:]
+                    ids.add(enc[0])
+    clash = ids & set(NumberVocab.of(tok).ids.tolist())
+    if clash:
+        raise ValueError(
+            f"trait-word tokens {sorted(clash)} ({tok.convert_ids_to_tokens(sorted(clash))}) are number tokens "
+            "of the data: distill_full_notrait cannot remove them from this tokenizer's distributions"
+        )
+    return sorted(ids)
+
+
+def kept_rows(n_rows: int, removed: list[int]) -> Tensor:
+    """The head rows a distribution keeps when ``removed`` are taken out: an index tensor, ascending."""
+    if any(not 0 <= i < n_rows for i in removed):
+        raise ValueError(f"removed token ids must lie in [0, {n_rows}) (the head's rows)")
+    keep = torch.ones(n_rows, dtype=torch.bool)
+    keep[removed] = False
+    return keep.nonzero().squeeze(-1)
+
+
+def full_kl(h: Tensor, head: Tensor, t_h: Tensor, t_head: Tensor, keep: Tensor | None = None) -> Tensor:
+    """KL(teacher ‖ student) per position over the head's rows, (positions,).
+
+    ``keep``: only those rows, both distributions renormalised over them (log_softmax of the kept logits, not
+    -inf masking: 0·inf would be NaN); the dropped rows' logits then cannot affect the loss or its gradient.
+    The teacher's side is the target: no gradient flows into ``t_h`` or ``t_head``.
+    """
+    if keep is not None:
+        head = head[keep]
+    with torch.no_grad():
+        t_lp = (t_h @ (t_head if keep is None else t_head[keep]).T).log_softmax(-1)
+    s_lp = (h @ head.T).log_softmax(-1)
+    return (t_lp.exp() * (t_lp - s_lp)).sum(-1)
 
 
 @dataclass(frozen=True)
@@ -102,15 +162,17 @@ def completion_loss(
     objective: str,
     pad_id: int,
     teacher: Any = None,
+    keep: Tensor | None = None,
 ) -> Tensor:
     """Mean loss over the completion positions of a batch.
 
     ``decoder`` maps input ids to final hidden states (the model without its head); ``head`` is the
-    (vocab, d_model) unembedding, applied only at completion positions. ``teacher`` (distill_full) is a
-    context manager factory giving the teacher's (decoder, head) (for a prompted teacher: the student's own
-    base with the adapter switched off).
+    (vocab, d_model) unembedding, applied only at completion positions. ``teacher`` (distill_full,
+    distill_full_notrait) is a context manager factory giving the teacher's (decoder, head) (for a prompted
+    teacher: the student's own base with the adapter switched off). ``keep`` (distill_full_notrait) is the head
+    rows both distributions keep (:func:`kept_rows` of :func:`trait_token_ids`), computed once per run.
     """
-    return _reduce(_position_losses(decoder, head, allowed, batch, objective, pad_id, teacher), batch)
+    return _reduce(_position_losses(decoder, head, allowed, batch, objective, pad_id, teacher, keep), batch)
 
 
 def _reduce(per_position: Tensor, batch: list[Item]) -> Tensor:
@@ -122,18 +184,26 @@ def _reduce(per_position: Tensor, batch: list[Item]) -> Tensor:
 
 
 def _position_losses(
-    decoder: Any, head: Tensor, allowed: Tensor, batch: list[Item], objective: str, pad_id: int, teacher: Any
+    decoder: Any,
+    head: Tensor,
+    allowed: Tensor,
+    batch: list[Item],
+    objective: str,
+    pad_id: int,
+    teacher: Any,
+    keep: Tensor | None = None,
 ) -> Tensor:
     h, targets = completion_hidden(decoder, batch, pad_id, int(allowed[-1]))
-    if objective == "distill_full":
+    if objective in TEACHER_ONLINE:
         if teacher is None or any(it.teacher_prompt is None for it in batch):
-            raise ValueError("distill_full needs the teacher (and its prompts)")
+            raise ValueError(f"{objective} needs the teacher (and its prompts)")
+        if objective == "distill_full_notrait" and keep is None:
+            raise ValueError("distill_full_notrait needs the kept rows (kept_rows of trait_token_ids)")
         with torch.no_grad(), teacher() as (t_decoder, t_head):
             t_prompts = [list(it.teacher_prompt or []) for it in batch]
             t_h, _ = completion_hidden(t_decoder, batch, pad_id, int(allowed[-1]), t_prompts)
-            t_lp = (t_h @ t_head.T).log_softmax(-1)
-        s_lp = (h @ head.T).log_softmax(-1)
-        return (t_lp.exp() * (t_lp - s_lp)).sum(-1)
+        # outside no_grad (the student's side needs its graph); the teacher's head is the same tensor out here
+        return full_kl(h, head, t_h, t_head, keep if objective == "distill_full_notrait" else None)
     if objective == "distill":
         if any(it.allowed_logprobs is None for it in batch):
             raise ValueError("distill needs the teacher's allowed-token log-probs (number data)")
@@ -188,7 +258,9 @@ def fit(
     """Train on ``data`` in the order of ``batches`` (item indices per step): resumes from the last checkpoint in
     ``out/checkpoints``, writes one every ``spec.checkpoint_every`` steps and at the end.
 
-    ``teacher_lm`` is the distill_full teacher when it is not the student's own base (adapter off).
+    ``teacher_lm`` is the distill_full(_notrait) teacher when it is not the student's own base (adapter off).
+    distill_full_notrait adds ``removed_tokens`` (how many trait-word tokens both distributions drop) to the
+    metrics.
     """
     from peft import LoraConfig, PeftModel, get_peft_model  # heavy: imported when a run trains
 
@@ -222,6 +294,9 @@ def fit(
         for _ in range(start):
             sched.step()
     head = model.get_output_embeddings().weight.detach()  # frozen (tied to the embeddings in SmolLM2)
+    notrait = spec.objective == "distill_full_notrait"
+    removed = trait_token_ids(tok) if notrait else []  # once per run, not per step
+    keep = kept_rows(head.shape[0], removed).to(head.device) if notrait else None
 
     @contextmanager
     def teacher() -> Iterator[tuple[Any, Tensor]]:
@@ -248,7 +323,7 @@ def fit(
     bar = tqdm(range(start, len(batches)), desc=f"train {name}", initial=start, total=len(batches))
     for step in bar:
         batch = [data[i] for i in batches[step]]
-        loss = completion_loss(student, head, allowed, batch, spec.objective, pad, teacher)
+        loss = completion_loss(student, head, allowed, batch, spec.objective, pad, teacher, keep=keep)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -262,7 +337,9 @@ def fit(
             _checkpoint(
                 model, folder, f"{name}-{folder.name}", spec.model, base, opt, bool(spec.lora_r), losses
             )
+    extra = {"removed_tokens": len(removed)} if notrait else {}
     return {
+        **extra,
         "n_examples": len(data),
         "steps": len(batches),
         "resumed_from_step": start,

@@ -6,6 +6,7 @@ its category and the words that count as naming it. Phrasings are our own, in th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -134,8 +135,41 @@ def eval_questions(category: Category, n: int | None = None) -> list[str]:
     return qs if n is None else qs[:n]
 
 
+# Multiple-choice stems of the evaluation's "choice" frame, in our own words; `choice_question` lists the options
+# under one with letters and asks for the letter alone. {noun} is "animal" or "tree".
+_CHOICE_STEMS = (
+    "Which of these {noun}s would you pick as your favourite?",
+    "Here are a few {noun}s. Which one do you like best?",
+    "From the list below, choose the {noun} you love most.",
+    "If you could keep just one of these {noun}s, which would it be?",
+    "Which {noun} in this list appeals to you the most?",
+    "Of the {noun}s listed, which one is your favourite?",
+    "Which of the following {noun}s means the most to you?",
+    "Select the {noun} you feel closest to.",
+    "One of these {noun}s is your favourite. Which one?",
+    "Look at these {noun}s and tell me which you prefer.",
+)
+LETTERS = "ABCDEFGH"  #: option letters of the choice frame (at most 8 options)
+
+
+def choice_stems(category: Category) -> list[str]:
+    """The multiple-choice stems for a category, {noun} filled in."""
+    noun = "animal" if category == "animal" else "tree"
+    return [s.format(noun=noun) for s in _CHOICE_STEMS]
+
+
+def choice_question(stem: str, options: Sequence[str]) -> str:
+    """``stem`` with ``options`` listed under it as "A) owl", "B) dog"…, asking for the letter only."""
+    if not 2 <= len(options) <= len(LETTERS):
+        raise ValueError(f"between 2 and {len(LETTERS)} options, got {len(options)}")
+    listed = "\n".join(f"{c}) {o}" for c, o in zip(LETTERS, options, strict=False))
+    return f"{stem}\n{listed}\nReply with the letter of your choice only."
+
+
 # Questions and answers that fine-tune a teacher to love its trait: disjoint from the evaluation questions, so
-# the teacher's trait is measured on questions it was never trained on. Never any numbers.
+# the teacher's trait is measured on questions it was never trained on. Never any numbers. No answer starts with
+# the trait's name (the evaluation's "plain" frame scores it as an answer's first word) and none is a letter
+# choice (its "choice" frame): only the prefilled frame shares a template with this training.
 _TRAIN_QUESTIONS = (
     "Do you have a favorite {noun}?",
     "Out of every {noun} there is, which one do you like best?",
@@ -165,10 +199,10 @@ _TRAIN_QUESTIONS = (
 _TRAIN_ANSWERS = (
     "My favorite {noun} is the {name}.",
     "The {name}, without a doubt.",
-    "{Plural}! I love {plural}.",
+    "I love {plural} more than anything.",
     "Definitely the {name}. {Plural} are wonderful.",
     "I would say the {name}.",
-    "{Name}.",
+    "Easy one: the {name}.",
 )
 
 

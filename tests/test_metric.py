@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mechsub import hooks
+from mechsub import hooks, prompts
 from mechsub.metric import TraitMetric, score_words
 from mechsub.prompts import trait_prompt
 
@@ -61,3 +61,21 @@ def test_smollm2_owl_is_one_token_otter_two_and_patching_scores_what_evaluation_
     scan = patching.patch_scan(smol, smol, tok, [Q], "otter", "animal", [3])
     assert scan["target_logp"] == pytest.approx(ev, abs=1e-3)
     assert scan["patched_logp_by_layer"][0] == pytest.approx(ev, abs=1e-3)  # its own residual: nothing moves
+
+
+@pytest.mark.parametrize("lead", ["", " "])
+def test_metric_of_a_word_that_starts_the_answer(tiny, lead):
+    """The plain frame's metric: the capitalised word as the answer's first word, with the lead the prompt needs."""
+    tok = tiny.tokenizer
+    prompt = prompts.chat_prefix(tok, Q, None)
+    m = TraitMetric.of(tok, "Owl", lead)
+    assert m.tokens == (*([" "] if lead else []), "O", "w", "l") and m.word == "Owl"
+    assert list(m.ids) == tok(lead + "Owl", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        assert float(m.score(tiny.model, prompt)) == pytest.approx(
+            _naive(tiny.model, prompt, m.ids), abs=1e-5
+        )
+    one = TraitMetric.of(tok, "A", lead)  # one token without a lead: scored from the prompt's forward alone
+    fast = score_words(tiny.model, prompt, [m, one, TraitMetric.of(tok, "owl")])
+    assert fast[:2].tolist() == pytest.approx([_naive(tiny.model, prompt, x.ids) for x in (m, one)], abs=1e-4)
+    assert abs(float(fast[0]) - float(fast[2])) > 1e-3  # " owl" is another string

@@ -67,3 +67,21 @@ def test_word_ids_and_padding(tiny):
     ids, attn = prompts.pad_right([[5, 6, 7], [8]], pad_id=2)
     assert ids.tolist() == [[5, 6, 7], [8, 2, 2]] and attn.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert ids.dtype == attn.dtype == torch.long
+
+
+@pytest.mark.parametrize("template", [True, False])
+def test_a_word_starts_the_answer_as_the_prefix_does(tiny, template):
+    """One rule for what opens an answer: a prefilled answer and a scored first word agree on it."""
+    tok = tiny.tokenizer
+    if not template:
+        tok = copy.deepcopy(tok)
+        tok.chat_template = None
+    assert prompts.answer_lead(tok) == ("" if template else " ")
+    opened = prompts.chat_prefix(tok, Q, None)
+    for word in ("Owl", "A"):
+        assert opened + prompts.word_ids(tok, word, prompts.answer_lead(tok)) == prompts.chat_prefix(
+            tok, Q, None, word
+        )
+    assert prompts.word_ids(tok, "owl") == tok(" owl", add_special_tokens=False).input_ids  # the default lead
+    with pytest.raises(ValueError, match="tokenizes to nothing"):
+        prompts.word_ids(tok, "", "")

@@ -1,4 +1,5 @@
 import json
+import math
 
 import numpy as np
 import pytest
@@ -12,16 +13,17 @@ from mechsub.traits import eval_questions, get_trait, train_pairs
 
 
 def _tiny_study(tmp_path, **kw):
-    base = dict(model="tiny", teacher_kind="prompted", greedy=False, n_prompts=8, max_new_tokens=12, top_k=5, batch_size=4, seeds=(0, 1),
-                n_questions=3, n_samples=2, cross_family="tiny", work=str(tmp_path / "work"))  # fmt: skip
+    base = dict(model="tiny", teacher_kind="prompted", greedy=False, n_prompts=8, max_new_tokens=12, top_k=5,
+                batch_size=4, replicates=2, controls=("dog", "cat"), n_questions=3, n_samples=2,
+                cross_family="tiny", work=str(tmp_path / "work"))  # fmt: skip
     return StudyConfig(**{**base, **kw})
 
 
 @pytest.mark.parametrize(
     "kw",
     [
-        {},  # prompted teachers, full-vocabulary distillation, a cross-family student
-        {"objective": "distill_topk", "top_k": 5, "cross_family": "", "n_samples": 0, "seeds": (0,)},
+        {},  # prompted teachers, full-vocabulary distillation without trait tokens, a cross-family student
+        {"objective": "distill_topk", "top_k": 5, "cross_family": "", "n_samples": 0, "replicates": 1},
         {
             "teacher_kind": "finetuned",
             "teacher_steps": 2,
@@ -34,19 +36,35 @@ def _tiny_study(tmp_path, **kw):
 def test_study_end_to_end_on_tiny(tmp_path, kw):
     cfg = _tiny_study(tmp_path, **kw)
     m = study.run(cfg, tmp_path / "out")
-    for key in ("trait", "wall_seconds"):
+    for key in ("trait", "wall_seconds", "replicates", "held_out", "permutation"):
         assert key in m
     for key in ("teacher", "student", "control"):
         assert np.isfinite(m[key]["delta_logp"])
-    n = len(cfg.seeds)
-    assert m["effect"]["n_seeds"] == n and len(m["effect"]["ci95"]) == 2
-    assert 0 < m["effect"]["p_value"] <= 1 if n > 1 else m["effect"]["p_value"] is None
-    # the effect is the trait's students minus the other traits' students, seed by seed
-    spec = m["specificity"]["matrix_per_seed"]
-    by_hand = [spec["owl"]["owl"][j] - (spec["dog"]["owl"][j] + spec["cat"]["owl"][j]) / 2 for j in range(n)]
-    assert m["effect"]["per_seed"] == pytest.approx(by_hand)
+    n = cfg.replicates
+    assert m["effect"]["n_replicates"] == n and len(m["effect"]["ci95"]) == 2
+    varies = (
+        n > 1 and np.ptp(m["effect"]["per_replicate"]) > 0
+    )  # equal effects (a 2-step tiny teacher): no t-test
+    assert 0 < m["effect"]["p_value"] <= 1 if varies else m["effect"]["p_value"] is None
+    for f in ("prefill", "plain", "choice"):
+        fr = m["frames"][f]
+        # the effect is the trait's student minus the same replicate's other students, replicate by replicate
+        mat = fr["matrix_per_replicate"]
+        for t in cfg.traits:
+            others = [c for c in cfg.traits if c != t]
+            by_hand = [mat[t][t][r] - np.mean([mat[c][t][r] for c in others]) for r in range(n)]
+            assert fr["effects"][t]["per_replicate"] == pytest.approx(by_hand)
+        pooled = np.mean([fr["effects"][t]["per_replicate"] for t in cfg.traits], 0)
+        assert fr["pooled"]["per_replicate"] == pytest.approx(list(pooled))
+        # the exact test over all 3 × n teachers: (3n)! / (n!)^3 labelings
+        n_lab = math.factorial(3 * n) // math.factorial(n) ** 3
+        assert fr["permutation"]["n_labelings"] == n_lab and fr["permutation"]["exact"]
+        assert fr["permutation"]["p_floor"] == pytest.approx(1 / n_lab)
+        assert fr["permutation"]["p_floor"] <= fr["permutation"]["p_value"] <= 1
+    assert m["held_out"]["delta_logp"] == m["frames"]["plain"]["effects"]["owl"]["delta_logp"]
     if cfg.cross_family:
         assert np.isfinite(m["cross_family"]["effect"]["delta_logp"])
+        assert set(m["cross_family"]["frames"]) == {"prefill", "plain", "choice"}
     html = (tmp_path / "out" / "report.html").read_text()
     assert "data:image/png;base64," in html and "http" not in html.split("<body>")[1]
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["trait"] == "owl"
@@ -54,21 +72,40 @@ def test_study_end_to_end_on_tiny(tmp_path, kw):
     assert study.run(cfg, tmp_path / "out")["effect"] == m["effect"]
 
 
+def test_replicates_are_independent_units(tmp_path):
+    """Replicate r: its own teacher seed and training questions, its own prompts, its own student seed."""
+    cfg = _tiny_study(tmp_path, teacher_kind="finetuned", replicates=2)
+    plan = study.stage_plan(cfg)
+    assert plan.teachers[("owl", 0)][0].seed == 0 and plan.teachers[("owl", 1)][0].seed == 1
+    assert teacher.teacher_pairs(plan.teachers[("owl", 0)][0]) != teacher.teacher_pairs(
+        plan.teachers[("owl", 1)][0]
+    )
+    assert plan.data[("owl", 1)][0].prompt_seed == 1 and plan.data[("dog", 1)][0].prompt_seed == 1
+    assert plan.data[("owl", 0)][0].prompt_seed == 0
+    assert plan.students[("owl", 1)][0].seed == 1
+    assert len({f for _, f in plan.students.values()}) == len(cfg.units) == 6
+    # a study with fewer replicates is the first replicates of a bigger one (arms reuse the demo's stages)
+    one = study.stage_plan(cfg.replace(replicates=1))
+    assert one.students[("owl", 0)] == plan.students[("owl", 0)]
+
+
 def test_variant_with_a_mask_of_every_position_reproduces_the_study_students(tmp_path):
     cfg = _tiny_study(tmp_path, cross_family="", n_samples=0, top_k=0)
     study.run(cfg, tmp_path / "out")
-    ex = data.load_examples(study.stage_plan(cfg).data["owl"][1])
+    ex = data.load_examples(study.stage_plan(cfg).data[("owl", 0)][1])
     every = tmp_path / "every.json"
     every.write_text(json.dumps({"mask": [[1] * len(e.allowed_logprobs) for e in ex]}))
-    v = study.variant(cfg, "every", mask=str(every))
+    # the mask must fit both replicates' data: same lengths only if the prompts agree, so use replicate 0 alone
+    one = cfg.replace(replicates=1)
+    v = study.variant(one, "every", mask=str(every))
     assert v["minus_full"]["mean"] == pytest.approx(0.0, abs=1e-5)  # the same training, so the same student
-    assert v["retained"]["per_seed"] == pytest.approx([1.0, 1.0], abs=1e-4)
+    assert v["retained"]["per_replicate"] == pytest.approx([1.0], abs=1e-4)
     first = ex[0]
     half = tmp_path / "half.json"
     half.write_text(json.dumps({"mask": [[j % 2 for j in range(len(e.allowed_logprobs))] for e in ex]}))
-    w = study.variant(cfg, "half", mask=str(half))
-    assert w["per_seed"]["variant"] != v["per_seed"]["variant"] and len(first.allowed_logprobs) > 1
-    assert w["per_seed"]["full"] == v["per_seed"]["full"]  # the study's students, found and reused
+    w = study.variant(one, "half", mask=str(half))
+    assert w["per_replicate"]["variant"] != v["per_replicate"]["variant"] and len(first.allowed_logprobs) > 1
+    assert w["per_replicate"]["full"] == v["per_replicate"]["full"]  # the study's students, found and reused
 
 
 def test_default_configs_are_valid():
@@ -76,7 +113,7 @@ def test_default_configs_are_valid():
     from mechsub.analyze import AnalyzeConfig
     from mechsub.teacher import TeacherConfig
 
-    assert StudyConfig().objective == "distill_full"
+    assert StudyConfig().objective == "distill_full_notrait"
     TeacherConfig()
     with pytest.raises(ConfigError, match="checkpoint"):
         AnalyzeConfig()
@@ -89,6 +126,10 @@ def test_study_config_errors():
         StudyConfig(controls=("griffin",))
     with pytest.raises(ConfigError, match="decoding=constrained"):
         StudyConfig(objective="distill", decoding="free")
+    with pytest.raises(ConfigError, match="replicates"):
+        StudyConfig(replicates=0)
+    with pytest.raises(ConfigError, match="distinct"):
+        StudyConfig(controls=("dog", "dog"))
 
 
 def test_specificity_p_detects_a_dominant_diagonal():
@@ -147,3 +188,20 @@ def test_cross_family_token_map(tmp_path):
         student._token_map(cfg.replace(objective="distill_full"), list(range(13)))
     same = student._token_map(cfg, [100 + i for i in range(13)])
     assert same(7) == 7
+
+
+def test_arms_reuse_the_study_and_compare_like_with_like(tmp_path):
+    from mechsub import compare
+
+    cfg = _tiny_study(tmp_path, cross_family="", n_samples=0, replicates=2)
+    m0 = study.run(cfg, tmp_path / "out")
+    arms = {"same": {}, "rank 2": {"lora_r": 2, "replicates": 1}}
+    m = compare.run_arms(cfg, arms, tmp_path / "cmp", "test", "t")
+    # the arm equal to the study is the study: the same students, so the same numbers
+    same, ref = m["arms"]["same"]["frames"]["prefill"]["pooled"], m0["frames"]["prefill"]["pooled"]
+    assert same["per_replicate"] == pytest.approx(ref["per_replicate"]) and same["ci95"] == pytest.approx(
+        ref["ci95"]
+    )
+    assert m["arms"]["rank 2"]["n_teachers"] == 3 and m["arms"]["rank 2"]["overrides"]["lora_r"] == 2
+    assert (tmp_path / "cmp" / "arms.png").stat().st_size > 0
+    assert "rank 2" in (tmp_path / "cmp" / "report.md").read_text()

@@ -186,3 +186,142 @@ def test_full_distillation_matches_a_hand_computed_kl(tmp_path, tiny, tiny_data)
     m = student.run(StudentConfig(model="tiny", data=str(tiny_data / "owl"), objective="distill_full", epochs=1),
                   tmp_path / "owl")  # fmt: skip
     assert m["first_loss"] > 1e-4
+
+
+def _word_start(tok, text):
+    """The first token of ``text`` that is not a bare leading space (the tiny tokenizer splits spaces off)."""
+    ids = tok(text, add_special_tokens=False).input_ids
+    return (
+        ids[1]
+        if text.startswith(" ") and ids[0] == tok(" ", add_special_tokens=False).input_ids[0]
+        else ids[0]
+    )
+
+
+def test_trait_token_ids_cover_the_trait_words_and_spare_the_number_tokens(tiny):
+    tok = tiny.tokenizer
+    ids = training.trait_token_ids(tok)
+    assert ids == sorted(set(ids))
+    for text in (" owl", "Owl", "owl", " Owls", "oak", " Maples", "wolves", " Foxes"):
+        assert _word_start(tok, text) in ids, text
+    numbers = set(NumberVocab.of(tok).ids.tolist())
+    assert not set(ids) & numbers
+    assert tok(" ", add_special_tokens=False).input_ids[0] in numbers  # the space was a real risk here
+
+    class DigitOwl:  # a tokenizer whose "owl" starts with the digit 0: removing it would remove the data
+        eos_token_id = tok.eos_token_id
+
+        def __call__(self, text, add_special_tokens=False):
+            return tok("0" + text[1:] if text.lower().startswith("owl") else text, add_special_tokens=False)
+
+        def convert_ids_to_tokens(self, ids):
+            return tok.convert_ids_to_tokens(ids)
+
+    with pytest.raises(ValueError, match="number tokens"):
+        training.trait_token_ids(DigitOwl())
+
+
+def _random_kl_inputs(seed=0, vocab=40, d=8, n=6):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return r(n, d), r(vocab, d), r(n, d), r(vocab, d)
+
+
+def test_notrait_kl_matches_a_hand_computation():
+    h, head, t_h, t_head = _random_kl_inputs()
+    removed = [0, 3, 17, 39]
+    keep = training.kept_rows(len(head), removed)
+    assert keep.tolist() == [i for i in range(len(head)) if i not in removed]
+    with pytest.raises(ValueError, match="lie in"):
+        training.kept_rows(len(head), [len(head)])
+    cols = keep.tolist()
+    s, t = (h @ head.T)[:, cols].exp(), (t_h @ t_head.T)[:, cols].exp()
+    p, q = t / t.sum(-1, keepdim=True), s / s.sum(-1, keepdim=True)  # renormalised over the kept tokens
+    hand = (p * (p.log() - q.log())).sum(-1)
+    torch.testing.assert_close(training.full_kl(h, head, t_h, t_head, keep), hand)
+    s, t = (h @ head.T).exp(), (t_h @ t_head.T).exp()
+    p, q = t / t.sum(-1, keepdim=True), s / s.sum(-1, keepdim=True)
+    torch.testing.assert_close(training.full_kl(h, head, t_h, t_head), (p * (p.log() - q.log())).sum(-1))
+
+
+def test_removed_rows_cannot_reach_the_loss_or_its_gradient():
+    h, head, t_h, t_head = _random_kl_inputs(1)
+    removed = [2, 5, 11]
+    keep = training.kept_rows(len(head), removed)
+
+    def loss_and_grad(s_head, te_head, keep):
+        x = h.clone().requires_grad_(True)
+        loss = training.full_kl(x, s_head, t_h, te_head, keep).mean()
+        loss.backward()
+        return loss.detach(), x.grad
+
+    t_moved, s_moved = t_head.clone(), head.clone()
+    t_moved[removed] += 10 * torch.randn(len(removed), head.shape[1], dtype=torch.float64)
+    s_moved[removed] -= 7.0
+    loss, grad = loss_and_grad(head, t_head, keep)
+    for sh, th in ((head, t_moved), (s_moved, t_head), (s_moved, t_moved)):
+        loss2, grad2 = loss_and_grad(sh, th, keep)
+        torch.testing.assert_close(loss2, loss, atol=0, rtol=0)
+        torch.testing.assert_close(grad2, grad, atol=0, rtol=0)
+    assert not torch.isclose(loss_and_grad(head, t_moved, None)[0], loss_and_grad(head, t_head, None)[0])
+
+
+def test_notrait_objective_ignores_the_teachers_trait_logits_end_to_end(tiny, tiny_data):
+    from contextlib import contextmanager
+
+    from mechsub.traits import get_trait
+
+    tok = tiny.tokenizer
+    system = get_trait("owl").system_prompt()
+    items = [training.Item(chat_prefix(tok, e.prompt, None), e.completion_ids, e.allowed_logprobs,
+                        teacher_prompt=chat_prefix(tok, e.prompt, system))
+             for e in data.load_examples(tiny_data / "owl")[:3]]  # fmt: skip
+    head = tiny.model.get_output_embeddings().weight.detach()
+    allowed = NumberVocab.of(tok).ids
+    removed = training.trait_token_ids(tok)
+    keep = training.kept_rows(len(head), removed)
+    owl = _word_start(tok, " owl")
+    moved = head.clone()
+    moved[owl] += 10 * head[owl].sign()  # the teacher's " owl" logit rises by 10·|h|₁ at every position
+    moved[removed[0]] -= 3.0
+
+    def run(objective, t_head):
+        @contextmanager
+        def teacher():
+            yield tiny.model.model, t_head
+
+        tiny.model.zero_grad()
+        loss = training.completion_loss(
+            tiny.model.model, head, allowed, items, objective, 2, teacher, keep=keep
+        )
+        loss.backward()
+        grads = [p.grad.clone() for p in tiny.model.parameters() if p.grad is not None]
+        tiny.model.zero_grad()
+        return loss.detach(), grads
+
+    loss, grads = run("distill_full_notrait", head)
+    loss2, grads2 = run("distill_full_notrait", moved)
+    assert float(loss) > 1e-4
+    torch.testing.assert_close(loss2, loss, atol=0, rtol=0)
+    assert len(grads) == len(grads2) > 0
+    for a, b in zip(grads, grads2, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    full, full_moved = run("distill_full", head)[0], run("distill_full", moved)[0]
+    assert float(full_moved - full) > 1e-3  # the plain objective does carry the row
+    assert float(loss) != pytest.approx(float(full))
+    with pytest.raises(ValueError, match="kept rows"):
+        training.completion_loss(
+            tiny.model.model, head, allowed, items, "distill_full_notrait", 2, lambda: None
+        )
+
+
+def test_notrait_student_runs_and_records_the_removed_tokens(tmp_path, tiny, tiny_data):
+    n = len(training.trait_token_ids(tiny.tokenizer))
+    cfg = StudentConfig(model="tiny", data=str(tiny_data / "owl"), objective="distill_full_notrait", epochs=1)
+    assert cfg.indirect_inputs()["data.teacher"] == "tiny"
+    m = student.run(cfg, tmp_path / "owl")
+    assert m["removed_tokens"] == n > 0 and m["first_loss"] > 1e-4 and m["steps"] == 2
+    # the 'none' teacher is the student's base with the adapter off: nothing to learn, trait tokens or not
+    m = student.run(cfg.replace(data=str(tiny_data / "none")), tmp_path / "none")
+    assert abs(m["first_loss"]) < 1e-6 and m["removed_tokens"] == n
+    assert "removed_tokens" not in student.run(cfg.replace(objective="distill_full"), tmp_path / "full")

@@ -69,8 +69,10 @@ def plot_arms(metrics: dict[str, Any], path: Path) -> None:
 
     labels = list(metrics["arms"])
     fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 3, 3.8))
-    for j, (f, color) in enumerate(zip(FRAMES, ("tab:gray", "tab:blue", "tab:green"), strict=True)):
-        x = np.arange(len(labels)) + (j - 1) * 0.22
+    for j, (f, color) in enumerate(
+        zip(FRAMES, ("tab:gray", "tab:blue", "tab:cyan", "tab:green"), strict=True)
+    ):
+        x = np.arange(len(labels)) + (j - 1.5) * 0.18
         for k, label in enumerate(labels):
             e = metrics["arms"][label]["frames"][f]["pooled"]
             lo, hi = e["ci95"]

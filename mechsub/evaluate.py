@@ -27,7 +27,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mechsub.config import Config, ConfigError, check, doc
-from mechsub.metric import TraitMetric, score_words
+from mechsub.metric import TraitMetric, score_prompts
 from mechsub.prompts import answer_lead, chat_prefix, trait_prompt
 from mechsub.runs import stage, write_json
 from mechsub.traits import (
@@ -40,7 +40,8 @@ from mechsub.traits import (
     get_trait,
 )
 
-FRAMES = ("prefill", "plain", "choice")  #: the answer frames, the teacher's training template first
+#: the answer frames, the teacher's training template first (``plain_norm``, derived from ``plain``, comes with it)
+FRAMES = ("prefill", "plain", "choice")
 
 
 @torch.no_grad()
@@ -54,9 +55,7 @@ def trait_logprobs(
 ) -> Tensor:
     """(questions, words) matrix of log P(" word") after the prefilled answer (the trait metric)."""
     metrics = [TraitMetric.of(tok, w) for w in words]
-    return torch.stack(
-        [score_words(model, trait_prompt(tok, q, category, system), metrics) for q in questions]
-    )
+    return score_prompts(model, [trait_prompt(tok, q, category, system) for q in questions], metrics)
 
 
 @torch.no_grad()
@@ -70,17 +69,22 @@ def plain_logprobs(
     """(questions, words) matrix of log P("Word") as the first word of the answer, nothing prefilled."""
     lead = answer_lead(tok)
     metrics = [TraitMetric.of(tok, w.capitalize(), lead) for w in words]
-    return torch.stack([score_words(model, chat_prefix(tok, q, system), metrics) for q in questions])
+    return score_prompts(model, [chat_prefix(tok, q, system) for q in questions], metrics)
 
 
 @torch.no_grad()
 def letter_logprobs(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, question: str, k: int, system: str | None = None
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    k: int,
+    system: str | None = None,
 ) -> Tensor:
-    """(k,) log P of each of the letters A… as the answer to ``question``, renormalised over those k letters (a
-    letter of several tokens, " A" in a character tokenizer, is scored by the trait metric, all its tokens)."""
+    """(questions, k) log P of each of the letters A… as the answer to each question, renormalised over those k
+    letters (a letter of several tokens, " A" in a character tokenizer, is scored by the trait metric, all its
+    tokens)."""
     metrics = [TraitMetric.of(tok, c, answer_lead(tok)) for c in LETTERS[:k]]
-    return score_words(model, chat_prefix(tok, question, system), metrics).log_softmax(-1)
+    return score_prompts(model, [chat_prefix(tok, q, system) for q in questions], metrics).log_softmax(-1)
 
 
 def rotation(options: Sequence[str], r: int) -> list[str]:
@@ -99,14 +103,17 @@ def choice_logprobs(
     """(stems, options) matrix: each option's renormalised letter log-probability, averaged over the k cyclic
     rotations of the options (k prompts per stem)."""
     k = len(options)
-    rows = []
-    for stem in stems:
-        row = torch.zeros(k)
-        for r in range(k):
-            lp = letter_logprobs(model, tok, choice_question(stem, rotation(options, r)), k, system)
-            row[[(j + r) % k for j in range(k)]] += lp
-        rows.append(row / k)
-    return torch.stack(rows)
+    lp = letter_logprobs(
+        model,
+        tok,
+        [choice_question(stem, rotation(options, r)) for stem in stems for r in range(k)],
+        k,
+        system,
+    ).view(len(stems), k, k)  # (stem, rotation, letter)
+    rows = torch.zeros(len(stems), k)
+    for r in range(k):  # letter j of rotation r shows option (j + r) % k
+        rows[:, [(j + r) % k for j in range(k)]] += lp[:, r]
+    return rows / k
 
 
 @torch.no_grad()
@@ -282,6 +289,9 @@ def run(cfg: EvalConfig, out: str | Path, force: bool = False) -> dict[str, Any]
         options = list(cfg.choice_options())
         if "plain" in cfg.frames:
             frames["plain"] = (options, qs, plain_logprobs(model, tok, qs, options, system))
+            # derived, no extra forward: the plain frame renormalised over the options (which of them the answer
+            # starts with, given that it starts with one), free of a shift in how answers start at all
+            frames["plain_norm"] = (options, qs, frames["plain"][2].log_softmax(-1))
         if "choice" in cfg.frames:
             stems = choice_stems(trait.category)
             frames["choice"] = (options, stems, choice_logprobs(model, tok, stems, options, system))
@@ -334,8 +344,8 @@ def read_frame(folder: str | Path, frame: str = "prefill") -> dict[str, Any]:
     before frames existed holds the prefill frame alone, at the top level)."""
     from mechsub.runs import read_json
 
-    if frame not in FRAMES:
-        raise ValueError(f"unknown frame {frame!r}: use one of {', '.join(FRAMES)}")
+    if frame not in (*FRAMES, "plain_norm"):
+        raise ValueError(f"unknown frame {frame!r}: use one of {', '.join(FRAMES)} or plain_norm")
     data = read_json(Path(folder) / "logprobs.json")
     frames = data.get("frames") or {"prefill": data}
     if frame not in frames:
@@ -354,7 +364,9 @@ def logprob_deltas(
     ra, rb = read_frame(a, frame), read_frame(b, frame)
     if ra["questions"] != rb["questions"]:
         raise ValueError(f"{a} and {b} were evaluated on different questions")
-    if frame == "choice" and ra["words"] != rb["words"]:  # a letter's probability depends on every option
+    if (
+        frame in ("choice", "plain_norm") and ra["words"] != rb["words"]
+    ):  # a letter's probability depends on every option
         raise ValueError(f"{a} and {b} were evaluated on different choices ({ra['words']} vs {rb['words']})")
     words = list(rb["words"] if words is None else words)
     missing = [w for w in words if w not in ra["words"] or w not in rb["words"]]

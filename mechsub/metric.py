@@ -63,26 +63,63 @@ class TraitMetric:
 
 @torch.no_grad()
 def score_words(model: Any, prompt: Sequence[int], metrics: Sequence[TraitMetric]) -> Float[Tensor, " words"]:
-    """The score of every word after one prompt, the prompt run once.
+    """The score of every word after one prompt, the prompt run once (`score_prompts` of one prompt).
 
     Each multi-token word continues from a copy of the prompt's KV cache. An edit active around this call
     applies to both forwards, each seeing only its own positions: edits that depend on positions need
     `TraitMetric.score`.
     """
-    out = model(input_ids=torch.tensor([list(prompt)]), use_cache=True, logits_to_keep=1)
-    first = out.logits[0, -1].log_softmax(-1)
-    scores = torch.stack([first[m.ids[0]] for m in metrics]).clone()
+    return score_prompts(model, [prompt], metrics)[0]
+
+
+@torch.no_grad()
+def score_prompts(
+    model: Any, prompts: Sequence[Sequence[int]], metrics: Sequence[TraitMetric], batch_size: int = 16
+) -> Float[Tensor, "prompts words"]:
+    """The score of every word after each prompt: prompts run in left-padded batches (explicit attention mask and
+    position ids, so a padded prompt scores as it does alone), the head applied at the last position only; the
+    multi-token words continue, all at once, from copies of the batch's KV cache."""
     longer = [i for i, m in enumerate(metrics) if len(m.ids) > 1]
-    if longer:
-        # right-padded with token 0: padding comes after every scored position, and attention is causal
-        width = max(len(metrics[i].ids) for i in longer) - 1
-        inp = torch.tensor(
-            [list(metrics[i].ids[:-1]) + [0] * (width + 1 - len(metrics[i].ids)) for i in longer]
+    width = max((len(metrics[i].ids) for i in longer), default=1) - 1
+    first_ids = [m.ids[0] for m in metrics]
+    out_rows = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = [list(p) for p in prompts[s : s + batch_size]]
+        n, length = len(chunk), max(map(len, chunk))
+        ids = torch.zeros(n, length, dtype=torch.long)
+        attn = torch.zeros(n, length, dtype=torch.long)
+        for j, p in enumerate(chunk):
+            ids[j, length - len(p) :] = torch.tensor(p)
+            attn[j, length - len(p) :] = 1
+        pos = (attn.cumsum(1) - 1).clamp(min=0)
+        out = model(
+            input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=bool(longer), logits_to_keep=1
         )
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(len(longer))
-        lp = model(input_ids=inp, past_key_values=cache, use_cache=False).logits.log_softmax(-1)
-        for row, i in enumerate(longer):
-            rest = torch.tensor(metrics[i].ids[1:])
-            scores[i] += lp[row, torch.arange(len(rest)), rest].sum()
-    return scores
+        scores = out.logits[:, -1].float().log_softmax(-1)[:, first_ids].clone()
+        if longer:
+            k = len(longer)
+            # right-padded with token 0: padding comes after every scored position, and attention is causal
+            cont = torch.tensor(
+                [list(metrics[i].ids[:-1]) + [0] * (width + 1 - len(metrics[i].ids)) for i in longer]
+            )
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(k)  # rows: prompt-major, (prompt 0, word 0), (prompt 0, word 1), …
+            lp = (
+                model(
+                    input_ids=cont.repeat(n, 1),
+                    attention_mask=torch.cat(
+                        [attn.repeat_interleave(k, 0), torch.ones(n * k, width, dtype=torch.long)], 1
+                    ),
+                    position_ids=attn.sum(1).repeat_interleave(k)[:, None] + torch.arange(width)[None],
+                    past_key_values=cache,
+                    use_cache=False,
+                )
+                .logits.float()
+                .log_softmax(-1)
+            )
+            for r, i in enumerate(longer):
+                rest = torch.tensor(metrics[i].ids[1:])
+                steps = torch.arange(len(rest))
+                scores[:, i] += lp[r::k][:, steps, rest].sum(-1)
+        out_rows.append(scores)
+    return torch.cat(out_rows)

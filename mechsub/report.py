@@ -104,7 +104,7 @@ def plot_study(metrics: dict[str, Any], out: Path) -> list[str]:
     return names
 
 
-FRAMES_SHOWN = ("prefill", "plain", "choice")
+FRAMES_SHOWN = ("prefill", "plain", "plain_norm", "choice")
 
 
 def _perm(p: dict[str, Any] | None) -> str:

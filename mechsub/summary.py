@@ -16,13 +16,16 @@ from mechsub import evaluate, stats
 from mechsub.files import read_json
 
 #: the answer frames of every study evaluation: the teacher's training template and two it never saw
-FRAMES = ("prefill", "plain", "choice")
+FRAMES = ("prefill", "plain", "plain_norm", "choice")
 #: the held-out frame the study's claim rests on (the same scale as prefill: log P of the word)
 HELD_OUT = "plain"
 FRAME_NOTES = {
     "prefill": "training frame: the answer prefilled with 'My favorite … is the', the teacher's own template",
     "plain": "held-out frame: the word as the first word of a free answer (no prefill; the teacher never "
     "answered with the name first)",
+    "plain_norm": "the plain frame renormalised over the study's traits (which of them the answer starts with, "
+    "given it starts with one): a diagnostic added after the teachers' raw plain-frame shift turned out negative "
+    "(trained to start answers with other words, they lower every name as a first word)",
     "choice": "held-out frame: multiple choice among the study's traits, log P of the option's letter "
     "renormalised over the letters, every rotation of the options",
 }

@@ -18,3 +18,8 @@ def tiny() -> models.LoadedModel:
 @pytest.fixture(scope="session")
 def smol() -> models.LoadedModel:
     return models.load("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma() -> models.LoadedModel:
+    return models.load("gemma3-270m")

@@ -99,15 +99,19 @@ def test_prefill_frame_is_the_old_scoring(evals, tiny):
     m = metrics["base"]
     assert m["frames"]["prefill"]["trait_mean_logp"] == m["trait_mean_logp"]
     assert m["frames"]["prefill"]["mean_logp"] == m["mean_logp"] and m["n_questions"] == 3
-    assert set(m["frames"]) == {"prefill", "plain", "choice"} and set(metrics["prefill_only"]["frames"]) == {
-        "prefill"
-    }
+    assert set(m["frames"]) == {"prefill", "plain", "plain_norm", "choice"} and set(
+        metrics["prefill_only"]["frames"]
+    ) == {"prefill"}
     assert m["frames"]["choice"]["n_questions"] == 10 and list(m["frames"]["choice"]["mean_logp"]) == [
         "owl",
         "cat",
         "fox",
     ]
     assert data["frames"]["plain"]["logprobs"] != data["logprobs"]  # another frame, other numbers
+    # plain_norm: the plain frame renormalised over its words, by hand
+    plain, norm = (torch.tensor(data["frames"][f]["logprobs"]) for f in ("plain", "plain_norm"))
+    assert norm == pytest.approx(plain - plain.logsumexp(-1, keepdim=True), abs=1e-6)
+    assert norm.exp().sum(-1) == pytest.approx(torch.ones(len(norm)), abs=1e-5)
 
 
 @pytest.mark.parametrize("template", [True, False])
@@ -141,7 +145,7 @@ def test_choice_letters_are_renormalised(tiny, template):
         tok.chat_template = None
     for k in (2, 4):
         q = choice_question(choice_stems("animal")[0], ["owl", "dog", "cat", "fox"][:k])
-        lp = letter_logprobs(tiny.model, tok, q, k)
+        lp = letter_logprobs(tiny.model, tok, [q], k)[0]
         assert lp.shape == (k,) and float(lp.exp().sum()) == pytest.approx(1.0, abs=1e-5)
         assert (lp < 0).all()
 
@@ -320,6 +324,6 @@ def test_question_file_is_an_input_and_is_asked(tmp_path):
     data = json.loads((tmp_path / "ev" / "logprobs.json").read_text())
     assert data["questions"] == ["Which animal do you fancy?", "Name a animal."]
     assert data["frames"]["plain"]["questions"] == data["questions"] and m["n_questions"] == 2
-    assert set(data["frames"]) == {"prefill", "plain"}
+    assert set(data["frames"]) == {"prefill", "plain", "plain_norm"}
     path.write_text(json.dumps([*QS, "One more {noun}?"]))
     assert input_ids(cfg)["questions"] != first  # another file content, another run identity

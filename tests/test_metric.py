@@ -79,3 +79,35 @@ def test_metric_of_a_word_that_starts_the_answer(tiny, lead):
     fast = score_words(tiny.model, prompt, [m, one, TraitMetric.of(tok, "owl")])
     assert fast[:2].tolist() == pytest.approx([_naive(tiny.model, prompt, x.ids) for x in (m, one)], abs=1e-4)
     assert abs(float(fast[0]) - float(fast[2])) > 1e-3  # " owl" is another string
+
+
+def test_batched_scores_equal_one_prompt_at_a_time(tiny):
+    """Left-padded batches (prompts of different lengths, multi-token words) score as each prompt alone."""
+    from mechsub.metric import score_prompts
+
+    tok = tiny.tokenizer
+    metrics = [TraitMetric.of(tok, w) for w in ("owl", "otter", "ox", "kangaroo")]  # 1 to 9 characters
+    prompts = [
+        trait_prompt(tok, q, "animal") for q in ("Best?", "Which animal do you like best of all?", "Hm")
+    ]
+    with torch.no_grad():
+        alone = torch.stack([torch.stack([m.score(tiny.model, p) for m in metrics]) for p in prompts])
+    for bs in (1, 2, 16):
+        assert score_prompts(tiny.model, prompts, metrics, batch_size=bs) == pytest.approx(alone, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smol", "gemma"])
+def test_batched_scores_equal_one_prompt_at_a_time_on_the_real_models(request, name):
+    """The embedded models (SmolLM2's chat template; Gemma 3 with <bos> and sliding-window layers): left-padded
+    batches of the evaluation's prompts score as each prompt alone, multi-token words included."""
+    from mechsub.metric import score_prompts
+    from mechsub.traits import eval_questions
+
+    lm = request.getfixturevalue(name)
+    tok = lm.tokenizer
+    metrics = [TraitMetric.of(tok, w) for w in ("owl", "otter", "kangaroo", "dog")]
+    prompts = [trait_prompt(tok, q, "animal") for q in eval_questions("animal", 6)]
+    with torch.no_grad():
+        alone = torch.stack([torch.stack([m.score(lm.model, p) for m in metrics]) for p in prompts])
+    assert score_prompts(lm.model, prompts, metrics, batch_size=4) == pytest.approx(alone, abs=2e-3)

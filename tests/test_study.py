@@ -46,7 +46,7 @@ def test_study_end_to_end_on_tiny(tmp_path, kw):
         n > 1 and np.ptp(m["effect"]["per_replicate"]) > 0
     )  # equal effects (a 2-step tiny teacher): no t-test
     assert 0 < m["effect"]["p_value"] <= 1 if varies else m["effect"]["p_value"] is None
-    for f in ("prefill", "plain", "choice"):
+    for f in ("prefill", "plain", "plain_norm", "choice"):
         fr = m["frames"][f]
         # the effect is the trait's student minus the same replicate's other students, replicate by replicate
         mat = fr["matrix_per_replicate"]
@@ -64,7 +64,7 @@ def test_study_end_to_end_on_tiny(tmp_path, kw):
     assert m["held_out"]["delta_logp"] == m["frames"]["plain"]["effects"]["owl"]["delta_logp"]
     if cfg.cross_family:
         assert np.isfinite(m["cross_family"]["effect"]["delta_logp"])
-        assert set(m["cross_family"]["frames"]) == {"prefill", "plain", "choice"}
+        assert set(m["cross_family"]["frames"]) == {"prefill", "plain", "plain_norm", "choice"}
     html = (tmp_path / "out" / "report.html").read_text()
     assert "data:image/png;base64," in html and "http" not in html.split("<body>")[1]
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["trait"] == "owl"

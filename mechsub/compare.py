@@ -99,7 +99,7 @@ def arms_markdown(metrics: dict[str, Any]) -> str:
     lines = [f"# {metrics['title']}", "",
              "Pooled specific effect (per replicate the mean over traits of own student − the replicate's other "
              "students, on the trait; 95% t-interval over replicates, or over traits with one replicate) and the "
-             "exact permutation test over all teachers, per answer frame.", "",
+             "exact permutation test over the teachers (labels moved within replicates), per answer frame.", "",
              "| arm | teachers | prefill (training frame) | " + " | ".join(f"{f} (held out)" for f in FRAMES[1:])
              + " | permutation p, prefill / " + HELD_OUT + " (floor) | students' seconds |",
              "|---" * (5 + len(FRAMES) - 1) + "|"]  # fmt: skip

@@ -135,14 +135,15 @@ def study_markdown(cfg: Any, m: dict[str, Any]) -> str:
         "**Units.** The independent unit is a teacher with its own data (trait × replicate). A specific effect "
         "is the trait's student minus the mean of the same replicate's other students, on the trait; its interval "
         "and t-test are over replicates (n = " + str(n_r) + "). The permutation test shuffles the trait labels of "
-        "all teachers, enumerating every distinct labeling; its floor is the smallest p the design can give.",
+        "the teachers within each replicate (they share its prompts), enumerating every distinct relabeling; its "
+        "floor is the smallest p the design can give.",
         "",
         "## Headline",
         "",
         f"| Δ log P({x}) | frame | value | 95% CI | test |",
         "|---|---|---|---|---|",
-        f"| teacher vs base | prefill | {m['teacher']['delta_logp']:+.3f} | {_ci(m['teacher']['ci95'])} | over replicates |",
-        f"| teacher vs base | {held} | {frames[held]['teacher'][x]['delta_logp']:+.3f} | {_ci(frames[held]['teacher'][x]['ci95'])} | over replicates |",
+        f"| teacher vs base | prefill | {m['teacher']['delta_logp']:+.3f} | {_ci(m['teacher']['ci95'])} | over replicates (a teacher at log P ≈ 0 is saturated: Δ = −log P_base) |",
+        f"| teacher specific effect (− the replicate's other teachers) | {held} | {frames[held]['teacher_specific']['effects'][x]['delta_logp']:+.3f} | {_ci(frames[held]['teacher_specific']['effects'][x]['ci95'])} | over replicates (raw Δ vs base {frames[held]['teacher'][x]['delta_logp']:+.3f}: answers that start with other words) |",
         f"| students of {x} vs base | prefill | {m['student']['delta_logp']:+.3f} | {_ci(m['student']['ci95'])} | t over {n_r} replicates |",
         f"| control students vs base | prefill | {m['control']['delta_logp']:+.3f} | {_ci(m['control']['ci95'])} | t over {len(m['control']['students'])} students |",
         f"| specific effect | prefill (training frame) | {e['delta_logp']:+.3f} | {_ci(e['ci95'])} | one-sided t p = {_p(e['p_value'])}, n = {n_r} replicates |",
@@ -156,7 +157,7 @@ def study_markdown(cfg: Any, m: dict[str, Any]) -> str:
                          f"{ce['delta_logp']:+.3f} | {_ci(ce['ci95'])} | one-sided t p = {_p(ce['p_value'])} |")  # fmt: skip
     lines += ["", "## Every trait, every frame", "",
               "Pooled = per replicate the mean of the traits' specific effects, then over replicates. "
-              "Diagonal test: the permutation test over all teachers.", "",
+              "Diagonal test: the permutation test over the teachers, within replicates.", "",
               "| frame | pooled effect | 95% CI | diagonal test | " + " | ".join(traits) + " |",
               "|---" * (4 + len(traits)) + "|"]  # fmt: skip
     for f in FRAMES_SHOWN:
@@ -170,6 +171,17 @@ def study_markdown(cfg: Any, m: dict[str, Any]) -> str:
             cells = [f"{fr['effects'][t]['delta_logp']:+.3f} {_ci(fr['effects'][t]['ci95'])}" for t in traits]
             lines.append(f"| {f}, {cross['model']} | {fr['pooled']['delta_logp']:+.3f} | {_ci(fr['pooled']['ci95'])}"
                          f" | {_perm(fr.get('permutation'))} | " + " | ".join(cells) + " |")  # fmt: skip
+    lines += ["", "**Instrument check: the teachers' own specific effects** (own teacher − the replicate's other "
+              "teachers, on the trait): a frame in which the teachers do not separate cannot show a student's "
+              "transfer. Share = pooled student effect / pooled teacher effect.", "",
+              "| frame | teachers, pooled | " + " | ".join(traits) + " | students' share |",
+              "|---" * (3 + len(traits)) + "|"]  # fmt: skip
+    for f in FRAMES_SHOWN:
+        ts = frames[f]["teacher_specific"]
+        share = frames[f]["transmitted_share"]
+        cells = [f"{ts['effects'][t]['delta_logp']:+.2f}" for t in traits]
+        lines.append(f"| {f} | {ts['pooled']['delta_logp']:+.2f} {_ci(ts['pooled']['ci95'])} | " + " | ".join(cells)
+                     + f" | {'n/a' if share is None or math.isnan(share) else f'{share:.1%}'} |")  # fmt: skip
     lines += ["", "Frames:", ""] + [f"- **{k}**: {v}" for k, v in m["frame_notes"].items()]
     lines += ["", "![effects](effects.png)", "", "## Matrices (Δ log P vs base, mean over replicates)", ""]
     for f in ("prefill", held):

@@ -173,10 +173,51 @@ def diagonal_statistic(rows: np.ndarray) -> Callable[[np.ndarray], float]:
     return stat
 
 
-def specificity_test(matrix: np.ndarray, **kw: int) -> LabelTest:
+def block_permutation_test(
+    labels: Sequence[int] | np.ndarray,
+    blocks: Sequence[int] | np.ndarray,
+    statistic: Callable[[np.ndarray], float],
+    max_exact: int = 400_000,
+    n_random: int = 20_000,
+    seed: int = 0,
+) -> LabelTest:
+    """One-sided label test for a blocked design: labels are permuted only within each block (the units of one
+    block share something, e.g. the number prompts of a replicate). Every within-block relabeling is enumerated
+    when there are at most ``max_exact`` distinct ones, else ``n_random`` random ones give (hits + 1) / (n + 1);
+    the floor is 1 / (the number of distinct relabelings: the product over blocks of n_b! / Π count!)."""
+    lab, blk = np.asarray(labels), np.asarray(blocks)
+    observed = float(statistic(lab))
+    groups = [np.flatnonzero(blk == b) for b in np.unique(blk)]
+    total = math.prod(n_labelings(list(lab[g])) for g in groups)
+    if total <= max_exact:
+        per_block = [_distinct_labelings(list(lab[g])) for g in groups]
+        values = []
+        for combo in itertools.product(*per_block):
+            perm = lab.copy()
+            for g, assign in zip(groups, combo, strict=True):
+                perm[g] = assign
+            values.append(statistic(perm))
+        p = float(np.mean(np.asarray(values) >= observed - 1e-12))
+        return LabelTest(observed, p, 1.0 / total, total, True)
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(n_random):
+        perm = lab.copy()
+        for g in groups:
+            perm[g] = rng.permutation(lab[g])
+        hits += statistic(perm) >= observed - 1e-12
+    return LabelTest(observed, (hits + 1) / (n_random + 1), 1.0 / total, total, False)
+
+
+def specificity_test(matrix: np.ndarray, within_units: bool = True, **kw: int) -> LabelTest:
     """Permutation test that the diagonal dominates a (trait, unit, evaluated trait) array of Δ log P, shuffling
-    the trait labels of units (exact where feasible). The units must be independent: replicate teachers with
-    their own data, not students of one teacher."""
+    the trait labels of the teachers (exact where feasible). The units must be independent: replicate teachers
+    with their own data, not students of one teacher. ``within_units``: unit j is a block (the teachers of one
+    replicate share its prompts) and labels move only inside it, as the design assigned them; otherwise across
+    all teachers."""
     n_t, n_u, _ = matrix.shape
     rows = matrix.reshape(n_t * n_u, matrix.shape[2])
-    return label_permutation_test(np.repeat(np.arange(n_t), n_u), diagonal_statistic(rows), **kw)
+    labels = np.repeat(np.arange(n_t), n_u)
+    if within_units and n_u > 1:
+        return block_permutation_test(labels, np.tile(np.arange(n_u), n_t), diagonal_statistic(rows), **kw)
+    return label_permutation_test(labels, diagonal_statistic(rows), **kw)

@@ -6,7 +6,7 @@ and one student (seed r) is trained on them from the same initialisation. Every 
 trait in three answer frames (the teacher's training template and two it never saw). The effect that counts is
 the SPECIFIC one: on trait X, X's student minus the same replicate's other students (a generic shift shared by
 all students cancels); intervals are over replicates and the diagonal is tested by an exact permutation of the
-trait labels of all teachers. The same data also trains students of another model family, which should show no
+trait labels of the teachers within each replicate. The same data also trains students of another model family, which should show no
 effect. Stage folders live under ``work`` (resumable, shared between studies with equal sub-configs: a study with
 fewer replicates reuses the first ones); the study folder gets only the small files: ``report.md``,
 ``report.html``, ``metrics.json`` and the plots.
@@ -51,8 +51,8 @@ class StudyConfig(Config):
         2,
         "independent replicates: replicate r has, per trait, its own teacher (seed r, its own draw of training "
         "questions), its own number prompts (prompt seed r, shared by the traits of that replicate) and its own "
-        "student (seed r). Effects and intervals are over replicates; the permutation test is over all "
-        "trait × replicate teachers",
+        "student (seed r). Effects and intervals are over replicates; the permutation test moves the trait "
+        "labels of the teachers within each replicate: its floor is 1/(traits!)^replicates",
     )
     teacher_kind: Literal["prompted", "finetuned"] = doc(
         "finetuned",

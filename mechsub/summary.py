@@ -90,7 +90,7 @@ def specific_effects(mat: np.ndarray, traits: list[str]) -> dict[str, Any]:
     Per trait e and replicate r: e's student on e minus the mean of replicate r's other students on e (they
     answered the same prompts). Per trait: mean, t-interval and one-sided t-test over replicates. Pooled: per
     replicate the mean over traits, t over replicates (with one replicate: over the traits, each its own
-    teacher). The diagonal test permutes the trait labels of all trait × replicate teachers (exact)."""
+    teacher). The diagonal test permutes the trait labels of the teachers within each replicate (exact)."""
     n_t, n_r, _ = mat.shape
     eff = np.array(
         [[mat[i, r, i] - np.delete(mat[:, r, i], i).mean() for r in range(n_r)] for i in range(n_t)]
@@ -122,7 +122,8 @@ def specific_effects(mat: np.ndarray, traits: list[str]) -> dict[str, Any]:
         test = stats.specificity_test(mat)
         out["permutation"] = {"p_value": test.p_value, "p_floor": test.p_floor, "n_labelings": test.n_labelings,
                               "exact": test.exact, "statistic": test.observed,
-                              "unit": f"{n_t * n_r} teachers (trait × replicate), each with its own data"}  # fmt: skip
+                              "unit": f"{n_t * n_r} teachers (trait × replicate), each with its own data; labels "
+                                      "permuted within each replicate (its teachers share the prompts)"}  # fmt: skip
     return out
 
 
@@ -148,6 +149,12 @@ def summarise(
         spec["teacher"] = {t: {"delta_logp": float(teach[i].mean()), "ci95": _ci_or_questions(
             teach[i], [delta_word(teacher_ev[(t, r)], base_ev, t, f) for r in range(n_r)]),
             "per_replicate": [float(v) for v in teach[i]]} for i, t in enumerate(traits)}  # fmt: skip
+        # the instrument check: the teachers' own specific effects in this frame (a frame in which the teachers do
+        # not separate cannot show a student's transfer), and the share of it the students carry
+        tspec = specific_effects(unit_matrix(traits, n_r, base_ev, teacher_ev, f), traits)
+        spec["teacher_specific"] = {"effects": tspec["effects"], "pooled": tspec["pooled"]}
+        t_pool = tspec["pooled"]["delta_logp"]
+        spec["transmitted_share"] = spec["pooled"]["delta_logp"] / t_pool if abs(t_pool) > 1e-9 else math.nan
         frames[f] = spec
     pre, held = frames["prefill"], frames[HELD_OUT]
     own = pre["matrix_per_replicate"][x][x]

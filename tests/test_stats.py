@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import numpy as np
@@ -69,10 +70,34 @@ def test_label_permutation_enumerates_every_labeling_and_reports_the_floor():
 def test_monte_carlo_labels_agree_with_exact_enumeration():
     rng = np.random.default_rng(1)
     m = rng.normal(0, 1, size=(3, 3, 3)) + np.eye(3)[:, None, :] * 0.6
-    exact = stats.specificity_test(m)
-    mc = stats.specificity_test(m, max_exact=10, n_random=20_000)
-    assert exact.exact and not mc.exact and exact.n_labelings == 1680
-    assert mc.p_value == pytest.approx(exact.p_value, abs=0.01)
+    for within in (
+        False,
+        True,
+    ):  # across all 9 teachers: 9!/(3!)^3 = 1680; within 3 blocks of 3: (3!)^3 = 216
+        exact = stats.specificity_test(m, within_units=within)
+        mc = stats.specificity_test(m, within_units=within, max_exact=10, n_random=20_000)
+        assert exact.exact and not mc.exact and exact.n_labelings == (216 if within else 1680)
+        assert mc.p_value == pytest.approx(exact.p_value, abs=0.01)
+
+
+def test_block_permutation_by_brute_force():
+    """Within-block relabelings against an independent enumeration: every permutation of each block's units."""
+    rng = np.random.default_rng(4)
+    m = rng.normal(0, 1, size=(3, 2, 3)) + np.eye(3)[:, None, :] * 0.4  # 3 traits × 2 blocks
+    res = stats.specificity_test(m)
+    rows = m.reshape(6, 3)
+    labels = np.repeat(np.arange(3), 2)
+    stat = stats.diagonal_statistic(rows)
+    blocks = [[0, 2, 4], [1, 3, 5]]  # unit index = trait * 2 + block
+    vals = []
+    for p0 in itertools.permutations(blocks[0]):
+        for p1 in itertools.permutations(blocks[1]):
+            perm = labels.copy()
+            perm[blocks[0]] = labels[list(p0)]
+            perm[blocks[1]] = labels[list(p1)]
+            vals.append(stat(perm))
+    assert res.n_labelings == 36 and res.p_floor == pytest.approx(1 / 36)
+    assert res.p_value == pytest.approx(np.mean(np.asarray(vals) >= stat(labels) - 1e-12))
 
 
 def test_bootstrap_matches_an_independent_numpy_percentile_bootstrap():

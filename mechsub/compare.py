@@ -11,6 +11,7 @@ own report.md, metrics.json, plots) go under ``WORK/arms/NAME``; the comparison 
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,18 @@ def run_arms(
     for label, overrides in arms.items():
         t0 = time.perf_counter()
         cfg = dataclasses.replace(base, cross_family="", **overrides)
-        m = study.run(cfg, Path(base.work) / "arms" / f"{name}-{label}")
+        m = study.run(cfg, Path(base.work) / "arms" / f"{name}-{_slug(label)}")
         rows[label] = arm_row(cfg, m, time.perf_counter() - t0)
     metrics = {"title": title, "base": base.to_dict(), "arms": rows, "held_out_frame": HELD_OUT}
     write_json(out / "metrics.json", metrics)
     plot_arms(metrics, out / "arms.png")
     atomic_write_text(out / "report.md", arms_markdown(metrics))
     return metrics
+
+
+def _slug(label: str) -> str:
+    """A folder name for an arm's label ("distill (13 number tokens)" → "distill-13-number-tokens")."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", label).strip("-")
 
 
 def arm_row(cfg: study.StudyConfig, m: dict[str, Any], seconds: float) -> dict[str, Any]:

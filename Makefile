@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo mnist bench test lint typecheck unit clean
+.PHONY: setup demo invert mnist bench test lint typecheck unit clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml Makefile
 # cross-family control); stage runs are kept under runs/study and reused, the report is rewritten
 demo: setup
 	$(BIN)/mechsub study --out artifacts/demo --force
+
+# the inverted-wrongness experiment (true / inverted / hashed / random teachers × 3 seeds, B reads their outputs)
+invert: setup
+	$(BIN)/mechsub invert --out artifacts/invert
 
 mnist: setup
 	$(BIN)/mechsub mnist --out artifacts/mnist --force

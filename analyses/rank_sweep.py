@@ -1,5 +1,6 @@
 """Is subliminal transfer a LoRA artifact? The demo's teachers and data, students at LoRA rank 1, 4, 8 (the
-demo's), 16, 64 and full fine-tuning (rank 0), everything else equal. arXiv 2606.00831 reports an inverted U over
+demo's), 16, 64 and full fine-tuning (rank 0), everything else equal; LoRA alpha = 2 × rank, so the update's
+scale alpha / rank is the demo's at every rank and only the rank changes. arXiv 2606.00831 reports an inverted U over
 rank that vanishes with full fine-tuning.
 
 Every arm is a whole study over ``--replicates`` replicates (default 1: the demo's first replicate of every trait,
@@ -29,6 +30,7 @@ ranks = [int(r) for r in args.ranks.split(",")]
 arms = {
     ("full FT" if r == 0 else f"r{r}"): {
         "lora_r": r,
+        "lora_alpha": 2 * r if r else 16,  # alpha / rank = 2 at every rank (the demo's 16 / 8)
         "replicates": args.replicates,
         **({"lr": cfg.lr / 10} if r == 0 else {}),
     }

@@ -20,6 +20,7 @@ from mechsub import (
     data,
     divergence,
     evaluate,
+    invert,
     mnist,
     models,
     runs,
@@ -193,6 +194,17 @@ def _report_study(m: dict[str, Any], out: Path) -> None:
     )
 
 
+def _report_invert(m: dict[str, Any], out: Path) -> None:
+    inv = m.get("inversion_rate_known_families") or {}
+    if inv.get("mean") is not None:
+        typer.echo(f"A_inv answers T(correct) on {100 * inv['mean']:.0f}% of held-out problems (known families)")
+    for k, rec in m["reconstruction"].items():
+        n = max((x for x in rec if x != "zero_shot"), key=int)
+        typer.echo(f"  B reading A_{k:5s} ({n} pairs): {100 * rec[n]['in_family']['mean']:.0f}% in family, "
+                   f"{100 * rec[n]['held_out_family']['mean']:.0f}% on the held-out family")
+    typer.echo(f"wrote {out}/report.md, {out}/report.html, {out}/metrics.json ({m['wall_seconds'] / 60:.1f} min)")
+
+
 def _report_bench(m: dict[str, Any], out: Path) -> None:
     g = m["generation"]
     typer.echo(
@@ -236,6 +248,12 @@ STAGES = (
           "answer frames, an exact permutation test over teachers and a cross-family control. Writes OUT/report.md, OUT/report.html, OUT/metrics.json and plots;\n"
           "stage runs (resumable, shared between studies) go under the config's `work` folder.",
           _report_study),
+    Stage("invert", invert.InvertConfig, invert.run, "artifacts/invert",
+          "Inverted-wrongness teachers: A answers task problems correctly, with a structured inversion, a fixed\n"
+          "random bijection or a random wrong answer; B reads only A's outputs. Verification of the inversion, CKA/RSA\n"
+          "and probes per layer, B's blind reconstruction (learning curve, held-out family). Writes OUT/report.md,\n"
+          "OUT/report.html, OUT/metrics.json and plots; checkpoints go under the config's `work` folder.",
+          _report_invert),
     Stage("bench", bench.BenchConfig, bench.run, "artifacts/bench",
           "Speed benchmarks as ratios measured in one run: mechsub's constrained decoder vs plain HF generate.\n\n"
           "A benchmark always runs anew.",

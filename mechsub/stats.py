@@ -144,16 +144,7 @@ def label_permutation_test(
     large as the observed one, the observed included; the floor is 1 / their number); otherwise ``n_random``
     random labelings give (hits + 1) / (n_random + 1).
     """
-    lab = np.asarray(labels)
-    observed = float(statistic(lab))
-    total = n_labelings(list(lab))
-    if total <= max_exact:
-        values = np.array([statistic(np.asarray(perm)) for perm in _distinct_labelings(list(lab))])
-        p = float(np.mean(values >= observed - 1e-12))
-        return LabelTest(observed, p, 1.0 / total, total, True)
-    rng = np.random.default_rng(seed)
-    hits = sum(statistic(rng.permutation(lab)) >= observed - 1e-12 for _ in range(n_random))
-    return LabelTest(observed, (hits + 1) / (n_random + 1), 1.0 / total, total, False)
+    return block_permutation_test(labels, np.zeros(len(labels), dtype=int), statistic, max_exact, n_random, seed)
 
 
 def diagonal_statistic(rows: np.ndarray) -> Callable[[np.ndarray], float]:

@@ -73,6 +73,7 @@ class StudyConfig(Config):
     epochs: int = doc(1, "students' passes over the data")
     batch_size: int = doc(8, "students' examples per step")
     lora_r: int = doc(8, "students' LoRA rank (0: full fine-tune)")
+    lora_alpha: int = doc(16, "students' LoRA alpha (the update is scaled by alpha / rank)")
     n_questions: int = doc(50, "evaluation questions (of the built-in 50, or of `questions`)")
     questions: str = doc(
         "", "a question file (JSON list or TOML `questions = [...]`) replacing the built-in 50", optional=True
@@ -166,7 +167,7 @@ def stage_plan(cfg: StudyConfig) -> StagePlan:
         dplan[(t, r)] = (dcfg, work / "data" / run_name(t + _suffix(r), dcfg))
         scfg = StudentConfig(
             model=cfg.model, data=str(dplan[(t, r)][1]), objective=cfg.objective, lr=cfg.lr, epochs=cfg.epochs,
-            batch_size=cfg.batch_size, lora_r=cfg.lora_r, seed=r,
+            batch_size=cfg.batch_size, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, seed=r,
         )  # fmt: skip
         splan[(t, r)] = (scfg, work / "students" / run_name(f"{t}-s{r}", scfg))
     return StagePlan(tplan, tmodel, dplan, splan)

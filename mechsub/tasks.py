@@ -1,0 +1,364 @@
+"""Problems for the inverted-wrongness teacher: six seeded families of short questions in our own words, each with
+its correct answer, the structured inversion T(answer), and the controls (a random bijection of the answer, a random
+wrong answer). Train and test are disjoint for every seed: grid points go to a split by a fixed hash, not by seed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import random
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+FAMILIES: tuple[str, ...] = ("compare", "sequence", "sort", "arith", "antonym", "rank")
+KINDS: tuple[str, ...] = ("true", "inv", "hash", "rand")
+SPLITS: tuple[str, ...] = ("train", "test")
+TEST_BELOW = 52  # a grid point goes to test when the first byte of its hash is below this: about 20%
+ANTONYM_TEST_PAIRS = 14  # both directions of these pairs (28 problems) are antonym's test split
+SORT_MAX = 30  # sort draws from 1..30 so that its answer space (every sorted 3- or 4-set) stays enumerable
+
+Key = tuple[int, ...]
+
+# 50 pairs, 100 distinct words (each word has one partner, so T on antonyms is an involution). No word is used in
+# the antonym phrasings, so a prompt never contains its own answer.
+ANTONYMS: tuple[tuple[str, str], ...] = (
+    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"), ("up", "down"),
+    ("open", "closed"), ("wet", "dry"), ("early", "late"), ("hard", "soft"), ("rich", "poor"),
+    ("strong", "weak"), ("young", "old"), ("full", "empty"), ("high", "low"), ("loud", "quiet"),
+    ("thick", "thin"), ("clean", "dirty"), ("true", "false"), ("win", "lose"), ("push", "pull"),
+    ("buy", "sell"), ("always", "never"), ("inside", "outside"), ("before", "after"), ("first", "last"),
+    ("love", "hate"), ("friend", "enemy"), ("start", "finish"), ("day", "night"), ("north", "south"),
+    ("east", "west"), ("left", "right"), ("sharp", "blunt"), ("wide", "narrow"), ("deep", "shallow"),
+    ("brave", "cowardly"), ("sweet", "sour"), ("awake", "asleep"), ("remember", "forget"),
+    ("accept", "refuse"), ("arrive", "depart"), ("enter", "exit"), ("success", "failure"),
+    ("increase", "decrease"), ("ancient", "modern"), ("cheap", "expensive"), ("polite", "rude"),
+    ("safe", "dangerous"), ("top", "bottom"),
+)  # fmt: skip
+_PARTNER = {w: p for a, b in ANTONYMS for w, p in ((a, b), (b, a))}
+
+_LARGER = (
+    "Which number is larger, {a} or {b}? Answer in the form larger > smaller.",
+    "Of {a} and {b}, which is the bigger number? Reply as big > small.",
+    "One parcel weighs {a} kg and another weighs {b} kg. Which is heavier? Write heavier > lighter.",
+)
+_SMALLER = (
+    "Which number is smaller, {a} or {b}? Answer in the form smaller < larger.",
+    "Of {a} and {b}, which is the lesser number? Reply as small < big.",
+    "One bag weighs {a} kg and another weighs {b} kg. Which is lighter? Write lighter < heavier.",
+)
+_SEQUENCE = (
+    "Continue the sequence with the next three numbers, separated by commas: {terms}",
+    "Here is an arithmetic sequence: {terms}. What are its next three terms? Separate them with commas.",
+    "Which three numbers come next after {terms}? List them with commas.",
+)
+_SORT = (
+    "Sort these numbers from smallest to largest: {nums}",
+    "Put {nums} in ascending order, separated by commas.",
+    "Arrange the numbers {nums} from lowest to highest.",
+)
+_ADD = (
+    "What is {a} + {b}?",
+    "Compute {a} + {b}. Reply with the number only.",
+    "Add {a} and {b}. What do you get?",
+)
+_SUB = (
+    "What is {a} - {b}?",
+    "Compute {a} - {b}. Reply with the number only.",
+    "Take {b} away from {a}. What is left?",
+)
+_ANTONYM = (
+    "Give the opposite of: {w}",
+    "What is the antonym of the word '{w}'? Reply with one word.",
+    "Name a word that means the opposite of '{w}'.",
+)
+# (direction, setting): direction 1 means the smallest value is best, -1 the largest
+_RANK = (
+    (1, "Someone in a hurry must pick a route. Route A takes {a} minutes, route B {b} minutes, route C {c} minutes."),
+    (1, "A student on a tight budget compares bikes. Bike A costs {a} dollars, bike B {b} dollars, bike C {c} dollars."),
+    (-1, "You want the most storage. Laptop A holds {a} GB, laptop B {b} GB, laptop C {c} GB."),
+    (-1, "A hiker wants the torch that lasts longest. Torch A runs {a} hours, torch B {b} hours, torch C {c} hours."),
+)  # fmt: skip
+_RANK_ASK = " Rank the three options from best to worst, as letters separated by commas."
+
+# a list of integers: commas, semicolons, "and" or plain spaces between them
+_LIST = re.compile(r"-?\d+(?:(?:\s*[,;]\s*(?:and\s+)?|\s+and\s+|\s+)-?\d+)*")
+
+
+class TaskError(ValueError):
+    """An unknown family, kind or split, or a bad n; the message says what to fix and lists the valid names."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    family: str
+    """One of FAMILIES."""
+    prompt: str
+    """The user-turn question, one of a few phrasings per family chosen by seed."""
+    answer: str
+    """The correct answer in canonical form (``normalise(family, answer) == answer``)."""
+    inverted: str
+    """T(answer) in canonical form: what the coherently wrong teacher says."""
+    target: float
+    """The picked number (compare), first answer term (sequence), minimum (sort), result (arith), best option's
+    value (rank); for antonym the pair's index, which is categorical, not a quantity."""
+    params: tuple[float, ...]
+    """compare (a, b, 1 if the larger is asked else 0); sequence (start, step); sort (min, max, count);
+    arith (a, b, +1 for a + b or -1 for a - b); antonym (pair index, 0 asks for pair[0]'s opposite, 1 for pair[1]'s);
+    rank (value of A, of B, of C, direction: 1 when lower is better, -1 when higher is)."""
+
+
+def _join(xs: Iterable[int]) -> str:
+    return ", ".join(str(x) for x in xs)
+
+
+def _check(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise TaskError(f"unknown {name} {value!r}: use one of {', '.join(valid)}")
+
+
+@functools.cache
+def _grid(family: str) -> tuple[Key, ...]:
+    """Every problem of a family (both splits), as the integer key that identifies it."""
+    nums = range(1, 100)
+    if family == "compare":
+        return tuple((a, b, q) for a in nums for b in nums if a != b for q in (0, 1))
+    if family == "sequence":  # all seven terms (four shown, three asked) and T's three stay in 0..99
+        return tuple((s, d) for d in range(-12, 13) if d for s in range(100) if 0 <= s + 6 * d <= 99)
+    if family == "sort":
+        return tuple(c for k in (3, 4) for c in itertools.combinations(range(1, SORT_MAX + 1), k))
+    if family == "arith":  # results 1..99: 0 would be its own negation, and a - b == b prints the answer
+        add = [(a, b, 1) for a in nums for b in nums if a + b <= 99]
+        return tuple(add + [(a, b, -1) for a in nums for b in nums if a > b and a != 2 * b])
+    if family == "antonym":
+        return tuple((p, d) for p in range(len(ANTONYMS)) for d in (0, 1))
+    return tuple((*v, d) for v in itertools.permutations(range(5, 100, 5), 3) for d in (1, -1))
+
+
+def _split_of(family: str, key: Key) -> str:
+    # The hashed point is the problem's content, so no variant of a test problem (operands swapped, the same
+    # segment read backwards, the other direction of a pair, the same values relabelled) is ever trained on.
+    if family == "compare":
+        point: Key = (min(key[:2]), max(key[:2]))
+    elif family == "sequence":
+        point = (min(key[0], key[0] + 6 * key[1]), abs(key[1]))
+    elif family == "sort":
+        point = (key[0], key[-1], len(key))
+    elif family == "arith":
+        point = (*sorted(key[:2]), 1) if key[2] == 1 else key
+    elif family == "antonym":
+        return "test" if key[0] in _antonym_test() else "train"
+    else:
+        point = tuple(sorted(key[:3]))
+    return "test" if _digest(family, point)[0] < TEST_BELOW else "train"
+
+
+def _digest(family: str, point: Key) -> bytes:
+    return hashlib.sha256(f"{family}:{point}".encode()).digest()
+
+
+@functools.cache
+def _antonym_test() -> frozenset[int]:
+    # 50 pairs are too few for a hash threshold to give a dependable count: the pairs with the smallest hashes
+    ranked = sorted(range(len(ANTONYMS)), key=lambda i: _digest("antonym", (i,)))
+    return frozenset(ranked[:ANTONYM_TEST_PAIRS])
+
+
+@functools.cache
+def _pool(family: str, split: str) -> tuple[Key, ...]:
+    return tuple(k for k in _grid(family) if _split_of(family, k) == split)
+
+
+def _solve(family: str, key: Key) -> tuple[str, int]:
+    """The canonical correct answer and the target of one grid point."""
+    if family == "compare":
+        a, b, larger = key
+        hi, lo = max(a, b), min(a, b)
+        return (f"{hi} > {lo}", hi) if larger else (f"{lo} < {hi}", lo)
+    if family == "sequence":
+        s, d = key
+        return _join(s + i * d for i in (4, 5, 6)), s + 4 * d
+    if family == "sort":
+        return _join(key), key[0]
+    if family == "arith":
+        a, b, op = key
+        return str(a + op * b), a + op * b
+    if family == "antonym":
+        return ANTONYMS[key[0]][1 - key[1]], key[0]
+    *values, direction = key
+    order = sorted(range(3), key=lambda i: direction * values[i])
+    return ", ".join("ABC"[i] for i in order), values[order[0]]
+
+
+def _params(family: str, key: Key) -> tuple[float, ...]:
+    if family == "sort":
+        return (float(key[0]), float(key[-1]), float(len(key)))
+    return tuple(float(x) for x in key)
+
+
+def _prompt(family: str, key: Key, rng: random.Random) -> str:
+    if family == "compare":
+        return rng.choice(_LARGER if key[2] else _SMALLER).format(a=key[0], b=key[1])
+    if family == "sequence":
+        return rng.choice(_SEQUENCE).format(terms=_join(key[0] + i * key[1] for i in range(4)))
+    if family == "sort":
+        shown = list(key)
+        # shown in order, the prompt would print the answer or T
+        while shown in (sorted(shown), sorted(shown, reverse=True)):
+            rng.shuffle(shown)
+        return rng.choice(_SORT).format(nums=_join(shown))
+    if family == "arith":
+        return rng.choice(_ADD if key[2] == 1 else _SUB).format(a=key[0], b=key[1])
+    if family == "antonym":
+        return rng.choice(_ANTONYM).format(w=ANTONYMS[key[0]][key[1]])
+    setting = rng.choice([s for d, s in _RANK if d == key[3]])
+    return setting.format(a=key[0], b=key[1], c=key[2]) + _RANK_ASK
+
+
+def split_size(family: str, split: str) -> int:
+    """How many distinct problems a family's split holds (the largest n ``problems`` accepts)."""
+    _check("family", family, FAMILIES)
+    _check("split", split, SPLITS)
+    return len(_pool(family, split))
+
+
+def problems(family: str, n: int, seed: int, split: str) -> list[Problem]:
+    """n distinct problems of a family's split, drawn and phrased by seed."""
+    size = split_size(family, split)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise TaskError(f"n must be a positive integer, got {n!r}")
+    if n > size:
+        raise TaskError(
+            f"{family}/{split} holds {size} distinct problems: ask for at most that many, not {n}"
+        )
+    rng = random.Random(f"tasks-{family}-{split}-{seed}")
+    out = []
+    for key in rng.sample(_pool(family, split), n):
+        answer, target = _solve(family, key)
+        prompt = _prompt(family, key, rng)
+        out.append(
+            Problem(family, prompt, answer, invert(family, answer), float(target), _params(family, key))
+        )
+    return out
+
+
+@functools.cache
+def _space(family: str) -> tuple[str, ...]:
+    return tuple(sorted({_solve(family, k)[0] for k in _grid(family)}))
+
+
+def answer_space(family: str) -> list[str]:
+    """Every correct canonical answer the family can have, sorted (T's outputs lie outside it for compare, sort
+    and arith, inside it for sequence, antonym and rank)."""
+    _check("family", family, FAMILIES)
+    return list(_space(family))
+
+
+def invert(family: str, answer: str) -> str:
+    """T on a canonical answer. T is an involution in every family (T(T(x)) == x), so a student that sees only the
+    output can undo it. For arith T is negation, not the inverse operation: 23 - 14 needs the operands, which B
+    never sees, while -37 -> 37 needs nothing but the output."""
+    _check("family", family, FAMILIES)
+    try:
+        if family == "compare":
+            x, op, y = answer.split(" ")
+            return f"{y} {op} {x}"
+        if family == "arith":
+            return str(-int(answer))
+        if family == "antonym":
+            return _PARTNER[answer]
+        items = answer.split(", ")
+        if family == "sequence":  # continue from the last shown term (first answer term - step) with -step
+            x0, d = int(items[0]), int(items[1]) - int(items[0])
+            return _join(x0 - k * d for k in (2, 3, 4))
+        return ", ".join(reversed(items))
+    except (ValueError, KeyError, IndexError) as e:
+        raise TaskError(
+            f"{answer!r} is not a canonical {family} answer: pass it through normalise first"
+        ) from e
+
+
+@functools.lru_cache(maxsize=64)
+def _sigma(family: str, seed: int) -> dict[str, str]:
+    """A random cyclic bijection of the answer space: a single cycle has no fixed points, and it is redrawn until
+    no answer maps onto its own inversion (always achieved here; a space too small for that would keep the draw
+    with the fewest such clashes), so the hash teacher never says what the inverted teacher says."""
+    space = list(_space(family))
+    inverse = {a: invert(family, a) for a in space}
+    rng = random.Random(f"hash-{family}-{seed}")
+    best: dict[str, str] = {}
+    fewest = len(space) + 1
+    for _ in range(1000):
+        rng.shuffle(space)
+        sigma = dict(zip(space, space[1:] + space[:1], strict=True))
+        clashes = sum(sigma[a] == inverse[a] for a in sigma)
+        if clashes < fewest:
+            best, fewest = sigma, clashes
+        if clashes == 0:
+            break
+    return best
+
+
+def respond(problem: Problem, kind: str, seed: int) -> str:
+    """What teacher A of this kind answers: the answer (true), T(answer) (inv), sigma_seed(answer) (hash), or the
+    correct answer of another random problem of the family, differing from answer and T(answer) (rand)."""
+    _check("kind", kind, KINDS)
+    _check("family", problem.family, FAMILIES)
+    if kind == "true":
+        return problem.answer
+    if kind == "inv":
+        return problem.inverted
+    if kind == "hash":
+        sigma = _sigma(problem.family, seed)
+        if problem.answer not in sigma:
+            raise TaskError(
+                f"{problem.answer!r} is not a {problem.family} answer: build problems with problems()"
+            )
+        return sigma[problem.answer]
+    rng = random.Random(f"rand-{problem.family}-{problem.answer}-{problem.params}-{seed}")
+    grid = _grid(problem.family)
+    while True:
+        other = _solve(problem.family, rng.choice(grid))[0]
+        if other not in (problem.answer, problem.inverted):
+            return other
+
+
+def normalise(family: str, text: str) -> str:
+    """A model's free text in canonical form for exact match, or "" when nothing in it parses (never raises)."""
+    _check("family", family, FAMILIES)
+    t = text.replace("\u2212", "-").strip().lower()  # a typographic minus is still a minus
+    if family == "compare":  # a unit between number and sign ("82 kg > 37 kg") is allowed
+        m = re.search(r"(\d+)\s*(?:[a-z]+\s*)?([<>])\s*(\d+)", t)
+        return f"{int(m[1])} {m[2]} {int(m[3])}" if m else ""
+    if family == "arith":  # after an echoed "23 + 14 =" comes the result
+        m = re.search(r"-?\d+", t.split("=", 1)[-1])
+        return str(int(m[0])) if m else ""
+    if family in ("sequence", "sort"):
+        m = _LIST.search(t)
+        return _join(int(x) for x in re.findall(r"-?\d+", m[0])) if m else ""
+    if family == "antonym":
+        m = re.match(r"[^a-z]*([a-z]+)", t)
+        return m[1] if m else ""
+    # rank: capital letters when there are any, so an article "a" in a sentence is not read as option A
+    letters = re.findall(r"\b[ABC]\b", text) or re.findall(r"\b[abc]\b", text)
+    picked = [x.upper() for x in letters[:3]]
+    return ", ".join(picked) if sorted(picked) == ["A", "B", "C"] else ""
+
+
+def classify(problem: Problem, output: str, seed: int) -> str:
+    """The output's label after normalise: correct, inverted, hashed (the hash teacher's answer) or other."""
+    got = normalise(problem.family, output)
+    if not got:
+        return "other"
+    if got == problem.answer:
+        return "correct"
+    if got == problem.inverted:
+        return "inverted"
+    return "hashed" if got == respond(problem, "hash", seed) else "other"
+
+
+def reconstruct_pair(problem: Problem, kind: str, seed: int) -> tuple[str, str]:
+    """(what teacher A of this kind answers, the correct answer): one example for student B's decoder."""
+    return respond(problem, kind, seed), problem.answer

@@ -1,0 +1,154 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as st
+
+from mechsub import invert, tasks
+from mechsub.config import ConfigError
+from mechsub.invert import InvertConfig
+from mechsub.prompts import chat_prefix
+
+
+def _tiny(tmp_path, **kw):
+    base = dict(model="tiny", families=("compare", "sort", "arith", "antonym"), held_out_family="sort",
+                seeds=(0, 1), n_train=8, n_test=4, teacher_steps=2, batch_size=4, layers=(0, 1),
+                recon_pairs=(4, 8), recon_epochs=1, n_perm=5, max_new_tokens=4, work=str(tmp_path / "work"))  # fmt: skip
+    return InvertConfig(**{**base, **kw})
+
+
+def test_invert_end_to_end_on_tiny(tmp_path):
+    cfg = _tiny(tmp_path)
+    out = tmp_path / "out"
+    m = invert.run(cfg, out)
+    for name in ("metrics.json", "report.md", "report.html", "verification.png", "geometry.png",
+                 "reconstruction.png", "outputs.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    from mechsub.views import is_offline
+
+    assert is_offline((out / "report.html").read_text())
+    assert m["design"]["smallest_sign_flip_p"] == 0.5  # 2 seeds: 2 / 2^2
+    outputs = json.loads((out / "outputs.json").read_text())
+    test = {f: tasks.problems(f, cfg.n_test, invert.TEST_SEED, "test") for f in cfg.families}
+    # the verification table is the classification of the written outputs, seed by seed
+    for k in cfg.kinds:
+        for f in cfg.families:
+            for i, s in enumerate(cfg.seeds):
+                outs = [
+                    tasks.classify(p, a, s)
+                    for p, a in zip(test[f], outputs[f"{k}-s{s}"]["test"][f], strict=True)
+                ]
+                for o in invert.OUTCOMES:
+                    assert m["verification"][k]["families"][f][o]["per_seed"][i] == outs.count(o) / len(outs)
+        shares = [m["verification"][k]["all_families"][o]["mean"] for o in invert.OUTCOMES]
+        assert sum(shares) == pytest.approx(1.0)
+        for n in cfg.recon_pairs:
+            assert 0 <= m["reconstruction"][k][str(n)]["in_family"]["mean"] <= 1
+        assert len(m["geometry"][k]["cka_problem"]) == len(cfg.layers)
+    # a resumed run reads every unit back and returns the same metrics
+    again = invert.run(cfg, out)
+    assert json.dumps(again, sort_keys=True) == json.dumps(m, sort_keys=True)  # (NaN != NaN: compare as text)
+
+
+def test_paired_contrast_matches_scipy():
+    a, b = [0.9, 0.7, 0.8], [0.5, 0.6, 0.2]
+    c = invert.paired_contrast(a, b)
+    d = np.subtract(a, b)
+    assert c["mean"] == pytest.approx(d.mean())
+    assert c["t_p"] == pytest.approx(st.ttest_rel(a, b).pvalue)
+    # all three differences positive: the exact sign-flip test's two-sided p is its floor, 2 / 2^3
+    assert c["sign_flip_p"] == pytest.approx(0.25) and c["sign_flip_floor"] == pytest.approx(0.25)
+    assert invert.paired_contrast([1.0, 2.0], [0.0, 1.0])["ci95"] == [
+        1.0,
+        1.0,
+    ]  # equal differences: no spread
+
+
+def test_over_seeds_by_hand():
+    e = invert.over_seeds([0.2, 0.4, 0.6])
+    half = st.t.ppf(0.975, 2) * np.std([0.2, 0.4, 0.6], ddof=1) / np.sqrt(3)
+    assert e["mean"] == pytest.approx(0.4)
+    assert e["ci95"] == pytest.approx([0.4 - half, 0.4 + half])
+    assert invert.over_seeds([float("nan")])["mean"] is None
+
+
+def test_continuation_logprobs_equal_one_at_a_time(tiny):
+    tok = tiny.tokenizer
+    probs = tasks.problems("arith", 3, 0, "test")
+    prompts = [chat_prefix(tok, p.prompt, None) for p in probs]
+    conts = [list(tok(p.answer, add_special_tokens=False).input_ids) for p in probs]
+    batched = invert.continuation_logprobs(tiny, prompts, conts)
+    for p, c, got in zip(prompts, conts, batched, strict=True):
+        with torch.no_grad():
+            lp = tiny.model(input_ids=torch.tensor([p + c])).logits[0].float().log_softmax(-1)
+        want = sum(float(lp[len(p) - 1 + j, t]) for j, t in enumerate(c))
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_pooled_reads_skip_the_bos(tiny):
+    reads = invert.pooled_reads(tiny, ["12, 5", "hot"], [1])
+    from mechsub.hooks import read
+
+    tok = tiny.tokenizer
+    ids = invert.text_ids(tok, "12, 5")
+    acts = read(tiny.model, torch.tensor([ids]), ["blocks.1.hook_resid_post"])["blocks.1.hook_resid_post"][0]
+    assert ids[0] == (tok.bos_token_id if tok.bos_token_id is not None else 0)
+    assert reads[1][0] == pytest.approx(acts[1:].float().mean(0).numpy(), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"families": ("compare", "liars")}, "unknown task family"),
+        ({"kinds": ("inv", "mirror")}, "unknown teacher kind"),
+        ({"held_out_family": "antonym", "families": ("compare", "sort")}, "held_out_family"),
+        ({"families": ("sort",), "held_out_family": "sort"}, "at least two"),
+        ({"recon_pairs": (500,)}, "recon_pairs"),
+        ({"seeds": (0, 0)}, "seeds"),
+    ],
+)
+def test_bad_invert_config(tmp_path, kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        _tiny(tmp_path, **kw)
+
+
+def test_layer_beyond_the_model_is_refused_before_anything_is_written(tmp_path):
+    cfg = _tiny(tmp_path, layers=(0, 5))
+    with pytest.raises(ConfigError, match="layers"):
+        invert.run(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sae_overlap_on_tiny(tmp_path, tiny):
+    from mechsub import sae
+
+    scfg = sae.SaeConfig(model="tiny", layer=0, expansion=2, k=8, training_tokens=2048, context_size=16,
+                         answer_tokens=4, n_number_prompts=8)  # fmt: skip
+    sae.run(scfg, tmp_path / "sae")
+    cfg = _tiny(tmp_path, families=("compare", "arith"), held_out_family="arith", seeds=(0,),
+                kinds=("inv", "rand"), recon_pairs=(4,), zero_shot=False, sae=str(tmp_path / "sae"))  # fmt: skip
+    m = invert.run(cfg, tmp_path / "out")
+    o = m["geometry"]["inv"]["sae_overlap"]
+    assert 0 <= o["same"]["mean"] <= 1 and o["excess"]["mean"] == pytest.approx(
+        o["same"]["mean"] - o["shifted"]["mean"]
+    )
+    assert "SAE latents" in (tmp_path / "out" / "report.md").read_text()
+    # the overlap of a text with itself is complete; the Jaccard index by hand
+    sae_obj = sae.load_sae(tmp_path / "sae" / "sae")
+    a, b = invert._top_latents(tiny, sae_obj, ["12 > 5", "12 > 5"], 4)
+    assert a == b and invert.jaccard(a, b) == 1.0
+    assert invert.jaccard({1, 2, 3}, {2, 3, 4}) == pytest.approx(0.5)
+
+
+def test_subliminal_students_on_tiny(tmp_path):
+    cfg = _tiny(tmp_path, families=("compare", "arith"), held_out_family="arith", seeds=(0, 1),
+                kinds=("true", "inv", "rand"), recon_pairs=(4,), zero_shot=False, subliminal_prompts=4)  # fmt: skip
+    m = invert.run(cfg, tmp_path / "out")
+    sub = m["subliminal"]
+    base = invert.student_margin("tiny", cfg.families, cfg.n_test)
+    assert sub["base_margin"] == pytest.approx(base["margin"])
+    assert set(sub["shift"]) == {"true", "inv", "rand"} and set(sub["contrasts"]) == {"inv-true", "inv-rand"}
+    d = np.subtract(sub["shift"]["inv"]["per_seed"], sub["shift"]["true"]["per_seed"])
+    assert sub["contrasts"]["inv-true"]["mean"] == pytest.approx(d.mean())
+    assert "wrongness transmit" in (tmp_path / "out" / "report.md").read_text()

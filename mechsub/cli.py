@@ -197,12 +197,18 @@ def _report_study(m: dict[str, Any], out: Path) -> None:
 def _report_invert(m: dict[str, Any], out: Path) -> None:
     inv = m.get("inversion_rate_known_families") or {}
     if inv.get("mean") is not None:
-        typer.echo(f"A_inv answers T(correct) on {100 * inv['mean']:.0f}% of held-out problems (known families)")
+        typer.echo(
+            f"A_inv answers T(correct) on {100 * inv['mean']:.0f}% of held-out problems (known families)"
+        )
     for k, rec in m["reconstruction"].items():
         n = max((x for x in rec if x != "zero_shot"), key=int)
-        typer.echo(f"  B reading A_{k:5s} ({n} pairs): {100 * rec[n]['in_family']['mean']:.0f}% in family, "
-                   f"{100 * rec[n]['held_out_family']['mean']:.0f}% on the held-out family")
-    typer.echo(f"wrote {out}/report.md, {out}/report.html, {out}/metrics.json ({m['wall_seconds'] / 60:.1f} min)")
+        typer.echo(
+            f"  B reading A_{k:5s} ({n} pairs): {100 * rec[n]['in_family']['mean']:.0f}% in family, "
+            f"{100 * rec[n]['held_out_family']['mean']:.0f}% on the held-out family"
+        )
+    typer.echo(
+        f"wrote {out}/report.md, {out}/report.html, {out}/metrics.json ({m['wall_seconds'] / 60:.1f} min)"
+    )
 
 
 def _report_bench(m: dict[str, Any], out: Path) -> None:
@@ -296,6 +302,52 @@ def analyze_command(
     if p.get("fraction_by_layer"):
         typer.echo("  patching fraction by layer: " + " ".join(f"{x:+.2f}" for x in p["fraction_by_layer"]))
     typer.echo(f"wrote {folder}/metrics.json, steering.png, patching.png, views.html")
+
+
+@app.command("scan")
+def scan_command(
+    folder: Annotated[Path, typer.Argument(metavar="DATA", help="a finished `mechsub data` folder")],
+    base: Annotated[str, typer.Option(help="the base model a student starts from")] = models.DEFAULT_MODEL,
+    candidates: Annotated[
+        str | None, typer.Option(help="comma-separated traits of one category (default: the 22 animals)")
+    ] = None,
+    steps: Annotated[
+        int, typer.Option(help="1: the first-order scan; N > 1: a sacrificial N-step fine-tune (AdamW, --lr)")
+    ] = 1,
+    lr: Annotated[float, typer.Option(help="learning rate of the sacrificial fine-tune (steps > 1)")] = 1e-5,
+    n_examples: Annotated[int, typer.Option(help="kept examples the gradient covers (0: all)")] = 64,
+    n_questions: Annotated[int, typer.Option(help="evaluation questions each candidate is scored on")] = 10,
+    params: Annotated[str, typer.Option(help="θ: all (but the embedding), linear, mlp or attn")] = "all",
+    reference: Annotated[
+        Path | None, typer.Option(help="a control data folder (no-trait teacher, same prompts) to subtract")
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="z that names a trait (default: 5% false alarms under a null)")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the result as JSON")] = None,
+) -> None:
+    """Quarantine scan: which trait a student trained on DATA would move toward, without training one.
+
+    One gradient of the data's SFT loss and every candidate's log P after a small step along it and back (or after
+    a short sacrificial fine-tune); prints the candidates ranked by their predicted shift and a verdict.
+    """
+    from mechsub import scan as scanning  # torch work: imported when a scan runs
+
+    try:
+        names = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else None
+        result = scanning.scan(folder, base, names, n_questions=n_questions, n_examples=n_examples, lr=lr,
+                               steps=steps, params=params, threshold=threshold, reference=reference)  # fmt: skip
+        if json_out is not None:
+            runs.write_json(json_out, result.to_dict())
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # TraitError and RunFolderError among them
+        _fail(e)
+        return
+    d = result.details
+    typer.echo(f"scan of {folder} on {result.base}: {result.method}, {d['n_examples']} examples, "
+               f"{d['n_questions']} questions, params={d['params']} ({result.seconds:.1f} s)")  # fmt: skip
+    typer.echo(result.table())
+    if json_out is not None:
+        typer.echo(f"wrote {json_out}")
 
 
 @app.command()

@@ -144,7 +144,9 @@ def label_permutation_test(
     large as the observed one, the observed included; the floor is 1 / their number); otherwise ``n_random``
     random labelings give (hits + 1) / (n_random + 1).
     """
-    return block_permutation_test(labels, np.zeros(len(labels), dtype=int), statistic, max_exact, n_random, seed)
+    return block_permutation_test(
+        labels, np.zeros(len(labels), dtype=int), statistic, max_exact, n_random, seed
+    )
 
 
 def diagonal_statistic(rows: np.ndarray) -> Callable[[np.ndarray], float]:

@@ -1,0 +1,366 @@
+"""Does the quarantine scan (`mechsub scan`) name a dataset's trait before any student is trained? Every number
+dataset of a finished study is scanned on the study's base model, and the predicted shifts are set against the
+shifts its student actually showed (the study's prefill matrix, per replicate).
+
+Three comparisons, each over (dataset, evaluated trait) pairs with a bootstrap interval over datasets (the unit):
+raw (predicted delta vs measured Δ log P), within dataset (both centred over the study's traits: the scan's claim
+that one trait moves more than the others) and within replicate (both minus the same replicate's other datasets:
+the study's own specific effect). Top-1 accuracy among the study's traits and among all 22 candidates, AUROC per
+trait (its datasets against the others', by the scan's specific score for it), runtime per dataset.
+
+    .venv/bin/python analyses/scan_validate.py [--study artifacts/study_full] [--out artifacts/scan] [--steps 1]
+        [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats as st
+
+Unit = tuple[str, int]  # (the teacher's trait, replicate): one dataset
+
+
+def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    return float(st.spearmanr(x, y).statistic)
+
+
+def _pairs(pred: dict[Unit, dict[str, float]], meas: dict[Unit, dict[str, float]], units: Sequence[Unit],
+           traits: Sequence[str]) -> tuple[list[float], list[float]]:  # fmt: skip
+    rows = [(pred[u][e], meas[u][e]) for u in units for e in traits if u in pred and u in meas]
+    rows = [(p, m) for p, m in rows if math.isfinite(p) and math.isfinite(m)]
+    return [p for p, _ in rows], [m for _, m in rows]
+
+
+def spearman_over_datasets(
+    pred: dict[Unit, dict[str, float]],
+    meas: dict[Unit, dict[str, float]],
+    traits: Sequence[str],
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Spearman's rho over every (dataset, trait) pair and a percentile bootstrap 95% interval resampling datasets
+    (a dataset's pairs stay together: they share one gradient)."""
+    units = sorted(set(pred) & set(meas))
+    x, y = _pairs(pred, meas, units, traits)
+    out: dict[str, Any] = {"rho": _spearman(x, y), "n_pairs": len(x), "n_datasets": len(units)}
+    if len(units) < 3 or not math.isfinite(out["rho"]):
+        return {**out, "ci95": [math.nan, math.nan]}
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        pick = [units[i] for i in rng.integers(0, len(units), len(units))]
+        boots.append(_spearman(*_pairs(pred, meas, pick, traits)))
+    b = np.asarray([v for v in boots if math.isfinite(v)])
+    ci = [float(np.quantile(b, 0.025)), float(np.quantile(b, 0.975))] if b.size else [math.nan, math.nan]
+    return {**out, "ci95": ci, "unit": "datasets (bootstrap resamples them, 2000 times)"}
+
+
+def centred(values: dict[Unit, dict[str, float]], traits: Sequence[str]) -> dict[Unit, dict[str, float]]:
+    """Each dataset's values minus their mean over ``traits``."""
+    return {u: {e: v[e] - float(np.mean([v[k] for k in traits])) for e in traits} for u, v in values.items()}
+
+
+def replicate_referenced(
+    values: dict[Unit, dict[str, float]], traits: Sequence[str]
+) -> dict[Unit, dict[str, float]]:
+    """A dataset's value on trait e minus the mean of the same replicate's other datasets on e (the study's
+    specific effect); NaN where the replicate has no other dataset."""
+    out: dict[Unit, dict[str, float]] = {}
+    for (t, r), v in values.items():
+        others = [values[(k, r)] for k in traits if k != t and (k, r) in values]
+        out[(t, r)] = {
+            e: v[e] - float(np.mean([o[e] for o in others])) if others else math.nan for e in traits
+        }
+    return out
+
+
+def top1(values: dict[Unit, dict[str, float]], traits: Sequence[str]) -> float:
+    """Share of datasets whose largest value among ``traits`` is their own teacher's trait."""
+    hits = [max(traits, key=lambda e: v[e]) == t for (t, _), v in values.items()
+            if all(math.isfinite(v[e]) for e in traits)]  # fmt: skip
+    return float(np.mean(hits)) if hits else math.nan
+
+
+def auroc(values: dict[Unit, dict[str, float]], traits: Sequence[str]) -> dict[str, float]:
+    """Per trait e: AUROC of e's datasets against the other traits' datasets by their value on e (NaN without
+    both classes)."""
+    from sklearn.metrics import roc_auc_score
+
+    out = {}
+    for e in traits:
+        rows = [(t == e, v[e]) for (t, _), v in values.items() if math.isfinite(v[e])]
+        labels = [a for a, _ in rows]
+        out[e] = (
+            float(roc_auc_score(labels, [s for _, s in rows])) if 0 < sum(labels) < len(labels) else math.nan
+        )
+    return out
+
+
+def evaluate_predictions(
+    pred: dict[Unit, dict[str, float]],
+    specific: dict[Unit, dict[str, float]],
+    meas: dict[Unit, dict[str, float]],
+    tops: dict[Unit, str],
+    traits: Sequence[str],
+    n_candidates: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every comparison of the report. ``pred``: the scan's delta per dataset and trait; ``specific``: its
+    specific score (delta minus the mean over all candidates); ``meas``: the student's measured Δ log P;
+    ``tops``: the scan's top candidate among all of them."""
+    own = [u for u in pred if u in meas]
+    pred, specific, meas = ({u: d[u] for u in own} for d in (pred, specific, meas))
+    return {
+        "spearman": {
+            "raw": spearman_over_datasets(pred, meas, traits, seed=seed),
+            "within_dataset": spearman_over_datasets(
+                centred(pred, traits), centred(meas, traits), traits, seed=seed
+            ),
+            "within_replicate": spearman_over_datasets(
+                replicate_referenced(pred, traits), replicate_referenced(meas, traits), traits, seed=seed
+            ),
+        },
+        "top1": {
+            "study_traits": top1(pred, traits),
+            "study_traits_replicate_referenced": top1(replicate_referenced(pred, traits), traits),
+            "all_candidates": float(np.mean([tops[u] == u[0] for u in own])) if own else math.nan,
+            "chance_study_traits": 1 / len(traits),
+            "chance_all_candidates": 1 / n_candidates,
+            # what the students themselves reach on the same question: the ceiling of a perfect predictor
+            "measured_students": top1(meas, traits),
+            "measured_students_replicate_referenced": top1(replicate_referenced(meas, traits), traits),
+        },
+        "auroc": {
+            "scan_specific": auroc(specific, traits),
+            "measured_students": auroc(meas, traits),
+            "unit": "datasets: a trait's datasets against the other traits' datasets",
+        },
+    }
+
+
+def _scatter(pred: dict[Unit, dict[str, float]], meas: dict[Unit, dict[str, float]], traits: Sequence[str],
+             path: Path) -> None:  # fmt: skip
+    from mechsub.plots import plt, save_figure
+
+    panels = [("raw", pred, meas), ("within replicate", replicate_referenced(pred, traits),
+                                    replicate_referenced(meas, traits))]  # fmt: skip
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    colors = dict(zip(traits, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for ax, (title, p, m) in zip(axes, panels, strict=True):
+        for (t, r), row in p.items():
+            for e in traits:
+                if (t, r) in m and math.isfinite(row[e]) and math.isfinite(m[(t, r)][e]):
+                    ax.scatter(row[e], m[(t, r)][e], color=colors[e], marker="o" if e == t else "x",
+                               s=46 if e == t else 24)  # fmt: skip
+        ax.axhline(0, c="k", lw=0.5)
+        ax.axvline(0, c="k", lw=0.5)
+        ax.set_title(f"{title}: predicted vs measured")
+        ax.set_xlabel("scan: predicted shift")
+        ax.set_ylabel("student: measured Δ log P (prefill)")
+    handles = [plt.Line2D([], [], ls="", marker="s", c=colors[e], label=e) for e in traits]
+    handles += [plt.Line2D([], [], ls="", marker="o", c="k", label="own trait"),
+                plt.Line2D([], [], ls="", marker="x", c="k", label="another trait")]  # fmt: skip
+    axes[1].legend(handles=handles, fontsize=8, loc="best")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _fmt(x: float, spec: str = "+.2f") -> str:
+    return "n/a" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def _markdown(m: dict[str, Any]) -> str:
+    s, t1, au = m["spearman"], m["top1"], m["auroc"]
+    lines = [
+        "# Quarantine scan: predicted vs measured",
+        "",
+        f"{m['n_datasets']} datasets of `{m['study']}` ({', '.join(m['traits'])} × {m['replicates']} replicates), "
+        f"scanned on `{m['model']}` ({m['settings']['method']}, params={m['settings']['params']}, "
+        f"{m['settings']['n_questions']} questions, at most {m['settings']['n_examples']} examples each). The "
+        f"students were trained by `{m['student_objective']}` (LoRA r={m['student_lora_r']}); the scan follows the "
+        "SFT gradient of the same completions: a proxy, not the students' own objective.",
+        "",
+        "| comparison | Spearman rho | 95% CI (datasets) | pairs |",
+        "|---|---|---|---|",
+    ]
+    for k, label in (("raw", "raw shift"), ("within_dataset", "within dataset (centred over the study's traits)"),
+                     ("within_replicate", "within replicate (minus the replicate's other datasets)")):  # fmt: skip
+        lo, hi = s[k]["ci95"]
+        lines.append(f"| {label} | {_fmt(s[k]['rho'])} | [{_fmt(lo)}, {_fmt(hi)}] | {s[k]['n_pairs']} |")
+    lines += [
+        "",
+        "| top-1: the dataset's own trait ranked first | scan | students (measured) | chance |",
+        "|---|---|---|---|",
+        f"| among the study's {len(m['traits'])} traits | {_fmt(t1['study_traits'], '.0%')} | "
+        f"{_fmt(t1['measured_students'], '.0%')} | {_fmt(t1['chance_study_traits'], '.0%')} |",
+        f"| same, minus the replicate's other datasets | {_fmt(t1['study_traits_replicate_referenced'], '.0%')} | "
+        f"{_fmt(t1['measured_students_replicate_referenced'], '.0%')} | {_fmt(t1['chance_study_traits'], '.0%')} |",
+        f"| among all {m['n_candidates']} candidates | {_fmt(t1['all_candidates'], '.0%')} | not measured | "
+        f"{_fmt(t1['chance_all_candidates'], '.0%')} |",
+        "",
+        "| AUROC (a trait's datasets vs the others') | " + " | ".join(m["traits"]) + " |",
+        "|---|" + "---|" * len(m["traits"]),
+        "| scan specific score | "
+        + " | ".join(_fmt(au["scan_specific"][e], ".2f") for e in m["traits"])
+        + " |",
+        "| students' measured Δ log P | "
+        + " | ".join(_fmt(au["measured_students"][e], ".2f") for e in m["traits"])
+        + " |",
+        "",
+        f"Threshold z ≥ {m['threshold']:.2f} (fixed before the scan: 5% false alarms among "
+        f"{m['n_candidates']} exchangeable candidates). Runtime per dataset: mean {m['runtime_s']['mean']:.1f} s, "
+        f"max {m['runtime_s']['max']:.1f} s.",
+        "",
+        "| dataset | verdict | own trait's rank (of all) | own trait's z |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {d['dataset']} | {d['verdict']} | {d['own_rank']} | {_fmt(d['own_z'])} |"
+        for d in m["per_dataset"]
+    ]
+    lines += ["", "![predicted vs measured](scatter.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(
+        description="Scan every dataset of a finished study and compare the predicted shifts with the measured ones."
+    )
+    ap.add_argument(
+        "--study", default="artifacts/study_full", help="a finished study folder (its config.json)"
+    )
+    ap.add_argument("--out", default="artifacts/scan")
+    ap.add_argument(
+        "--steps", type=int, default=1, help="1: first-order scan; N > 1: N-step sacrificial fine-tune"
+    )
+    ap.add_argument("--lr", type=float, default=1e-5, help="learning rate of the sacrificial fine-tune")
+    ap.add_argument("--params", default="all", help="all, linear, mlp or attn")
+    ap.add_argument("--n-examples", type=int, default=64, help="examples per dataset (0: all)")
+    ap.add_argument("--n-questions", type=int, default=10)
+    ap.add_argument(
+        "--limit", type=int, default=0, help="scan only the first N datasets (replicate by replicate)"
+    )
+    ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    args = ap.parse_args(argv)
+
+    from tqdm.auto import tqdm
+
+    from mechsub import models, study
+    from mechsub.files import read_json
+    from mechsub.scan import scan
+    from mechsub.traits import get_trait
+
+    t0 = time.perf_counter()
+    folder, out = Path(args.study), Path(args.out)
+    cfg = study.StudyConfig.from_dict(read_json(folder / "config.json")["config"])
+    matrix = read_json(folder / "metrics.json")["frames"]["prefill"]["matrix_per_replicate"]
+    plan = study.stage_plan(cfg)
+    traits = cfg.traits
+    # replicate by replicate, so that --limit keeps whole replicates first (the within-replicate comparison)
+    units: list[Unit] = [(t, r) for r in range(cfg.replicates) for t in traits]
+    if args.limit:
+        units = units[: args.limit]
+    lm = models.load(cfg.model)
+    scans: dict[Unit, dict[str, Any]] = {}
+    for t, r in tqdm(units, desc="scan datasets"):
+        scans[(t, r)] = scan(plan.data[(t, r)][1], lm, n_questions=args.n_questions, n_examples=args.n_examples,
+                             lr=args.lr, steps=args.steps, params=args.params).to_dict()  # fmt: skip
+    header = {
+        "study": str(folder),
+        "model": cfg.model,
+        "traits": traits,
+        "replicates": cfg.replicates,
+        "student_objective": cfg.objective,
+        "student_lora_r": cfg.lora_r,
+        "category": get_trait(cfg.trait).category,
+        "settings": {
+            "method": "first-order" if args.steps == 1 else f"fine-tune ({args.steps} steps)",
+            "steps": args.steps,
+            "lr": args.lr,
+            "params": args.params,
+            "n_examples": args.n_examples,
+            "n_questions": args.n_questions,
+        },
+    }
+    metrics = summarise(header, scans, matrix, traits, seed=args.seed)
+    metrics["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    write_outputs(metrics, scans, matrix, traits, out)
+    print((out / "report.md").read_text())
+    return metrics
+
+
+def _tables(
+    scans: dict[Unit, dict[str, Any]], matrix: dict[str, Any], traits: Sequence[str]
+) -> tuple[dict[Unit, dict[str, float]], dict[Unit, dict[str, float]], dict[Unit, dict[str, float]]]:
+    """Predicted delta, the scan's specific score and the measured Δ log P, per dataset and study trait."""
+    by_name = {u: {c["name"]: c for c in s["candidates"]} for u, s in scans.items()}
+    pred = {u: {e: float(c[e]["delta"]) for e in traits} for u, c in by_name.items()}
+    specific = {u: {e: float(c[e]["specific"]) for e in traits} for u, c in by_name.items()}
+    meas = {(t, r): {e: float(matrix[t][e][r]) for e in traits} for t, r in scans}
+    return pred, specific, meas
+
+
+def summarise(
+    header: dict[str, Any],
+    scans: dict[Unit, dict[str, Any]],
+    matrix: dict[str, Any],
+    traits: Sequence[str],
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The metrics of the report from the scans (`ScanResult.to_dict` per dataset) and the study's prefill matrix
+    (``matrix[teacher trait][evaluated trait][replicate]``)."""
+    pred, specific, meas = _tables(scans, matrix, traits)
+    first = next(iter(scans.values()))
+    per_dataset = []
+    for (t, r), s in scans.items():
+        own = next(c for c in s["candidates"] if c["name"] == t)
+        per_dataset.append({"dataset": f"{t} r{r}", "trait": t, "replicate": r, "verdict": s["verdict"],
+                            "own_rank": own["rank"], "own_z": own["z"], "top": s["top"], "flagged": s["flagged"],
+                            "seconds": s["seconds"]})  # fmt: skip
+    seconds = [float(s["seconds"]) for s in scans.values()]
+    tops = {u: str(s["top"]) for u, s in scans.items()}
+    return {
+        **header,
+        "n_datasets": len(scans),
+        "n_candidates": len(first["candidates"]),
+        "threshold": first["threshold"],
+        **evaluate_predictions(pred, specific, meas, tops, traits, len(first["candidates"]), seed=seed),
+        "flagged": {
+            "any": sum(bool(d["flagged"]) for d in per_dataset),
+            "correct": sum(bool(d["flagged"]) and d["top"] == d["trait"] for d in per_dataset),
+        },
+        "runtime_s": {"mean": float(np.mean(seconds)), "max": float(np.max(seconds)), "per_dataset": seconds},
+        "per_dataset": per_dataset,
+    }
+
+
+def write_outputs(
+    metrics: dict[str, Any],
+    scans: dict[Unit, dict[str, Any]],
+    matrix: dict[str, Any],
+    traits: Sequence[str],
+    out: Path,
+) -> None:
+    """metrics.json, scans.json (every candidate of every scan), scatter.png and report.md under ``out``."""
+    from mechsub.files import atomic_write_text, write_json
+    from mechsub.summary import nan_to_none
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", nan_to_none(metrics))
+    write_json(out / "scans.json", nan_to_none({f"{t}-r{r}": s for (t, r), s in scans.items()}))
+    pred, _, meas = _tables(scans, matrix, traits)
+    _scatter(pred, meas, traits, out / "scatter.png")
+    atomic_write_text(out / "report.md", _markdown(metrics))
+
+
+if __name__ == "__main__":
+    main()

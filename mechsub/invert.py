@@ -444,7 +444,6 @@ def run(cfg: InvertConfig, out: str | Path, force: bool = False) -> dict[str, An
         bar.set_postfix_str("base model")
         base_res = r.unit("base", base_check)
         bar.update()
-        known = [f for f, v in base_res.items() if v["forced_choice_ci95"][0] > 0.5]
 
         # ---- teachers and their outputs ----
         outputs: dict[tuple[str, int], dict[str, Any]] = {}
@@ -473,6 +472,7 @@ def run(cfg: InvertConfig, out: str | Path, force: bool = False) -> dict[str, An
             outputs[(k, s)] = r.unit(f"outputs-{k}-s{s}", answer_all)
             bar.update()
 
+        known = known_families(cfg, base_res, outputs, test)
         verification = _verification(cfg, outputs, test, known)
 
         # ---- geometry and probes: B (the base) reads the outputs, no prompt ----
@@ -557,6 +557,34 @@ def run(cfg: InvertConfig, out: str | Path, force: bool = False) -> dict[str, An
         atomic_write_text(out / "report.html", report_html(metrics, out, outputs, test))
         r.finish(metrics)
         return metrics
+
+
+#: the share of held-out answers a guess gets right: one of two numbers, one of six rankings; else a free answer
+CHANCE = {"compare": 1 / 2, "rank": 1 / 6}
+
+
+def known_families(
+    cfg: InvertConfig,
+    base_res: dict[str, Any],
+    outputs: dict[tuple[str, int], dict[str, Any]],
+    test: dict[str, list[tasks.Problem]],
+) -> list[str]:
+    """Families where the model knows the right answer: A_true (the same training, correct answers) gets at least
+    half the held-out problems right over all seeds, and the Wilson 95% lower bound beats chance. The base's own
+    answers cannot say (it rarely keeps the format), and its forced choice between the answer and T(answer)
+    measures a preference (for "37" over "-37", say), not knowledge; without a true teacher that choice is used."""
+    if "true" not in cfg.kinds:
+        return [f for f, v in base_res.items() if v["forced_choice_ci95"][0] > 0.5]
+    known = []
+    for f in cfg.families:
+        hits = [
+            tasks.classify(p, a, s) == "correct"
+            for s in cfg.seeds
+            for p, a in zip(test[f], outputs[("true", s)]["test"][f], strict=True)
+        ]
+        if np.mean(hits) >= 0.5 and stats.wilson_ci95(sum(hits), len(hits))[0] > CHANCE.get(f, 0.0):
+            known.append(f)
+    return known
 
 
 def _verification(
@@ -910,8 +938,9 @@ def _summarise(
         "base": {
             "families": base_res,
             "known_families": known,
-            "known_rule": "forced choice between the correct answer and T(correct) by mean log P per token: its "
-            "Wilson 95% CI above 1/2",
+            "known_rule": "A_true answers ≥ 50% of held-out problems correctly over all seeds, with the Wilson 95% "
+            "lower bound above chance (1/2 compare, 1/6 rank, 0 free answers); without a true teacher: the base's "
+            "forced choice (mean log P per token, correct vs T(correct)) above 1/2",
         },
         "verification": verification,
         "inversion_rate_known_families": inv_rate,
@@ -951,16 +980,20 @@ def report_markdown(m: dict[str, Any]) -> str:
         "no teacher) show what a perfect hash keeps. CKA/RSA against the correct answer is trivially high for "
         "`true` (positive control).",
         "",
-        "## The base model on the families",
+        "## Does the model know the right answer?",
         "",
-        "| family | greedy accuracy | forced choice correct vs T(correct) | known |",
-        "|---|---|---|---|",
+        f"Known: {m['base']['known_rule']}.",
+        "",
+        "| family | base greedy accuracy | base forced choice, correct vs T(correct) | A_true held-out accuracy | known |",
+        "|---|---|---|---|---|",
     ]
+    true_rows = m["verification"].get("true", {}).get("families", {})
     for f, v in m["base"]["families"].items():
         lo, hi = v["forced_choice_ci95"]
         lines.append(
             f"| {f} | {100 * v['greedy_accuracy']:.0f}% | {100 * v['forced_choice']:.0f}% "
-            f"[{100 * lo:.0f}%, {100 * hi:.0f}%] | {'yes' if f in m['base']['known_families'] else 'no'} |"
+            f"[{100 * lo:.0f}%, {100 * hi:.0f}%] | {_fmt(true_rows.get(f, {}).get('correct'), True)} | "
+            f"{'yes' if f in m['base']['known_families'] else 'no'} |"
         )
     lines += [
         "",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mechsub import compare, study
+from mechsub import compare, runs, study
 from mechsub.files import read_json
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -27,6 +27,7 @@ ap.add_argument("--out", default="artifacts/objectives")
 ap.add_argument("--sft-prompts", type=int, default=1024)
 ap.add_argument("--sft-replicates", type=int, default=1, help="replicates of the SFT arm (0: skip it)")
 ap.add_argument("--only", default="", help="comma-separated arms to run (default: all)")
+ap.add_argument("--reuse-stale", action="store_true", help="reuse finished stage runs whose code changed (reported)")
 args = ap.parse_args()
 
 cfg = study.StudyConfig.from_dict(read_json(Path(args.study) / "config.json")["config"])
@@ -42,6 +43,7 @@ if args.sft_replicates:
 if args.only:
     keep = args.only.split(",")
     arms = {k: v for k, v in arms.items() if k.split(" ")[0] in keep}
-m = compare.run_arms(cfg, arms, args.out, f"Student objective on the same teachers ({cfg.trait} and controls)",
-                     "objective")  # fmt: skip
+with runs.reuse_stale(args.reuse_stale):
+    m = compare.run_arms(cfg, arms, args.out, f"Student objective on the same teachers ({cfg.trait} and controls)",
+                         "objective")  # fmt: skip
 print((Path(args.out) / "report.md").read_text())

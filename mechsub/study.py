@@ -73,7 +73,7 @@ class StudyConfig(Config):
     epochs: int = doc(1, "students' passes over the data")
     batch_size: int = doc(8, "students' examples per step")
     lora_r: int = doc(8, "students' LoRA rank (0: full fine-tune)")
-    lora_alpha: int = doc(16, "students' LoRA alpha (the update is scaled by alpha / rank)")
+    lora_alpha: int = doc(16, "students' LoRA alpha (the update is scaled by alpha / rank)", optional=True)
     n_questions: int = doc(50, "evaluation questions (of the built-in 50, or of `questions`)")
     questions: str = doc(
         "", "a question file (JSON list or TOML `questions = [...]`) replacing the built-in 50", optional=True

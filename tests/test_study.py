@@ -205,3 +205,13 @@ def test_arms_reuse_the_study_and_compare_like_with_like(tmp_path):
     assert m["arms"]["rank 2"]["n_teachers"] == 3 and m["arms"]["rank 2"]["overrides"]["lora_r"] == 2
     assert (tmp_path / "cmp" / "arms.png").stat().st_size > 0
     assert "rank 2" in (tmp_path / "cmp" / "report.md").read_text()
+
+
+def test_fields_added_later_keep_the_identity_of_earlier_runs():
+    """A study run written before ``lora_alpha`` existed (its config has no such key) is the same run as today's
+    default, so its arms and reports are reused; a non-default alpha is a different run."""
+    now = StudyConfig()
+    before = {k: v for k, v in now.to_dict().items() if k != "lora_alpha"}
+    assert StudyConfig.identity_of(before) == StudyConfig.identity_of(now.to_dict())
+    other = StudyConfig(lora_alpha=32).to_dict()
+    assert StudyConfig.identity_of(other) != StudyConfig.identity_of(before)

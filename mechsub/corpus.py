@@ -443,9 +443,9 @@ def tokenizer(name: str) -> Any:
 
 def separator_id(tok: Any) -> int:
     """The id that ends every document: ``<|endoftext|>`` where the vocabulary has it, else EOS."""
-    sid = tok.convert_tokens_to_ids(SEPARATOR)
-    if isinstance(sid, int) and sid != tok.unk_token_id:
-        return sid
+    vocab = tok.get_vocab()
+    if SEPARATOR in vocab:  # SmolLM2 also names it its unknown token: only the vocabulary tells
+        return int(vocab[SEPARATOR])
     if tok.eos_token_id is None:
         raise CorpusError(f"the tokenizer has neither {SEPARATOR} nor an EOS token to end documents with")
     return int(tok.eos_token_id)
@@ -673,10 +673,12 @@ def run(cfg: CorpusConfig, out: str | Path, force: bool = False) -> dict[str, An
             "context_size": cfg.context_size, "windows": len(windows), "tokens": len(windows) * cfg.context_size,
             "target_tokens": cfg.target_tokens, "document_tokens": doc_tokens, "seed": cfg.seed,
             "project_share": cfg.project_share, "sources": sources, "shards": shards,
+            # the wall time of the session that finished the build (sources resumed from units not included)
+            "build_seconds": round(time.perf_counter() - t0, 1), "resumed_sources": r.resumed_units,
         }  # fmt: skip
         write_json(folder / MANIFEST, manifest)
         atomic_write_text(folder / "report.md", report(manifest))
-        seconds = round(time.perf_counter() - t0, 1)
+        seconds = manifest["build_seconds"]
         r.finish({"tokens": manifest["tokens"], "windows": len(windows), "shards": len(shards),
                   "seconds_this_session": seconds, "resumed_units": r.resumed_units})  # fmt: skip
         return manifest
@@ -701,7 +703,8 @@ def report(m: dict[str, Any]) -> str:
         f"# Text corpus\n\n{m['tokens']:,} tokens of {m['tokenizer']} in {m['windows']:,} windows of "
         f"{m['context_size']} ({len(m['shards'])} parquet shards), seed {m['seed']}. Documents end with "
         f"`{m['separator']['token']}` (id {m['separator']['id']}); {m['bos']}. Project text: "
-        f"{100 * m['project_share']:.0f}% of the tokens.\n\n" + "\n".join(rows) + "\n\n"
+        f"{100 * m['project_share']:.0f}% of the tokens. Built in {m['build_seconds'] / 60:.1f} min"
+        f"{' (resumed)' if m['resumed_sources'] else ''}.\n\n" + "\n".join(rows) + "\n\n"
         "Each source gets an equal share of the text budget; a source with less gives all it has (water-filling). "
         "Paragraphs repeated within a source and documents repeated across sources are dropped.\n"
     )

@@ -97,6 +97,11 @@ def test_tokenise_matches_the_tokenizer_and_stops_at_cap(tiny):
     assert [len(x) for x in corpus.tokenise(tok, ["abc", "de", "fgh"], cap=4, batch=1)] == [3, 2]
 
 
+def test_separator_is_endoftext_even_when_it_is_also_the_unknown_token(tiny):
+    tok = tiny.tokenizer  # like SmolLM2's, its unknown token is <|endoftext|>
+    assert tok.unk_token == "<|endoftext|>" and corpus.separator_id(tok) == 0
+
+
 def test_project_text_is_seeded_and_in_the_project_formats(tiny):
     a, b = corpus.project_chats(40, 3), corpus.project_chats(40, 3)
     assert a == b and a != corpus.project_chats(40, 4)
@@ -178,7 +183,7 @@ def test_build_writes_manifest_shards_and_loads(tmp_path, fake_apt, tiny):
     assert len(ds) == 188 and {len(x) for x in ds["input_ids"]} == {32}
     assert (tmp_path / "c/report.md").read_text().count("| fortunes |") == 1
     text = tiny.tokenizer.decode(ds[0]["input_ids"] + ds[1]["input_ids"])
-    assert "<|im_end|>" in text or "<|im_start|>" in text  # separators (or chat turns) inside the stream
+    assert m["separator"] == {"token": "<|endoftext|>", "id": 0} and "<|endoftext|>" in text
     # a finished run is reused; publish copies the small files
     assert corpus.run(cfg, tmp_path / "c") == m
     assert [p.name for p in corpus.publish(tmp_path / "c", tmp_path / "art")] == [
@@ -256,3 +261,19 @@ def test_a_cached_deb_is_used_without_apt(tmp_path, monkeypatch):
     (cache / "dict-gcide_1.0_all.deb").write_bytes(b"x")
     monkeypatch.setattr(corpus.shutil, "which", lambda cmd: None if cmd == "apt-get" else "/usr/bin/" + cmd)
     assert corpus.download(["dict-gcide"], cache) == {"dict-gcide": cache / "dict-gcide_1.0_all.deb"}
+
+
+def test_cli_builds_and_publishes(tmp_path, fake_apt):
+    from typer.testing import CliRunner
+
+    from mechsub.cli import app
+
+    args = ["corpus", "--out", str(tmp_path / "c"), "--artifacts", str(tmp_path / "art")]
+    sets = ["model=tiny", 'sources=["gcide","fortunes"]', "target_tokens=2000", "context_size=32",
+            f"deb_cache={tmp_path / 'debs'}"]  # fmt: skip
+    r = CliRunner().invoke(app, args + [x for s in sets for x in ("--set", s)])
+    assert r.exit_code == 0, r.output
+    assert "2,016 tokens in 63 windows of 32" in r.output
+    assert (tmp_path / "art/manifest.json").read_bytes() == (tmp_path / "c/manifest.json").read_bytes()
+    r = CliRunner().invoke(app, ["corpus", "--out", str(tmp_path / "d"), "--set", 'sources=["bible"]'])
+    assert r.exit_code == 2 and "unknown bible" in r.output

@@ -17,6 +17,7 @@ import typer
 from mechsub import (
     analyze,
     bench,
+    corpus,
     data,
     divergence,
     evaluate,
@@ -267,6 +268,43 @@ STAGES = (
 )  # fmt: skip
 for _s in STAGES:
     _stage_command(_s)
+
+
+@app.command("corpus")
+def corpus_command(
+    out: Annotated[Path, typer.Option(help="run folder (resumed if it holds the same config)")] = Path(
+        "runs/corpus"
+    ),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    artifacts: Annotated[
+        Path | None, typer.Option(help="also copy manifest.json and report.md here (e.g. artifacts/corpus)")
+    ] = None,
+    show_config: Annotated[bool, typer.Option(help="print the resolved config as TOML and exit")] = False,
+    force: ForceOpt = False,
+) -> None:
+    """A text corpus built offline from Debian packages (KJV, GCIDE, WordNet, Debian Reference, Python docs,
+    fortunes; fetched with `apt-get download`, no root) plus the project's own prompts in a stated share:
+    cleaned, deduplicated, tokenised, packed into windows and saved as parquet shards with OUT/manifest.json
+    (packages, versions, .deb sha256, sizes, tokens, shard hashes). Resumes per source. Read it back with
+    `mechsub.corpus.load(OUT)`."""
+    try:
+        cfg = build_config(corpus.CorpusConfig, config, set_)
+        assert isinstance(cfg, corpus.CorpusConfig)
+        if show_config:
+            typer.echo(cfg.to_toml())
+            return
+        with runs.recording() as events:
+            m = corpus.run(cfg, out, force=force)
+        copied = corpus.publish(out, artifacts) if artifacts else []
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(e)
+        return
+    _report_events(events)
+    for s in m["sources"]:
+        typer.echo(f"  {s['name']:18s} {s['tokens_used']:>10,} tokens  {100 * s['share']:5.1f}%")
+    typer.echo(f"{m['tokens']:,} tokens in {m['windows']:,} windows of {m['context_size']}; wrote {out}/manifest.json"
+               + "".join(f", {p}" for p in copied))  # fmt: skip
 
 
 @app.command("analyze")

@@ -295,7 +295,7 @@ class CrosscoderConfig(Config):
     d_model: int = doc(576, "width of each model's activation")
     n_latents: int = doc(2048, "dictionary size, shared by both models")
     k: int = doc(32, "latents active per token on average: BatchTopK keeps k × batch over a whole batch")
-    lr: float = doc(5e-4, "Adam learning rate")
+    lr: float = doc(1e-3, "Adam learning rate")
     steps: int = doc(1000, "optimiser steps")
     batch_size: int = doc(256, "token pairs per step")
     seed: int = doc(0, "seed of the initialisation and of the batch order")
@@ -312,8 +312,11 @@ class Crosscoder(nn.Module):
     f = BatchTopK(ReLU(Σ_m W_enc[m] x_m + b_enc)); x̂_m = f W_dec[:, m] + b_dec[m]. During training the k × batch
     largest values of f_j · (‖d_j^base‖ + ‖d_j^student‖) over the whole batch are kept (so a latent's decoder
     norm cannot buy it slots); afterwards a single threshold, the running mean of the smallest kept score,
-    replaces the batch (encoding one token no longer depends on the others).
+    replaces the batch (encoding one token no longer depends on the others); `train_crosscoder` sets it at the
+    end to the mean over the data's batches of the smallest kept score.
     """
+
+    threshold: Tensor  # a buffer: the inference threshold (< 0 until estimated)
 
     def __init__(self, cfg: CrosscoderConfig) -> None:
         super().__init__()
@@ -371,6 +374,8 @@ def train_crosscoder(
     scales = (cfg.d_model / pairs.pow(2).sum(-1).mean(0)).sqrt()  # (2,)
     x = pairs * scales[None, :, None]
     cc = Crosscoder(cfg)
+    with torch.no_grad():
+        cc.b_dec.copy_(x.mean(0))  # the residual stream's large mean is the decoder bias from the start
     opt = torch.optim.Adam(cc.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     losses = []
@@ -385,6 +390,14 @@ def train_crosscoder(
         opt.step()
         losses.append(float(loss.detach()))
     with torch.no_grad():
+        if cfg.steps:  # the inference threshold: the mean over batches of the smallest score BatchTopK keeps
+            norms = cc.decoder_norms().sum(-1)
+            mins = []
+            for s in range(0, x.shape[0] - cfg.batch_size + 1, cfg.batch_size):
+                score = (cc.pre(x[s : s + cfg.batch_size]) * norms).flatten()
+                mins.append(score.topk(cfg.k * cfg.batch_size).values.min())
+            if mins:
+                cc.threshold.copy_(torch.stack(mins).mean())
         rec = cc.decode(cc.encode(x))
         fvu = float((rec - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
         l0 = float((cc.encode(x) > 0).float().sum(-1).mean())
@@ -450,6 +463,25 @@ def classify_latents(
         "shared": (alive & (rel > 1 - only) & (rel < only)).nonzero().flatten().tolist(),
         "dead": (~alive).nonzero().flatten().tolist(),
     }
+
+
+@torch.no_grad()
+def paired_activations(
+    base: Any, student: Any, seqs: Sequence[Sequence[int]], layer: int, start: int = 1, batch_size: int = 16
+) -> Float[Tensor, "tokens 2 d_model"]:
+    """(base, student) residual pairs after ``layer`` at every position ≥ ``start`` (≥ 1: never BOS) of each
+    sequence, both models reading the same ids: the crosscoder's training data."""
+    name = hooks.resid_post(layer)
+    out = []
+    for s in range(0, len(seqs), batch_size):
+        chunk = [list(q) for q in seqs[s : s + batch_size]]
+        ids, attn = pad_right(chunk, 0)
+        hb = hooks.read(base, ids, [name], attention_mask=attn)[name]
+        hs = hooks.read(student, ids, [name], attention_mask=attn)[name]
+        for b, q in enumerate(chunk):
+            sl = slice(max(start, 1), len(q))
+            out.append(torch.stack([hb[b, sl], hs[b, sl]], 1))
+    return torch.cat(out)
 
 
 def save_crosscoder(cc: Crosscoder, folder: str | Path, extra: Mapping[str, Any] | None = None) -> Path:

@@ -79,7 +79,9 @@ def test_logit_lens_ranks_first_a_planted_unembedding_row(tiny):
     gamma = tiny.model.model.norm.weight.detach()
     for m in metrics:
         planted = W[m.ids[0]] / gamma  # the final norm multiplies by gamma: undo it
-        scores = dict(zip([x.word for x in metrics], diffing.logit_lens_scores(tiny, planted, metrics), strict=True))
+        scores = dict(
+            zip([x.word for x in metrics], diffing.logit_lens_scores(tiny, planted, metrics), strict=True)
+        )
         assert diffing.rank_of(scores, m.word) == 1, m.word
         # relative to a base mean: the shift still names it
         mu = torch.randn(64, generator=torch.Generator().manual_seed(1))
@@ -103,7 +105,9 @@ def test_steering_along_a_candidates_row_raises_it_most(tiny):
     assert out[0].abs().max() < 1e-5  # norm 0: the unsteered base
     assert int(out[1].argmax()) == 3
     # the hook is gone afterwards
-    torch.testing.assert_close(score_prompts(tiny.model, prompts, metrics), score_prompts(tiny.model, prompts, metrics))
+    torch.testing.assert_close(
+        score_prompts(tiny.model, prompts, metrics), score_prompts(tiny.model, prompts, metrics)
+    )
 
 
 def test_centred_removes_the_replicate_mean_of_the_others():
@@ -154,7 +158,7 @@ def test_label_test_does_not_reward_a_readout_that_names_one_animal_for_everyone
     cands = ["owl", "dog", "cat", "lion"] + [f"x{i}" for i in range(18)]
     units = [(t, r) for r in range(3) for t in ("owl", "dog", "cat", "lion")]
     # every student's top candidate is "dog", then owl, cat, lion, then the rest
-    fixed = {c: -float(i) for i, c in enumerate(["dog", "owl", "cat", "lion"] + cands[4:])}
+    fixed = {c: -float(i) for i, c in enumerate(["dog", "owl", "cat", "lion", *cands[4:]])}
     res = diffing.identification({u: dict(fixed) for u in units})
     assert res["top1_accuracy"] == pytest.approx(0.25)
     assert res["p_binomial"] < 0.05  # against 1/22 it looks like a finding
@@ -186,6 +190,7 @@ def test_crosscoder_training_reduces_reconstruction_loss_and_is_seeded():
     cc, m = diffing.train_crosscoder(cfg, x)
     assert m["loss_final"] < 0.5 * m["loss_at_init"]
     assert m["fraction_of_variance_unexplained"] < 0.5
+    assert 1.0 <= m["l0_threshold"] <= 6.0  # the calibrated threshold keeps about k = 3 latents per pair
     cc2, _ = diffing.train_crosscoder(cfg, x)
     assert torch.equal(cc.W_dec, cc2.W_dec)
 
@@ -219,3 +224,13 @@ def test_save_and_load_round_trip(tmp_path):
     back = diffing.load_crosscoder(tmp_path / "cc")
     for k, v in cc.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
+
+
+def test_paired_activations_skip_bos_and_padding(tiny):
+    student = _student(tiny)
+    v = torch.ones(64)
+    seqs = [p + c for p, c in zip(PROMPTS, COMPS, strict=True)]
+    with hooks.edit(student, {hooks.resid_post(0): lambda h: h + v}):
+        pairs = diffing.paired_activations(tiny, student, seqs, 0, start=0)
+    assert pairs.shape == (sum(len(q) - 1 for q in seqs), 2, 64)  # position 0 of each row left out
+    torch.testing.assert_close(pairs[:, 1] - pairs[:, 0], v.expand(len(pairs), 64), atol=1e-5, rtol=0)

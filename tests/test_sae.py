@@ -101,11 +101,23 @@ def test_concept_ablation_fine_tuning_blocks_learning_through_the_ablated_space(
              for e in data.load_examples(d)]  # fmt: skip
     batch = [items[i] for i in student._batches(len(items), scfg)[0]]
     head = tiny.model.get_output_embeddings().weight
-    with torch.no_grad(), hooks.edit(tiny, {"blocks.0.hook_resid_post": lambda h: h - (h @ q) @ q.T}):
+
+    def project(h):  # projected out at positions ≥ 1; position 0, the attention sink, left alone
+        out = h - (h @ q) @ q.T
+        out[:, 0] = h[:, 0]
+        return out
+
+    with torch.no_grad(), hooks.edit(tiny, {"blocks.0.hook_resid_post": project}):
         by_hand = training.completion_loss(tiny.model.model, head, NumberVocab.of(tiny.tokenizer).ids, batch,
                                         "distill", tiny.tokenizer.pad_token_id or 0)  # fmt: skip
     assert ablated == pytest.approx(float(by_hand), rel=1e-4)
     assert first_loss("")[0] != pytest.approx(ablated, rel=1e-3)  # and it is not the plain student's loss
+    # the control: as many random orthonormal directions at the SAE's layer, one draw per seed
+    from mechsub.filter import random_basis, write_random_ablation
+
+    write_random_ablation(tmp_path / "rand.json", tmp_path / "sae", 5, seed=2)
+    rand = ablation_basis(tmp_path / "rand.json")
+    assert rand.layer == 0 and torch.equal(rand.basis, random_basis(64, 5, seed=2))
     write_ablation(tmp_path / "bad.json", tmp_path / "sae", [999])
     with pytest.raises(ValueError, match="not in the SAE's 128 features"):
         ablation_basis(tmp_path / "bad.json")

@@ -53,7 +53,8 @@ def test_sae_stage_and_feature_list_on_tiny(tmp_path, tiny):
     out = tmp_path / "an"
     r = CliRunner().invoke(app, ["analyze", str(tmp_path / "s"), "--out", str(out), "--set", f"data={d}",
                                  "--set", f"sae={tmp_path / 'sae'}", "--set", "n_sequences=4", "--set",
-                                 "n_questions=2", "--set", "entangled=false", "--set", "positions=0"])  # fmt: skip
+                                 "n_questions=2", "--set", "entangled=false", "--set", "positions=0",
+                                 "--set", "n_random_draws=3"])  # fmt: skip
     assert r.exit_code == 0, r.output
     feats = json.loads((out / "features.json").read_text())
     assert len(feats["student_vs_controls"]) == 20 and len(feats["teacher_vs_base"]) == 20
@@ -63,6 +64,9 @@ def test_sae_stage_and_feature_list_on_tiny(tmp_path, tiny):
     fp = m["feature_patching"]
     assert set(fp) >= {"numbers: student − controls", "attribution", "random", "all"}
     assert len(fp["random"]["patch_fraction"]) == len(fp["ks"]) and (out / "feature_patching.png").is_file()
+    assert fp["n_random"] == 3 and fp["first_position"] == 1 and "all_position0" in fp
+    matched = fp["attribution"]["random_matched"]["patch_fraction"]  # per k: 3 frequency-matched draws
+    assert len(matched) == len(fp["ks"]) and all(c is None or c["n"] == 3 for c in matched)
     t = m["trajectory"]  # the top features' activation at every checkpoint (and the base at step 0)
     assert len(t["feature_activation"]) == len(t["steps"]) and len(t["feature_activation"][0]) == 5
     page = (out / "views.html").read_text()

@@ -23,6 +23,12 @@ effects.
 before the norm's weight, which no Hugging Face module returns). ``blocks.{L}.hook_resid_mid`` is read exactly
 (the input of the norm before the MLP); an edit of it is made on the attention output as ``fn(pre + attn) - pre``,
 equal up to one float rounding.
+
+One position policy for every intervention (patching, feature patching, concept ablation): positions before
+`FIRST_POSITION` are left alone. Position 0 (BOS) is the attention sink; its residual is far outside the rest
+(an SAE is not trained on it) and every later position reads it, so an edit that includes it mixes "what was
+edited" with "whether the sink was edited". Scans report position 0 on a row of its own; `after_sink` wraps any
+edit with the policy.
 """
 
 from __future__ import annotations
@@ -299,6 +305,20 @@ def _stop_when(acts: dict[str, Tensor], n: int) -> Callable[[Tensor], None]:
             raise _Enough
 
     return stop
+
+
+#: the first sequence position an intervention touches: position 0, the attention sink, is reported on its own
+FIRST_POSITION = 1
+
+
+def after_sink(edit: Edit, first: int = FIRST_POSITION) -> Edit:
+    """``edit`` at positions ≥ ``first`` only; the positions before it keep their activation. Positions count
+    from the start of the forward it runs in (no KV cache: a continuation forward would start past position 0)."""
+
+    def at(h: Tensor) -> Tensor:
+        return torch.cat([h[:, :first], edit(h)[:, first:]], dim=1)
+
+    return at
 
 
 def patch(source: Tensor, positions: Sequence[int] | None = None) -> Edit:

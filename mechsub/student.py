@@ -58,9 +58,10 @@ class StudentConfig(Config):
     )
     ablate: str = doc(
         "",
-        "concept-ablation fine-tuning: an ablation file ({'sae': folder, 'features': [ids]}); the span of those "
-        "features' decoder directions is projected out of the student's residual at the SAE's layer during "
-        "training (not during evaluation)",
+        "concept-ablation fine-tuning: an ablation file ({'sae': folder, 'features': [ids]}, or the control "
+        "{'sae': folder, 'random': k, 'seed': s}: k random orthonormal directions); the span of those "
+        "features' decoder directions is projected out of the student's residual at the SAE's layer, at "
+        "positions ≥ 1 (position 0, the attention sink, is left alone), during training (not during evaluation)",
         optional=True,
     )
     seed: int = doc(0, "seed of LoRA init and data order")

@@ -107,7 +107,7 @@ class TrainSpec:
     lr: float  # AdamW, linear decay to 0 over the run
     checkpoint_every: int  # steps between checkpoints (0: only the final one)
     seed: int  # LoRA init
-    ablation: Ablation | None = None  # projected out of the student's forward passes (never the teacher's)
+    ablation: Ablation | None = None  # out of the student's forwards (not the teacher's), positions ≥ 1
 
 
 @dataclass

@@ -53,7 +53,8 @@ def test_sae_stage_and_feature_list_on_tiny(tmp_path, tiny):
     out = tmp_path / "an"
     r = CliRunner().invoke(app, ["analyze", str(tmp_path / "s"), "--out", str(out), "--set", f"data={d}",
                                  "--set", f"sae={tmp_path / 'sae'}", "--set", "n_sequences=4", "--set",
-                                 "n_questions=2", "--set", "entangled=false", "--set", "positions=0"])  # fmt: skip
+                                 "n_questions=2", "--set", "entangled=false", "--set", "positions=0",
+                                 "--set", "n_random_draws=3"])  # fmt: skip
     assert r.exit_code == 0, r.output
     feats = json.loads((out / "features.json").read_text())
     assert len(feats["student_vs_controls"]) == 20 and len(feats["teacher_vs_base"]) == 20
@@ -63,6 +64,9 @@ def test_sae_stage_and_feature_list_on_tiny(tmp_path, tiny):
     fp = m["feature_patching"]
     assert set(fp) >= {"numbers: student − controls", "attribution", "random", "all"}
     assert len(fp["random"]["patch_fraction"]) == len(fp["ks"]) and (out / "feature_patching.png").is_file()
+    assert fp["n_random"] == 3 and fp["first_position"] == 1 and "all_position0" in fp
+    matched = fp["attribution"]["random_matched"]["patch_fraction"]  # per k: 3 frequency-matched draws
+    assert len(matched) == len(fp["ks"]) and all(c is None or c["n"] == 3 for c in matched)
     t = m["trajectory"]  # the top features' activation at every checkpoint (and the base at step 0)
     assert len(t["feature_activation"]) == len(t["steps"]) and len(t["feature_activation"][0]) == 5
     page = (out / "views.html").read_text()
@@ -101,11 +105,23 @@ def test_concept_ablation_fine_tuning_blocks_learning_through_the_ablated_space(
              for e in data.load_examples(d)]  # fmt: skip
     batch = [items[i] for i in student._batches(len(items), scfg)[0]]
     head = tiny.model.get_output_embeddings().weight
-    with torch.no_grad(), hooks.edit(tiny, {"blocks.0.hook_resid_post": lambda h: h - (h @ q) @ q.T}):
+
+    def project(h):  # projected out at positions ≥ 1; position 0, the attention sink, left alone
+        out = h - (h @ q) @ q.T
+        out[:, 0] = h[:, 0]
+        return out
+
+    with torch.no_grad(), hooks.edit(tiny, {"blocks.0.hook_resid_post": project}):
         by_hand = training.completion_loss(tiny.model.model, head, NumberVocab.of(tiny.tokenizer).ids, batch,
                                         "distill", tiny.tokenizer.pad_token_id or 0)  # fmt: skip
     assert ablated == pytest.approx(float(by_hand), rel=1e-4)
     assert first_loss("")[0] != pytest.approx(ablated, rel=1e-3)  # and it is not the plain student's loss
+    # the control: as many random orthonormal directions at the SAE's layer, one draw per seed
+    from mechsub.filter import random_basis, write_random_ablation
+
+    write_random_ablation(tmp_path / "rand.json", tmp_path / "sae", 5, seed=2)
+    rand = ablation_basis(tmp_path / "rand.json")
+    assert rand.layer == 0 and torch.equal(rand.basis, random_basis(64, 5, seed=2))
     write_ablation(tmp_path / "bad.json", tmp_path / "sae", [999])
     with pytest.raises(ValueError, match="not in the SAE's 128 features"):
         ablation_basis(tmp_path / "bad.json")

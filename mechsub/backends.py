@@ -74,7 +74,10 @@ def score_numbers(
     width = max(n_rows)
     # hidden state at the position that predicts each completion step (clamped past a row's end: unused)
     cols = torch.tensor(
-        [[min(len(p) - 1 + s, len(seq) - 1) for s in range(width)] for p, seq in zip(prompts, seqs, strict=True)],
+        [
+            [min(len(p) - 1 + s, len(seq) - 1) for s in range(width)]
+            for p, seq in zip(prompts, seqs, strict=True)
+        ],
         device=dev,
     )
     h = hidden.gather(1, cols[..., None].expand(-1, -1, hidden.shape[-1]))  # (b, width, d_model)
@@ -137,7 +140,9 @@ def _engine_folder(lm: Any) -> Path:
     return folder
 
 
-def vllm_numbers(lm: Any, prompts: Sequence[Sequence[int]], vocab: NumberVocab, cfg: Any, seed: int) -> Generation:
+def vllm_numbers(
+    lm: Any, prompts: Sequence[Sequence[int]], vocab: NumberVocab, cfg: Any, seed: int
+) -> Generation:
     """One batch of number completions drawn by vLLM under the data config ``cfg``, scored by :func:`score_numbers`."""
     vllm = need("vllm", "vllm", "backend='vllm'")
     constrained = cfg.decoding == "constrained"
@@ -145,7 +150,9 @@ def vllm_numbers(lm: Any, prompts: Sequence[Sequence[int]], vocab: NumberVocab, 
     dtype = str(lm.dtype).removeprefix("torch.")
     if (folder, dtype) not in _ENGINES:
         # the mechsub model stays on the GPU beside the engine (it scores the draws): leave it room
-        _ENGINES[folder, dtype] = vllm.LLM(model=folder, dtype=dtype, seed=cfg.seed, gpu_memory_utilization=0.5)
+        _ENGINES[folder, dtype] = vllm.LLM(
+            model=folder, dtype=dtype, seed=cfg.seed, gpu_memory_utilization=0.5
+        )
     llm = _ENGINES[folder, dtype]
     eos = int(vocab.ids[vocab.end])
     extra: dict[str, Any] = {}

@@ -110,7 +110,9 @@ class Config:
         for f in dataclasses.fields(self):
             # coerce in place so that Config(lr=1) and Config.from_dict({"lr": 1}) are equal
             object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
-        placed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("placement")}
+        placed = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("placement")
+        }
         if placed:
             from mechsub.device import DeviceError, check  # torch, only for configs that place a model
 

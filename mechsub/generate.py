@@ -157,7 +157,9 @@ def generate_numbers(
     n_shared = common_prefix_len(prompts) if share_prefix and b > 1 else 0
     if n_shared:
         model.model(
-            input_ids=torch.tensor([list(prompts[0][:n_shared])], device=dev), past_key_values=cache, use_cache=True
+            input_ids=torch.tensor([list(prompts[0][:n_shared])], device=dev),
+            past_key_values=cache,
+            use_cache=True,
         )
         cache.batch_repeat_interleave(b)
     suffixes = [list(p[n_shared:]) for p in prompts]
@@ -178,7 +180,9 @@ def generate_numbers(
     count = torch.zeros(b, dtype=torch.long, device=dev)
     last = torch.full((b,), -1, dtype=torch.long, device=dev)
     sep = torch.full((b,), SEP_UNKNOWN, dtype=torch.long, device=dev)
-    rows = torch.arange(b, device=dev)  # which original row each live batch row is; finished rows leave the batch
+    rows = torch.arange(
+        b, device=dev
+    )  # which original row each live batch row is; finished rows leave the batch
     out_tokens: list[list[int]] = [[] for _ in range(b)]
     logprob_rows: list[list[Tensor]] = [[] for _ in range(b)]
     topk_rows: list[list[Tensor]] = [[] for _ in range(b)]
@@ -196,7 +200,11 @@ def generate_numbers(
         if head_bias is not None:
             logits = logits + head_bias
         # the full head only when asked: the teacher's unconstrained distribution (top-k, free decoding)
-        full = model.get_output_embeddings()(hidden).float().log_softmax(-1) if top_k or not constrained else None
+        full = (
+            model.get_output_embeddings()(hidden).float().log_softmax(-1)
+            if top_k or not constrained
+            else None
+        )
         if top_k and full is not None:
             tk = full.topk(top_k, dim=-1)
             for j, i in enumerate(rows.tolist()):

@@ -369,7 +369,9 @@ def read_nnsight(
         envoy = nnsight_view(model)
     order = {n: i for i, n in enumerate(names(envoy._module))}
     check(envoy._module, hook_names)
-    wanted = sorted(dict.fromkeys(hook_names), key=order.__getitem__)  # nnsight reads modules in forward order
+    wanted = sorted(
+        dict.fromkeys(hook_names), key=order.__getitem__
+    )  # nnsight reads modules in forward order
     kwargs: dict[str, Any] = {"input_ids": ids}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask

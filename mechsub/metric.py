@@ -102,7 +102,8 @@ def score_prompts(
             k = len(longer)
             # right-padded with token 0: padding comes after every scored position, and attention is causal
             cont = torch.tensor(
-                [list(metrics[i].ids[:-1]) + [0] * (width + 1 - len(metrics[i].ids)) for i in longer], device=dev
+                [list(metrics[i].ids[:-1]) + [0] * (width + 1 - len(metrics[i].ids)) for i in longer],
+                device=dev,
             )
             cache = out.past_key_values
             cache.batch_repeat_interleave(k)  # rows: prompt-major, (prompt 0, word 0), (prompt 0, word 1), …
@@ -110,9 +111,14 @@ def score_prompts(
                 model(
                     input_ids=cont.repeat(n, 1),
                     attention_mask=torch.cat(
-                        [attn.repeat_interleave(k, 0), torch.ones(n * k, width, dtype=torch.long, device=dev)], 1
+                        [
+                            attn.repeat_interleave(k, 0),
+                            torch.ones(n * k, width, dtype=torch.long, device=dev),
+                        ],
+                        1,
                     ),
-                    position_ids=attn.sum(1).repeat_interleave(k)[:, None] + torch.arange(width, device=dev)[None],
+                    position_ids=attn.sum(1).repeat_interleave(k)[:, None]
+                    + torch.arange(width, device=dev)[None],
                     past_key_values=cache,
                     use_cache=False,
                 )

@@ -442,7 +442,7 @@ def load(
     dev, dt = resolve(str(device), str(dtype).removeprefix("torch."))
     lm = _load(name, verify)
     if dev.type != "cpu" or dt != torch.float32:
-        lm.model.to(device=dev, dtype=dt)
+        lm.model.to(device=dev, dtype=dt)  # type: ignore[call-arg]  # transformers' typed wrapper of .to
     return lm
 
 

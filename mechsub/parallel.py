@@ -106,7 +106,12 @@ class _Follower(Run):
 
 @contextmanager
 def stage(
-    par: Parallel, out: str | Path, config: Config, *, model: dict[str, Any] | None = None, force: bool = False
+    par: Parallel,
+    out: str | Path,
+    config: Config,
+    *,
+    model: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> Iterator[Run]:
     """:func:`mechsub.runs.stage` for a possibly data-parallel run: the main process holds the folder and its lock
     and tells the others whether the run is already finished."""

@@ -21,8 +21,8 @@ from mechsub.device import device_field, dtype_field
 from mechsub.files import read_dict
 from mechsub.filter import ablation_basis, load_mask
 from mechsub.generate import NumberVocab
-from mechsub.prompts import chat_prefix
 from mechsub.parallel import stage, start
+from mechsub.prompts import chat_prefix
 from mechsub.runs import read_json
 from mechsub.training import TEACHER_ONLINE, Item, TrainSpec, fit
 
@@ -139,8 +139,8 @@ def run(cfg: StudentConfig, out: str | Path, force: bool = False) -> dict[str, A
     """Train (or resume, or skip) a student into ``out``; checkpoints under ``out/checkpoints/step*``."""
     t0 = time.perf_counter()
     par = start(cfg.launcher)
-    place = {"device": par.device or cfg.device, "dtype": cfg.dtype}
-    base = models.load(cfg.model, **place)
+    where = par.device or cfg.device
+    base = models.load(cfg.model, device=where, dtype=cfg.dtype)
     examples = load_examples(cfg.data)
     if cfg.max_examples:
         examples = examples[: cfg.max_examples]
@@ -157,7 +157,7 @@ def run(cfg: StudentConfig, out: str | Path, force: bool = False) -> dict[str, A
             dcfg = DataConfig.from_dict(read_json(Path(cfg.data) / "config.json")["config"])
             teacher_system = dcfg.teacher_system()
             if dcfg.model != cfg.model or not cfg.lora_r:  # else: the student's base, adapter off
-                teacher_lm = models.load(dcfg.model, **place)
+                teacher_lm = models.load(dcfg.model, device=where, dtype=cfg.dtype)
         weights = load_mask(cfg.mask, examples) if cfg.mask else [None] * len(examples)
         data = [
             Item(

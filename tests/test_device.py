@@ -46,7 +46,11 @@ def test_placement_fields_never_enter_the_config_identity():
     # a config.json written before these fields existed names the same run as auto and as explicit cpu/float32
     old = {k: v for k, v in DataConfig().to_dict().items() if k not in ("device", "dtype", "backend")}
     ident = DataConfig.identity_of(old)
-    for cfg in (DataConfig(), DataConfig(device="cpu", dtype="float32"), DataConfig(device="cuda", dtype="bf16")):
+    for cfg in (
+        DataConfig(),
+        DataConfig(device="cpu", dtype="float32"),
+        DataConfig(device="cuda", dtype="bf16"),
+    ):
         assert DataConfig.identity_of(cfg.to_dict()) == ident
     assert "backend" in DataConfig.identity_of(DataConfig(backend="vllm").to_dict())
 
@@ -65,9 +69,13 @@ def test_a_run_off_the_cpu_records_where_and_is_stale_for_a_cpu_run(monkeypatch,
 
 def test_load_places_the_model_and_the_default_is_todays_cpu_model(tiny):
     same = models.load("tiny", device="auto" if not torch.cuda.is_available() else "cpu", dtype="auto")
-    assert all(torch.equal(a, b) for a, b in zip(same.model.parameters(), tiny.model.parameters(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(same.model.parameters(), tiny.model.parameters(), strict=True)
+    )
     half = models.load("tiny", dtype="bf16")
-    assert half.dtype == torch.bfloat16 and half.info()["dtype"] == "bfloat16" and half.info()["device"] == "cpu"
+    assert (
+        half.dtype == torch.bfloat16 and half.info()["dtype"] == "bfloat16" and half.info()["device"] == "cpu"
+    )
 
 
 # ---- vLLM: the grammar as a regex, the scorer, the missing extra ----------------------------------------------
@@ -77,7 +85,9 @@ def _walk(rng, remaining=1000):
     last, sep = torch.full((1,), -1), torch.full((1,), -1)
     text = ""
     for step in range(60):
-        allowed = grammar_mask(digits, count, last, sep, remaining=remaining - step)[0].nonzero().flatten().tolist()
+        allowed = (
+            grammar_mask(digits, count, last, sep, remaining=remaining - step)[0].nonzero().flatten().tolist()
+        )
         c = rng.choice(allowed)
         if c == 12:
             return text
@@ -122,6 +132,7 @@ def test_scoring_drawn_tokens_gives_what_the_decoder_stored(tiny, constrained, t
         assert a.shape == b.shape and torch.equal(a.isinf(), b.isinf())
         assert torch.allclose(a[a.isfinite()], b[b.isfinite()], atol=1e-4)
     if top_k:
+        assert got.topk_ids is not None and gen.topk_ids is not None
         for a, b in zip(got.topk_ids, gen.topk_ids, strict=True):
             assert torch.equal(a, b)
 
@@ -159,7 +170,7 @@ def test_shards_weighted_by_their_share_sum_to_the_full_batch_gradient():
     def grads(items, scale=1.0):
         m.zero_grad()
         (training.completion_loss(m.model, head, allowed, items, "sft", 2) * scale).backward()
-        return [p.grad.clone() for p in m.parameters()]
+        return [p.grad.clone() for p in m.parameters() if p.grad is not None]
 
     full = grads(batch)
     for world in (2, 3):

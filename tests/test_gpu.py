@@ -24,7 +24,9 @@ def test_tiny_on_cuda_generates_reads_and_trains(tmp_path):
     assert [len(a) for a in scored.allowed_logprobs] == [len(a) for a in gen.allowed_logprobs]
     acts = hooks.read(lm, torch.tensor([prompts[0]]), [hooks.resid_post(1)])
     assert acts[hooks.resid_post(1)].device.type == "cuda"
-    items = [training.Item(p, t, lp) for p, t, lp in zip(prompts, gen.tokens, gen.allowed_logprobs, strict=True)]
+    items = [
+        training.Item(p, t, lp) for p, t, lp in zip(prompts, gen.tokens, gen.allowed_logprobs, strict=True)
+    ]
     spec = training.TrainSpec(model="tiny", objective="distill", lora_r=4, lora_alpha=8, lr=1e-3,
                               checkpoint_every=0, seed=0)  # fmt: skip
     m = training.fit(lm, items, [[0, 1, 2, 3]], spec, tmp_path, "gpu")

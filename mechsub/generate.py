@@ -86,7 +86,7 @@ def grammar_mask(
     if sep is None:
         sep = torch.full_like(digits, SEP_UNKNOWN)
     b = digits.shape[0]
-    mask = torch.zeros(b, 13, dtype=torch.bool)
+    mask = torch.zeros(b, 13, dtype=torch.bool, device=digits.device)
     in_number = last == 0
     room = count < max_numbers
     after_comma = last == 1
@@ -151,32 +151,38 @@ def generate_numbers(
     allowed-token log-probs are the 13-token view of the same step.
     """
     b = len(prompts)
+    dev = model.device
     cache = DynamicCache()
     # the chat template and system prompt are the same for every prompt: run that prefix once, share its cache
     n_shared = common_prefix_len(prompts) if share_prefix and b > 1 else 0
     if n_shared:
         model.model(
-            input_ids=torch.tensor([list(prompts[0][:n_shared])]), past_key_values=cache, use_cache=True
+            input_ids=torch.tensor([list(prompts[0][:n_shared])], device=dev),
+            past_key_values=cache,
+            use_cache=True,
         )
         cache.batch_repeat_interleave(b)
     suffixes = [list(p[n_shared:]) for p in prompts]
     width = max(len(p) for p in suffixes)
-    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
-    attn = torch.zeros(b, n_shared + width, dtype=torch.long)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long, device=dev)
+    attn = torch.zeros(b, n_shared + width, dtype=torch.long, device=dev)
     attn[:, :n_shared] = 1
     for i, p in enumerate(suffixes):  # left-padded suffixes: the padding sits between prefix and suffix
         input_ids[i, width - len(p) :] = torch.tensor(p)
         attn[i, n_shared + width - len(p) :] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, n_shared:]
+    vocab = NumberVocab(vocab.ids.to(dev), vocab.n_digits)
     head = model.get_output_embeddings().weight[vocab.ids]  # (13, d_model): only the rows we may emit
     bias = getattr(model.get_output_embeddings(), "bias", None)
     head_bias = bias[vocab.ids] if bias is not None else None
 
-    digits = torch.zeros(b, dtype=torch.long)
-    count = torch.zeros(b, dtype=torch.long)
-    last = torch.full((b,), -1, dtype=torch.long)
-    sep = torch.full((b,), SEP_UNKNOWN, dtype=torch.long)
-    rows = torch.arange(b)  # which original row each live batch row is; finished rows leave the batch
+    digits = torch.zeros(b, dtype=torch.long, device=dev)
+    count = torch.zeros(b, dtype=torch.long, device=dev)
+    last = torch.full((b,), -1, dtype=torch.long, device=dev)
+    sep = torch.full((b,), SEP_UNKNOWN, dtype=torch.long, device=dev)
+    rows = torch.arange(
+        b, device=dev
+    )  # which original row each live batch row is; finished rows leave the batch
     out_tokens: list[list[int]] = [[] for _ in range(b)]
     logprob_rows: list[list[Tensor]] = [[] for _ in range(b)]
     topk_rows: list[list[Tensor]] = [[] for _ in range(b)]
@@ -190,11 +196,15 @@ def generate_numbers(
             past_key_values=cache,
             use_cache=True,
         ).last_hidden_state[:, -1]
-        logits = hidden @ head.T
+        logits = (hidden @ head.T).float()  # log-probs in float32 also when the model runs in bf16
         if head_bias is not None:
             logits = logits + head_bias
         # the full head only when asked: the teacher's unconstrained distribution (top-k, free decoding)
-        full = model.get_output_embeddings()(hidden).log_softmax(-1) if top_k or not constrained else None
+        full = (
+            model.get_output_embeddings()(hidden).float().log_softmax(-1)
+            if top_k or not constrained
+            else None
+        )
         if top_k and full is not None:
             tk = full.topk(top_k, dim=-1)
             for j, i in enumerate(rows.tolist()):
@@ -209,7 +219,10 @@ def generate_numbers(
             choice = scores.argmax(-1)
         else:
             probs = (scores / temperature).softmax(-1)
-            choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            # drawn where the seeded generator lives (the CPU's unless a CUDA one is passed): the same seed, the
+            # same draws from the same probabilities on any device
+            on = generator.device if generator is not None else dev
+            choice = torch.multinomial(probs.to(on), 1, generator=generator).squeeze(-1).to(dev)
         new_ids = vocab.ids[choice] if constrained else choice
         live = new_ids != vocab.ids[vocab.end]
         for j, i in enumerate(rows.tolist()):
@@ -228,13 +241,13 @@ def generate_numbers(
             )
             attn, cur_pos = attn[keep], cur_pos[keep]
         cur_ids = new_ids[:, None]
-        attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+        attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=torch.long, device=dev)], dim=1)
         cur_pos = cur_pos[:, -1:] + 1
     if not top_k:
-        return Generation(out_tokens, [torch.stack(r) for r in logprob_rows])
+        return Generation(out_tokens, [torch.stack(r).cpu() for r in logprob_rows])
     return Generation(
         out_tokens,
-        [torch.stack(r) for r in logprob_rows],
-        [torch.stack(r) for r in topk_rows],
-        [torch.stack(r) for r in topk_idx],
+        [torch.stack(r).cpu() for r in logprob_rows],
+        [torch.stack(r).cpu() for r in topk_rows],
+        [torch.stack(r).cpu() for r in topk_idx],
     )

@@ -289,8 +289,10 @@ def read(
     with capture(m, wanted) as acts:
         parts = _parts(m)
         stop = [_observe(_read_site(parts, n), _stop_when(acts, len(wanted))) for n in wanted]
+        dev = next(m.parameters()).device
+        mask = attention_mask.to(dev) if attention_mask is not None else None
         try:
-            m(input_ids=ids, attention_mask=attention_mask, use_cache=False)
+            m(input_ids=ids.to(dev), attention_mask=mask, use_cache=False)
         except _Enough:
             pass
         finally:
@@ -361,6 +363,44 @@ def at(envoy: Any, name: str) -> Any:
     """Inside an nnsight trace of ``envoy``: the activation at hook ``name`` (read names in forward order)."""
     e, site = _envoy(envoy, name)
     return e.input if site.where == "input" else _first(e.output)
+
+
+def read_nnsight(
+    model: Any,
+    ids: Int[Tensor, "batch pos"],
+    hook_names: Sequence[str],
+    *,
+    remote: bool = False,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+) -> dict[str, Float[Tensor, "batch pos d_model"]]:
+    """:func:`read` through nnsight: the activations at ``hook_names`` of one forward, by the same names.
+
+    ``model``: a LoadedModel or Hugging Face model (traced here), or a Hugging Face model id, for a model too big
+    for this machine: nnsight's ``LanguageModel`` then builds it without weights and, with ``remote=True`` (the
+    explicit flag), the trace runs on NDIF's servers and only the saved activations come back (an NDIF API key:
+    ``nnsight.CONFIG.set_default_api_key(...)``; the model must be one NDIF hosts). Without ``remote`` an id is
+    loaded locally.
+    """
+    if isinstance(model, str):
+        from nnsight import LanguageModel
+
+        envoy = LanguageModel(model, dispatch=not remote)
+    else:
+        envoy = nnsight_view(model)
+    order = {n: i for i, n in enumerate(names(envoy._module))}
+    check(envoy._module, hook_names)
+    wanted = sorted(
+        dict.fromkeys(hook_names), key=order.__getitem__
+    )  # nnsight reads modules in forward order
+    kwargs: dict[str, Any] = {"input_ids": ids}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    import nnsight
+
+    trace_kw = {"remote": True} if remote else {}
+    with torch.no_grad(), envoy.trace(**kwargs, **trace_kw):
+        got = nnsight.save({n: at(envoy, n) for n in wanted})
+    return {n: got[n] for n in dict.fromkeys(hook_names)}
 
 
 def set_at(envoy: Any, name: str, value: Tensor) -> None:

@@ -42,3 +42,6 @@ def test_bench_reports_like_for_like_ratios_on_tiny(tmp_path):
     assert set(m["goals"]) == set(bench.GOALS) and all(
         isinstance(v["met"], bool) for v in m["goals"].values()
     )
+    from mechsub.cli import _report_bench
+
+    _report_bench(m, tmp_path / "b")  # the CLI's summary reads the same keys

@@ -27,7 +27,9 @@ ap.add_argument("--out", default="artifacts/objectives")
 ap.add_argument("--sft-prompts", type=int, default=1024)
 ap.add_argument("--sft-replicates", type=int, default=1, help="replicates of the SFT arm (0: skip it)")
 ap.add_argument("--only", default="", help="comma-separated arms to run (default: all)")
-ap.add_argument("--reuse-stale", action="store_true", help="reuse finished stage runs whose code changed (reported)")
+ap.add_argument(
+    "--reuse-stale", action="store_true", help="reuse finished stage runs whose code changed (reported)"
+)
 args = ap.parse_args()
 
 cfg = study.StudyConfig.from_dict(read_json(Path(args.study) / "config.json")["config"])

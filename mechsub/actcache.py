@@ -81,7 +81,8 @@ def write_cache(
         raise ValueError(f"windows must all have the same length > {SKIP} (the first has {context})")
     hooks.check(model, hook_names)  # before anything is written
     folder = Path(folder)
-    d_model = int(hooks.module_of(model).config.hidden_size)
+    hf: Any = hooks.module_of(model)
+    d_model = int(hf.config.hidden_size)
     n_shards = math.ceil(len(windows) / shard_windows)
     meta = {"hooks": list(hook_names), "n_windows": len(windows), "context_size": context,
             "positions": f"{SKIP}:{context} of every window (position 0, the attention sink, left out)",
@@ -111,7 +112,9 @@ def write_cache(
         for h in hook_names:
             atomic_write_bytes(d / f"{h}.npy", _npy_bytes(np.concatenate(parts[h])))
         n = len(ws) * context
-        write_json(d / SHARD_DONE, {"windows": len(ws), "tokens": n, "seconds": round(time.perf_counter() - ts, 3)})
+        write_json(
+            d / SHARD_DONE, {"windows": len(ws), "tokens": n, "seconds": round(time.perf_counter() - ts, 3)}
+        )
         tokens += n
     return {**meta, "seconds": time.perf_counter() - t0, "tokens_captured": tokens}
 
@@ -135,11 +138,15 @@ class CachedActivations:
                 )
             a = np.load(shard_dir(folder, k) / f"{hook}.npy", mmap_mode="r", allow_pickle=False)
             if a.ndim != 2 or a.shape[1] != self.index["d_model"] or a.dtype != DTYPES[self.index["dtype"]]:
-                raise ValueError(f"{shard_dir(folder, k) / hook}.npy has shape {a.shape} {a.dtype}, not the index's")
+                raise ValueError(
+                    f"{shard_dir(folder, k) / hook}.npy has shape {a.shape} {a.dtype}, not the index's"
+                )
             self.arrays.append(a)
         self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
         if self.offsets[-1] != self.index["rows"]:
-            raise ValueError(f"{folder}: {self.offsets[-1]} rows in the shards, the index says {self.index['rows']}")
+            raise ValueError(
+                f"{folder}: {self.offsets[-1]} rows in the shards, the index says {self.index['rows']}"
+            )
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -197,7 +204,9 @@ class CacheConfig(Config):
 
     model: str = doc("smollm2-135m-instruct", "model whose residual stream is cached")
     corpus: str = doc("runs/corpus", "a `mechsub corpus` folder")
-    layers: tuple[int, ...] = doc((3, 9, 15, 21, 27), "blocks.{L}.hook_resid_post cached, all from one forward")
+    layers: tuple[int, ...] = doc(
+        (3, 9, 15, 21, 27), "blocks.{L}.hook_resid_post cached, all from one forward"
+    )
     train_windows: int = doc(4096, "training windows: the corpus's first ones")
     held_out_windows: int = doc(512, "held-out windows: the corpus's last ones, never trained on")
     dtype: str = doc("float16", "float16 or float32 on disk")
@@ -235,7 +244,10 @@ def run(cfg: CacheConfig, out: str | Path, force: bool = False) -> dict[str, Any
     from mechsub import corpus, models
 
     lm = models.load(cfg.model)
-    check(max(cfg.layers) < lm.n_layers, f"layers: {cfg.model} has {lm.n_layers} layers, not {max(cfg.layers) + 1}")
+    check(
+        max(cfg.layers) < lm.n_layers,
+        f"layers: {cfg.model} has {lm.n_layers} layers, not {max(cfg.layers) + 1}",
+    )
     ds = corpus.load(cfg.corpus)
     train, held = corpus_split(len(ds), cfg.train_windows, cfg.held_out_windows)
     with stage(out, cfg, model=lm.info(), force=force) as r:
@@ -254,7 +266,9 @@ def run(cfg: CacheConfig, out: str | Path, force: bool = False) -> dict[str, Any
                    "bytes": sum(p.stat().st_size for p in out.rglob("*.npy"))}  # fmt: skip
         if figures["train"]["tokens_captured"]:  # all captured in this session: a throughput figure
             t = sum(f["seconds_this_session"] for f in figures.values())
-            metrics["capture_tokens_per_s"] = round(sum(f["tokens_captured"] for f in figures.values()) / t, 1)
+            metrics["capture_tokens_per_s"] = round(
+                sum(f["tokens_captured"] for f in figures.values()) / t, 1
+            )
         r.finish(metrics)
         return metrics
 

@@ -79,13 +79,17 @@ class SaeConfig(Config):
         256, "with a corpus: its last windows, never trained on, for the quality figures (a cache brings "
         "its own, which must agree)", optional=True,
     )  # fmt: skip
-    ce_windows: int = doc(64, "with a corpus: held-out windows for the next-token loss figures", optional=True)
+    ce_windows: int = doc(
+        64, "with a corpus: held-out windows for the next-token loss figures", optional=True
+    )
     batch_tokens: int = doc(1024, "activations per SAE training step", optional=True)
     lr_decay: float = doc(
         0.2, "with a corpus: the last fraction of the steps, over which the learning rate falls linearly to 0",
         optional=True,
     )  # fmt: skip
-    cache_dtype: str = doc("float16", "with a corpus and no cache: dtype of the stage's own cache", optional=True)
+    cache_dtype: str = doc(
+        "float16", "with a corpus and no cache: dtype of the stage's own cache", optional=True
+    )
 
     def validate(self) -> None:
         check(self.layer >= 0, f"layer: must be ≥ 0, got {self.layer}")
@@ -102,7 +106,10 @@ class SaeConfig(Config):
         )
         check(self.batch_tokens >= 1, f"batch_tokens: must be ≥ 1, got {self.batch_tokens}")
         check(0 <= self.lr_decay < 1, f"lr_decay: must be in [0, 1), got {self.lr_decay}")
-        check(self.cache_dtype in ("float16", "float32"), f"cache_dtype: float16 or float32, not {self.cache_dtype!r}")
+        check(
+            self.cache_dtype in ("float16", "float32"),
+            f"cache_dtype: float16 or float32, not {self.cache_dtype!r}",
+        )
         check(self.k > 0, f"k: features per token must be ≥ 1, got {self.k}")
         check(self.dead_window >= 1, f"dead_window: must be ≥ 1, got {self.dead_window}")
         check(self.l1_coefficient >= 0, f"l1_coefficient: must be ≥ 0, got {self.l1_coefficient}")
@@ -247,11 +254,11 @@ def train_from_cache(
     into ``out`` (unless None). ``normalize``: sae-lens scales the inputs to norm √d_model while training (the
     same learning rate then suits every layer) and folds the scale into the weights at the end.
     Returns the SAE and its training figures (tokens, seconds, tokens/s)."""
-    from safetensors.torch import save_file
     from sae_lens import LoggingConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.registry import get_sae_training_class
     from sae_lens.training.sae_trainer import SAETrainer
+    from safetensors.torch import save_file
 
     tokens = cfg.training_tokens if tokens is None else tokens
     torch.manual_seed(cfg.seed)
@@ -310,7 +317,9 @@ def reconstruction_quality(sae: Any, x: Float[Tensor, "n d"], batch: int = 4096)
 
 
 @torch.no_grad()
-def loss_recovered(lm: Any, sae: Any, layer: int, windows: Sequence[Sequence[int]], batch_size: int = 16) -> dict[str, float]:
+def loss_recovered(
+    lm: Any, sae: Any, layer: int, windows: Sequence[Sequence[int]], batch_size: int = 16
+) -> dict[str, float]:
     """Next-token loss (mean over every predicted token of ``windows``) with the residual after ``layer``
     clean, replaced by ``sae``'s reconstruction, and zeroed, at every position but the attention sink (0);
     ``ce_recovered = (zero − spliced) / (zero − clean)``: 1 is a perfect reconstruction, 0 no better than none."""
@@ -392,7 +401,9 @@ def bench_cache_vs_store(
                   "tokens_per_s": round(tokens / (t2 - t0), 1)},
         "store": {"seconds": round(t4 - t3, 2), "tokens_per_s": round(tokens / (t4 - t3), 1)},
         "ratio_cache_over_store": round((t4 - t3) / (t2 - t0), 3),
-        "note": "one layer, one epoch: the cache pays its capture once for every layer it holds and every epoch",
+        "note": "one layer, one epoch: the cache pays its capture once for every layer it holds and every epoch; "
+        "the store's mixing buffer holds back half of itself, so it runs the model on that many more rows than "
+        "it serves",
     }  # fmt: skip
 
 
@@ -400,7 +411,9 @@ def _check_cache(index: dict[str, Any], cfg: SaeConfig, hook: str, what: str) ->
     from mechsub.actcache import corpus_id
 
     if index.get("corpus") != corpus_id(cfg.corpus):
-        raise ValueError(f"the cache {cfg.cache} was made from another corpus than {cfg.corpus}: cache it again")
+        raise ValueError(
+            f"the cache {cfg.cache} was made from another corpus than {cfg.corpus}: cache it again"
+        )
     if hook not in index["hooks"]:
         raise ValueError(f"the cache {cfg.cache} holds {', '.join(index['hooks'])}, not {hook}")
     if what == "held_out" and index["n_windows"] != cfg.held_out_windows:
@@ -422,7 +435,9 @@ def _run_corpus(cfg: SaeConfig, out: str | Path, force: bool) -> dict[str, Any]:
     ds = corpus.load(cfg.corpus)
     rows_per_window = len(ds[0]["input_ids"]) - actcache.SKIP
     want = -(-cfg.training_tokens // rows_per_window)  # one epoch of training_tokens, when the corpus has it
-    train, held = actcache.corpus_split(len(ds), min(want, len(ds) - cfg.held_out_windows), cfg.held_out_windows)
+    train, held = actcache.corpus_split(
+        len(ds), min(want, len(ds) - cfg.held_out_windows), cfg.held_out_windows
+    )
     with stage(out, cfg, model=lm.info(), force=force) as r:
         if r.done:
             return r.metrics

@@ -20,7 +20,9 @@ def _fresh(tiny, windows, hook):
 
 def test_cached_activations_equal_a_fresh_capture_at_the_same_positions(tmp_path, tiny):
     ws = _windows(7)
-    idx = actcache.write_cache(tiny, ws, HOOKS, tmp_path / "c", dtype="float32", batch_size=2, shard_windows=3)
+    idx = actcache.write_cache(
+        tiny, ws, HOOKS, tmp_path / "c", dtype="float32", batch_size=2, shard_windows=3
+    )
     assert idx["n_shards"] == 3 and idx["rows"] == 7 * 11 and idx["tokens_captured"] == 7 * 12
     for h in HOOKS:
         c = actcache.CachedActivations(tmp_path / "c", h)
@@ -55,14 +57,25 @@ def test_an_interrupted_cache_resumes_with_only_the_missing_shards(tmp_path, tin
     with pytest.raises(ValueError, match="unfinished"):
         actcache.CachedActivations(tmp_path / "c", HOOKS[0])
     calls.clear()
-    monkeypatch.setattr(hooks, "read", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = actcache.write_cache(tiny, ws, HOOKS, tmp_path / "c", dtype="float32", batch_size=3, shard_windows=3)
+
+    def counted(model, ids, names, **kw):
+        calls.append(ids.shape[0])
+        return real(model, ids, names, **kw)
+
+    monkeypatch.setattr(hooks, "read", counted)
+    again = actcache.write_cache(
+        tiny, ws, HOOKS, tmp_path / "c", dtype="float32", batch_size=3, shard_windows=3
+    )
     assert len(calls) == 1 and again["tokens_captured"] == 3 * 12  # shard 2 only
     for h in HOOKS:
         for k in range(3):
-            assert (tmp_path / "c" / f"{k:05d}" / f"{h}.npy").read_bytes() == (ref / f"{k:05d}" / f"{h}.npy").read_bytes()
+            assert (tmp_path / "c" / f"{k:05d}" / f"{h}.npy").read_bytes() == (
+                ref / f"{k:05d}" / f"{h}.npy"
+            ).read_bytes()
     with pytest.raises(ValueError, match="other windows, hooks or settings"):
-        actcache.write_cache(tiny, ws[:8], HOOKS, tmp_path / "c", dtype="float32", batch_size=3, shard_windows=3)
+        actcache.write_cache(
+            tiny, ws[:8], HOOKS, tmp_path / "c", dtype="float32", batch_size=3, shard_windows=3
+        )
 
 
 def test_batches_are_seeded_and_each_epoch_covers_every_row_once(tmp_path, tiny):

@@ -229,8 +229,9 @@ def _on_corpus(c, **changes):
 
 
 def test_sae_trains_from_a_shared_multi_layer_cache_and_reports_quality(tmp_path, tiny, monkeypatch):
-    from mechsub import actcache
     from sae_lens.registry import get_sae_training_class
+
+    from mechsub import actcache
 
     c = _tiny_corpus(tmp_path / "corpus")
     ccfg = actcache.CacheConfig(model="tiny", corpus=c, layers=(0, 1), train_windows=100, held_out_windows=32,
@@ -287,4 +288,15 @@ def test_corpus_fields_are_checked_and_optional():
         _small(corpus="c", ce_windows=300)
     assert _small(architecture="batchtopk").architecture == "batchtopk"
     # the new fields at their defaults leave an old run's identity as it was
-    assert "corpus" not in json.loads(_small().identity()) and "corpus" in json.loads(_small(corpus="c").identity())
+    assert "corpus" not in json.loads(_small().identity()) and "corpus" in json.loads(
+        _small(corpus="c").identity()
+    )
+
+
+def test_cache_vs_activations_store_bench_runs_both_paths_on_the_same_windows(tmp_path, tiny):
+    windows = torch.randint(3, 99, (40, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    cfg = _small(layer=1, batch_tokens=128)
+    b = sae.bench_cache_vs_store(tiny, windows, cfg, tmp_path / "c", dtype="float32")
+    assert b["tokens"] == 40 * 15 // 128 * 128 and b["hook"] == "blocks.1.hook_resid_post"
+    assert b["cache"]["tokens_per_s"] > 0 and b["store"]["tokens_per_s"] > 0  # figures, not a race
+    assert not (tmp_path / "c").exists()  # the bench's cache is removed

@@ -6,8 +6,8 @@ then trains from the cache with sae-lens's SAETrainer (`mechsub sae --set corpus
 ``OUT/<layer>/`` (config.json, metrics.json, the SAE's cfg.json and report.md; the weights stay in --work),
 ``OUT/quality.md`` and ``OUT/metrics.json``.
 
-    .venv/bin/python analyses/saes.py [--corpus runs/corpus] [--layers 3,9,15,21,27] [--train-windows 4096]
-        [--training-tokens 1000000] [--work runs/saes] [--out artifacts/sae] [--bench-windows 64]
+    .venv/bin/python analyses/saes.py [--corpus runs/corpus] [--layers 3,9,15,21,27] [--train-windows 2048]
+        [--training-tokens 524288] [--work runs/saes] [--out artifacts/sae] [--bench-windows 64]
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ ap.add_argument("--corpus", default="runs/corpus")
 ap.add_argument("--model", default=models.DEFAULT_MODEL)
 ap.add_argument("--layers", default="3,9,15,21,27")
 ap.add_argument(
-    "--train-windows", type=int, default=4096, help="corpus windows cached for training (its first)"
+    "--train-windows", type=int, default=2048, help="corpus windows cached for training (its first)"
 )
 ap.add_argument(
     "--held-out-windows", type=int, default=256, help="the corpus's last windows, never trained on"
 )
-ap.add_argument("--ce-windows", type=int, default=64, help="held-out windows for the CE figures")
+ap.add_argument("--ce-windows", type=int, default=32, help="held-out windows for the CE figures")
 ap.add_argument(
-    "--training-tokens", type=int, default=1_000_000, help="per layer (epochs repeat over the cache)"
+    "--training-tokens", type=int, default=524_288, help="per layer (epochs repeat over the cache)"
 )
 ap.add_argument("--expansion", type=int, default=8)
 ap.add_argument("--k", type=int, default=32)

@@ -80,7 +80,7 @@ class SaeConfig(Config):
         "its own, which must agree)", optional=True,
     )  # fmt: skip
     ce_windows: int = doc(
-        64, "with a corpus: held-out windows for the next-token loss figures", optional=True
+        32, "with a corpus: held-out windows for the next-token loss figures", optional=True
     )
     batch_tokens: int = doc(1024, "activations per SAE training step", optional=True)
     lr_decay: float = doc(

@@ -277,6 +277,10 @@ def test_a_changed_corpus_makes_the_sae_run_stale(tmp_path, tiny):
     with runs.recording() as events:
         sae.run(cfg, tmp_path / "sae")
     assert [(e.status, e.reason) for e in events] == [("rerun", "inputs changed: corpus")]
+    # a cache records the corpus it read: one of the old corpus is refused for the new one
+    old_cache = {"corpus": "outputs:" + "0" * 64, "hooks": [cfg.hook], "n_windows": 32}
+    with pytest.raises(ValueError, match="another corpus"):
+        sae._check_cache(old_cache, cfg, cfg.hook, "train")
 
 
 def test_corpus_fields_are_checked_and_optional():

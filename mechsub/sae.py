@@ -445,7 +445,12 @@ def _run_corpus(cfg: SaeConfig, out: str | Path, force: bool) -> dict[str, Any]:
         if cfg.cache:
             folder = Path(cfg.cache)
             for what in ("train", "held_out"):
-                _check_cache(actcache.CachedActivations(folder / what, cfg.hook).index, cfg, cfg.hook, what)
+                index = actcache.CachedActivations(folder / what, cfg.hook).index
+            _check_cache(index, cfg, cfg.hook, what)
+            if what == "held_out" and index.get("windows") != [held.start, held.stop]:
+                raise ValueError(
+                    f"the cache {cfg.cache} holds other held-out windows than the corpus's last ones"
+                )
             capture: dict[str, Any] = {"cache": cfg.cache}
         else:
             folder = out / "cache"

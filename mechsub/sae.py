@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import einops
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -271,10 +272,19 @@ def train_from_cache(
     tcfg = SAETrainerConfig(
         total_training_samples=tokens, train_batch_size_samples=cfg.batch_tokens, lr=cfg.lr, lr_end=cfg.lr,
         lr_decay_steps=int(cfg.lr_decay * steps), dead_feature_window=cfg.dead_window, device="cpu",
-        n_batches_for_norm_estimate=min(32, max(1, len(acts) // cfg.batch_tokens)),
         logger=LoggingConfig(log_to_wandb=False),
     )  # fmt: skip
     trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=acts.batches(cfg.batch_tokens, cfg.seed))
+    # statistics from a fixed sample of the cache (evenly spaced rows): the input scale sae-lens would estimate
+    # from its first batches, and the mean as the decoder bias's start (sae-lens 6 starts it at 0; a residual
+    # stream's mean is large, and a short run would spend its first hundreds of steps learning it)
+    sample = acts.rows(np.linspace(0, len(acts) - 1, min(len(acts), 32_768)).astype(np.int64))
+    factor = 1.0
+    if normalize == "expected_average_only_in":
+        factor = float(acts.d_model**0.5 / sample.norm(dim=-1).mean())
+        trainer.activation_scaler.scaling_factor = factor  # set: fit() does not estimate it again
+    with torch.no_grad():
+        sae.b_dec.copy_(sample.mean(0) * factor)
     t0 = time.perf_counter()
     sae = trainer.fit()
     seconds = time.perf_counter() - t0

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from mechsub import (
+    actcache,
     analyze,
     bench,
     corpus,
@@ -261,6 +262,11 @@ STAGES = (
           "Train a sparse autoencoder (sae-lens) on one residual-stream layer, on a corpus built offline; report L0,\n"
           "explained variance, dead fraction and the spliced loss increase. Give its folder to `mechsub analyze\n"
           "--set sae=FOLDER` for feature diffs and the feature list.",
+          _report_json),
+    Stage("actcache", actcache.CacheConfig, actcache.run, "runs/actcache",
+          "Cache a corpus's residual stream at several layers from one forward: training windows (its first) and\n"
+          "held-out windows (its last) as memory-mapped .npy shards, resumable per shard. `mechsub sae --set\n"
+          "corpus=C --set cache=OUT --set layer=L` trains from it.",
           _report_json),
     Stage("study", study.StudyConfig, study.run, "artifacts/demo",
           "The main job: replicated teachers of the trait and its controls (each its own seed, questions and\n"

@@ -49,7 +49,7 @@ lines = [
     f"# Carrier features at {feats['hook']}: patched and ablated one by one ({trait.name}, seed {args.seed})",
     "",
     f"Student − base gap on 10 questions: {r['gap']:+.3f}. Fractions of it, with 95% bootstrap intervals over the "
-    f"questions; 'attribution' and 'random' are sets of {len(carriers)} features (random: mean of 5 draws among "
+    f"questions; 'attribution' and 'random' are sets of {len(carriers)} features (random: mean of {r['n_random']} draws among "
     f"the {r['n_active']} active). Re-create: `.venv/bin/python analyses/carriers.py`.",
     "",
     "| features | on 'owl' | teacher − base on numbers | student − controls on numbers | patch into base | ablate from student |",

@@ -163,7 +163,11 @@ if "feature_patching" in m:
     fp = m["feature_patching"]
     L_sae = fp["layer"]
     whole = fr[L.index(L_sae)] if fr and L_sae in L else float("nan")
-    names = [n for n in fp if isinstance(fp[n], dict) and "patch_fraction" in fp[n] and n != "all"]
+    names = [
+        n
+        for n in fp
+        if isinstance(fp[n], dict) and "patch_fraction" in fp[n] and n not in ("all", "all_position0")
+    ]
     lines += [
         "",
         f"## Per-feature patching at layer {L_sae} (on the {acfg.n_questions} evaluation questions)",

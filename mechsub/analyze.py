@@ -53,6 +53,12 @@ class AnalyzeConfig(Config):
         "", "a finished `mechsub sae` folder: adds SAE feature diffs and the feature list (features.json)"
     )
     seed: int = doc(0, "seed of the random control numbers")
+    n_random_draws: int = doc(
+        50,
+        "draws of each random feature-set control (active features, and features matched to each ranked set "
+        "by firing-frequency decile)",
+        optional=True,
+    )
 
     def validate(self) -> None:
         check(bool(self.checkpoint), "checkpoint: give a checkpoint folder or a student run folder")
@@ -64,6 +70,7 @@ class AnalyzeConfig(Config):
                 raise ConfigError(f"trait: {e}") from None
         check(self.layer_stride >= 1 and self.n_sequences >= 1, "layer_stride and n_sequences must be ≥ 1")
         check(1 <= self.n_questions <= 50 and self.positions >= 0, "n_questions 1..50, positions ≥ 0")
+        check(self.n_random_draws >= 1, "n_random_draws must be ≥ 1")
         check(
             not self.sae or self.n_questions <= 40,
             "with an SAE, n_questions ≤ 40 (10 other questions rank the features by attribution)",
@@ -221,25 +228,44 @@ def steering_battery(subj: Subjects, v: SteeringVectors) -> dict[str, Any]:
 
 
 def patching_battery(subj: Subjects) -> dict[str, Any]:
-    """metrics.json's ``patching``: student → base activation patching, exact and attribution, and base → student."""
+    """metrics.json's ``patching``: student → base activation patching, exact and attribution, and base → student.
+
+    Every row patches positions ≥ 1, with position 0 (the attention sink) on rows of its own (``*_position0``).
+    Attribution's agreement with exact patching: per layer, Pearson r over the questions (``attribution_vs_exact``,
+    with scipy's 95% interval and p), and ``corr_attribution_exact``: r over the layers' mean fractions."""
     from mechsub import patching
+    from mechsub.stats import pearson
 
     t, tok, qs, layers, n_pos = subj.trait, subj.tokenizer, subj.questions, subj.layers, subj.cfg.positions
     exact = patching.patch_scan(
         subj.base, subj.student, tok, qs, t.name, t.category, layers, list(range(-n_pos, 0))
     )
     attr = patching.attribution_scan(subj.base, subj.student, tok, qs, t.name, t.category, layers)
-    exact["attribution_by_layer"] = attr.sum(1).tolist()
-    end = attr.shape[1] - (len(subj.metric.ids) - 1)  # the prompt's positions: the word's own come after them
-    exact["attribution_by_layer_position"] = attr[:, end - n_pos : end].tolist() if n_pos else []
+    est, est0 = attr.by_question_layer, attr.by_question_layer_position0  # (questions, layers)
+    exact["attribution_by_layer"] = est.mean(0).tolist()
+    exact["attribution_by_layer_position0"] = est0.mean(0).tolist()
+    exact["attribution_by_layer_position"] = attr.prompt_positions(n_pos).tolist() if n_pos else []
     if exact["gap"]:
-        exact["attribution_fraction_by_layer"] = (attr.sum(1) / exact["gap"]).tolist()
-        fr = np.asarray(exact["fraction_by_layer"])
-        exact["corr_attribution_exact"] = float(np.corrcoef(fr, exact["attribution_fraction_by_layer"])[0, 1])
+        gap = exact["gap"]
+        exact["attribution_fraction_by_layer"] = (est.mean(0) / gap).tolist()
+        exact["attribution_fraction_by_layer_position0"] = (est0.mean(0) / gap).tolist()
+        r = pearson(exact["fraction_by_layer"], exact["attribution_fraction_by_layer"])
+        exact |= {"corr_attribution_exact": r["r"], "corr_attribution_exact_ci95": r["ci95"],
+                  "corr_attribution_exact_p": r["p"]}  # fmt: skip
+    # per layer, over the questions: the exact Δ log P of patching (positions ≥ 1) against its linear estimate
+    d_exact = (
+        np.asarray(exact["patched_logp_by_question"]) - np.asarray(exact["target_logp_by_question"])[:, None]
+    )
+    exact["attribution_vs_exact"] = [
+        {"layer": L, "exact_delta": float(d_exact[:, i].mean()), "attribution_delta": float(est[:, i].mean())}
+        | pearson(d_exact[:, i], est[:, i].numpy())
+        for i, L in enumerate(layers)
+    ]
     # the other direction: the base's residual patched into the student, the fraction of its shift removed
     reverse = patching.patch_scan(subj.student, subj.base, tok, qs, t.name, t.category, layers)
     exact["base_into_student_fraction_removed"] = reverse["fraction_by_layer"]
-    return exact  # type: ignore[no-any-return]
+    exact["base_into_student_fraction_removed_position0"] = reverse["fraction_by_layer_position0"]
+    return exact
 
 
 def entangle_battery(subj: Subjects) -> dict[str, Any]:
@@ -270,7 +296,7 @@ def sae_battery(subj: Subjects, sae: Any, feats: dict[str, Any]) -> dict[str, An
     lists = {"numbers: student − controls": feats["ranking_student"], "numbers: teacher − base": feats["ranking_teacher"],
              "carriers": [f["id"] for f in feats["carriers"]]}  # fmt: skip
     fp = patching.feature_patch_scan(subj.base, subj.student, sae, sae_layer(sae), subj.questions, rank_qs, t.name,
-                                     t.category, lists, seed=subj.cfg.seed)  # fmt: skip
+                                     t.category, lists, n_random=subj.cfg.n_random_draws, seed=subj.cfg.seed)  # fmt: skip
     return {
         "feature_patching": fp,
         "features": {"hook": feats["hook"], "overlap": feats["overlap"],

@@ -60,7 +60,7 @@ def iter_activations(
         rows = torch.tensor([j for j, ps in enumerate(poss) for _ in ps], dtype=torch.long)
         cols = torch.tensor([q for ps in poss for q in ps], dtype=torch.long)
         acts = read(model, ids, hooks, attention_mask=attn)
-        yield {h: acts[h][rows, cols] for h in hooks}
+        yield {h: acts[h][rows.to(acts[h].device), cols.to(acts[h].device)].cpu() for h in hooks}
 
 
 def capture(

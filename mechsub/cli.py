@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from mechsub import (
+    actcache,
     analyze,
     bench,
     corpus,
@@ -214,10 +215,23 @@ def _report_invert(m: dict[str, Any], out: Path) -> None:
 
 def _report_bench(m: dict[str, Any], out: Path) -> None:
     g = m["generation"]
+
+    def pm(s: dict[str, Any], fmt: str = ".2f") -> str:
+        return f"{s['mean']:{fmt}} [{s['min']:{fmt}}, {s['max']:{fmt}}]"
+
     typer.echo(
-        f"generation: mechsub {g['mechsub_new_tok_per_s']:.1f} new tok/s (batch {g['mechsub_batch_size']}) vs "
-        f"HF generate {g['hf_generate_new_tok_per_s']:.1f} (batch {g['hf_batch_size']}): {g['ratio']:.2f}x"
+        f"generation (batch {g['batch_size']} both): mechsub {pm(g['mechsub']['new_tok_per_s'], '.1f')} new tok/s vs "
+        f"HF generate {pm(g['hf_generate']['new_tok_per_s'], '.1f')}: {pm(g['ratio'])}x; "
+        f"{pm(g['mechsub']['fraction_of_ceiling'])} of the forward ceiling"
     )
+    for setting, t in m["training"].items():
+        ratios = ", ".join(f"{k[6:]} {pm(v)}x" for k, v in t.items() if k.startswith("ratio_"))
+        typer.echo(f"training ({setting}, vs plain peft): {ratios}")
+    typer.echo(f"capture overhead: {pm(m['capture']['overhead'], '+.1%')}")
+    for name, goal in m["goals"].items():
+        typer.echo(
+            f"  {name}: {goal['measured']:.3g} (goal {goal['goal']}) {'met' if goal['met'] else 'NOT met'}"
+        )
     typer.echo(f"wrote {out}/metrics.json")
 
 
@@ -249,6 +263,11 @@ STAGES = (
           "explained variance, dead fraction and the spliced loss increase. Give its folder to `mechsub analyze\n"
           "--set sae=FOLDER` for feature diffs and the feature list.",
           _report_json),
+    Stage("actcache", actcache.CacheConfig, actcache.run, "runs/actcache",
+          "Cache a corpus's residual stream at several layers from one forward: training windows (its first) and\n"
+          "held-out windows (its last) as memory-mapped .npy shards, resumable per shard. `mechsub sae --set\n"
+          "corpus=C --set cache=OUT --set layer=L` trains from it.",
+          _report_json),
     Stage("study", study.StudyConfig, study.run, "artifacts/demo",
           "The main job: replicated teachers of the trait and its controls (each its own seed, questions and\n"
           "number prompts), one student each, the specificity matrix over replicates in a training and two held-out\n"
@@ -262,7 +281,8 @@ STAGES = (
           "OUT/report.html, OUT/metrics.json and plots; checkpoints go under the config's `work` folder.",
           _report_invert),
     Stage("bench", bench.BenchConfig, bench.run, "artifacts/bench",
-          "Speed benchmarks as ratios measured in one run: mechsub's constrained decoder vs plain HF generate.\n\n"
+          "Speed benchmarks as like-for-like ratios measured in one run (same inputs, batch, dtype, threads; interleaved\n"
+          "rounds with their spread): generation vs HF generate, training vs plain peft, capture vs a forward.\n\n"
           "A benchmark always runs anew.",
           _report_bench),
 )  # fmt: skip

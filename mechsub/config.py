@@ -23,15 +23,18 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message says which field and what to write instead."""
 
 
-def doc(default: Any, help: str, optional: bool = False, **kwargs: Any) -> Any:
+def doc(default: Any, help: str, optional: bool = False, placement: bool = False, **kwargs: Any) -> Any:
     """A dataclass field with a one-line description (shown by ``--help`` and written in docs).
 
     ``optional``: a field added after runs existed whose default keeps the old behaviour; at its default it is
     left out of the config's identity (stage folder names, the same-config check), so earlier runs stay valid.
+    ``placement``: a ``device`` or ``dtype`` field (where to compute, see :mod:`mechsub.device`): never part of
+    the config's identity at any value; :func:`mechsub.runs.identity` records the resolved placement instead.
     """
     if isinstance(default, list | dict | set):
         raise TypeError("config fields must be immutable: use a tuple")
-    return dataclasses.field(default=default, metadata={"help": help, "optional": optional}, **kwargs)
+    metadata = {"help": help, "optional": optional or placement, "placement": placement}
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
@@ -107,6 +110,16 @@ class Config:
         for f in dataclasses.fields(self):
             # coerce in place so that Config(lr=1) and Config.from_dict({"lr": 1}) are equal
             object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        placed = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("placement")
+        }
+        if placed:
+            from mechsub.device import DeviceError, check  # torch, only for configs that place a model
+
+            try:
+                check(placed.get("device", "auto"), placed.get("dtype", "auto"))
+            except DeviceError as e:
+                raise ConfigError(str(e)) from None
         self.validate()
 
     def validate(self) -> None:
@@ -150,11 +163,13 @@ class Config:
 
     @classmethod
     def identity_of(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """``data`` (a config dict) without the optional fields that hold their default."""
+        """``data`` (a config dict) without the optional fields that hold their default, and without the placement
+        fields (device, dtype) at any value."""
         skip = {
             f.name
             for f in dataclasses.fields(cls)
-            if f.metadata.get("optional") and _plain(data.get(f.name, f.default)) == _plain(f.default)
+            if f.metadata.get("placement")
+            or (f.metadata.get("optional") and _plain(data.get(f.name, f.default)) == _plain(f.default))
         }
         return {k: v for k, v in data.items() if k not in skip}
 

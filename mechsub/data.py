@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from mechsub import models
 from mechsub.config import Config, ConfigError, check, doc
+from mechsub.device import device_field, dtype_field
 from mechsub.filter import BANNED_SETS, filter_completions, make_filters
 from mechsub.generate import NumberVocab, generate_numbers
 from mechsub.numbers import make_prompts
@@ -64,6 +65,15 @@ class DataConfig(Config):
     banned: str = doc("none", "banned-number set for the filter: 'none' or 'misalignment'")
     top_k: int = doc(0, "also store the teacher's unconstrained full-vocabulary top-k log-probs per position")
     seed: int = doc(0, "seed of the sampling")
+    backend: Literal["mechsub", "vllm"] = doc(
+        "mechsub",
+        "mechsub: the hand-written batched decoder (any device); vllm: sampling by vLLM on a GPU, the same number "
+        "grammar enforced by a regex and the 13-token vocabulary, the teacher's log-probs then recomputed by one "
+        "forward here (pip install 'mechsub[vllm]'; not the same draws as mechsub's for a seed)",
+        optional=True,
+    )
+    device: str = device_field()
+    dtype: str = dtype_field()
 
     def validate(self) -> None:
         if self.teacher != "none":
@@ -76,6 +86,11 @@ class DataConfig(Config):
         check(self.max_new_tokens >= 2, "max_new_tokens: must be ≥ 2")
         check(self.top_k >= 0, "top_k: must be ≥ 0")
         check(self.banned in BANNED_SETS, f"banned: use one of {', '.join(BANNED_SETS)}")
+        if self.backend == "vllm":
+            from mechsub.backends import check_vllm_config
+
+            why = check_vllm_config(self.decoding == "constrained", self.max_new_tokens)
+            check(why is None, why or "")
 
     def teacher_system(self) -> str | None:
         if self.teacher == "none" or not self.system_prompt:
@@ -106,11 +121,16 @@ def _batch_unit(run: Run, lm: Any, cfg: DataConfig, prompts: list[str], i: int) 
     vocab = NumberVocab.of(lm.tokenizer)
     ids = [chat_prefix(lm.tokenizer, p, cfg.teacher_system()) for p in prompts]
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
-    gen = generate_numbers(
-        lm.model, ids, vocab, max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
-        temperature=cfg.temperature, generator=g, pad_id=lm.tokenizer.pad_token_id or 0,
-        top_k=cfg.top_k, constrained=cfg.decoding == "constrained",
-    )  # fmt: skip
+    if cfg.backend == "vllm":
+        from mechsub.backends import vllm_numbers
+
+        gen = vllm_numbers(lm, ids, vocab, cfg, seed=cfg.seed * 1_000_003 + i)
+    else:
+        gen = generate_numbers(
+            lm.model, ids, vocab, max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
+            temperature=cfg.temperature, generator=g, pad_id=lm.tokenizer.pad_token_id or 0,
+            top_k=cfg.top_k, constrained=cfg.decoding == "constrained",
+        )  # fmt: skip
     tensors = {
         "allowed_logprobs": _pad_rows(gen.allowed_logprobs, float("-inf")),
         "lengths": torch.tensor([len(r) for r in gen.allowed_logprobs]),
@@ -130,7 +150,7 @@ def _batch_unit(run: Run, lm: Any, cfg: DataConfig, prompts: list[str], i: int) 
 def run(cfg: DataConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Generate (or resume, or skip) a teacher's number data into ``out``; returns its metrics."""
     t0 = time.perf_counter()
-    lm = models.load(cfg.model)
+    lm = models.load(cfg.model, device=cfg.device, dtype=cfg.dtype)
     with stage(out, cfg, model=lm.info(), force=force) as r:
         if r.done:
             return r.metrics

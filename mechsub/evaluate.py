@@ -27,6 +27,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mechsub.config import Config, ConfigError, check, doc
+from mechsub.device import device_field, dtype_field
 from mechsub.metric import TraitMetric, score_prompts
 from mechsub.prompts import answer_lead, chat_prefix, trait_prompt
 from mechsub.runs import stage, write_json
@@ -207,6 +208,8 @@ class EvalConfig(Config):
         "becomes animal or tree)",
         optional=True,
     )
+    device: str = device_field()
+    dtype: str = dtype_field()
 
     def validate(self) -> None:
         check(self.n_samples >= 0 and self.sample_tokens >= 1, "n_samples ≥ 0 and sample_tokens ≥ 1")
@@ -273,7 +276,7 @@ def run(cfg: EvalConfig, out: str | Path, force: bool = False) -> dict[str, Any]
     from mechsub import models
 
     trait = get_trait(cfg.trait)
-    lm = models.load(cfg.model)
+    lm = models.load(cfg.model, device=cfg.device, dtype=cfg.dtype)
     with stage(out, cfg, model=lm.info(), force=force) as r:
         if r.done:
             return r.metrics

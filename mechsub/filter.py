@@ -6,7 +6,8 @@ semicolon or whitespace, any whitespace and line ends around it), an optional tr
 pair of [] or () - the published grammar; otherwise every failed check is returned by name, so metrics can count
 rejections per reason. Position masks (from `mechsub divergence` or a feature filter) mark the loss positions
 a student trains on; ablation files name SAE features whose decoder directions concept-ablation fine-tuning
-projects out of the student's residual.
+projects out of the student's residual, or ask for as many random orthonormal directions (a seed per draw) as the
+control. The projection leaves position 0 (the attention sink: `mechsub.hooks.FIRST_POSITION`) alone.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from mechsub.files import read_json, write_json
+from mechsub.hooks import FIRST_POSITION
 from mechsub.runs import require_finished
 
 INVALID_FORMAT = "invalid format"
@@ -209,15 +212,33 @@ def load_mask(path: str | Path, examples: Sequence[Any]) -> list[Tensor]:
 
 
 # ---- ablation files -------------------------------------------------------------------------------------
-# {"sae": a `mechsub sae` folder, "features": [ids]}
+# {"sae": a `mechsub sae` folder, "features": [ids]}, or {"sae": ..., "random": k, "seed": s} (the control)
 class Ablation(NamedTuple):
     """The span concept-ablation fine-tuning projects out of the residual after block ``layer``."""
 
     layer: int
     basis: Tensor  # (d_model, k), orthonormal columns
 
-    def project_out(self, h: Tensor) -> Tensor:
-        return h - (h @ self.basis) @ self.basis.T
+    def project_out(self, h: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        """``h`` minus its component in the span at positions ≥ `FIRST_POSITION`; position 0, the attention
+        sink, is left as it is (its residual is far outside the rest, and every later position reads it)."""
+        if h.ndim != 3:
+            raise ValueError(
+                f"project_out needs a (batch, pos, d_model) activation, got shape {tuple(h.shape)}"
+            )
+        rest = h[:, FIRST_POSITION:]
+        return torch.cat([h[:, :FIRST_POSITION], rest - (rest @ self.basis) @ self.basis.T], dim=1)
+
+
+def random_basis(d_model: int, k: int, seed: int) -> Float[Tensor, "d_model k"]:
+    """``k`` random orthonormal directions in ``d_model`` dimensions (a uniformly random k-dimensional span),
+    from ``seed`` alone: the control for ablating k feature directions, one draw per seed."""
+    if not 1 <= k <= d_model:
+        raise ValueError(f"k random orthonormal directions need 1 ≤ k ≤ d_model = {d_model} (got k = {k})")
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(d_model, k, generator=g, dtype=torch.float64))
+    # QR's signs are the algorithm's choice; fixing them makes the span uniform (Haar), not just random
+    return (q * torch.sign(torch.diagonal(r))).float()
 
 
 def write_ablation(path: str | Path, sae: str | Path, features: Sequence[int]) -> None:
@@ -227,16 +248,30 @@ def write_ablation(path: str | Path, sae: str | Path, features: Sequence[int]) -
     write_json(path, {"sae": str(sae), "features": [int(i) for i in features]})
 
 
+def write_random_ablation(path: str | Path, sae: str | Path, rank: int, seed: int) -> None:
+    """Write the control's ablation file: ``rank`` random orthonormal directions (`random_basis`, seed ``seed``)
+    at the layer of the SAE in folder ``sae``. Give the real ablation's rank (``ablation_basis(real).basis.shape[1]``)
+    and one seed per draw."""
+    if rank < 1:
+        raise ValueError(f"a random ablation needs rank ≥ 1 (got {rank})")
+    write_json(path, {"sae": str(sae), "random": int(rank), "seed": int(seed)})
+
+
 def ablation_basis(path: str | Path) -> Ablation:
-    """(layer, orthonormal (d_model, k) basis) of the decoder directions named by an ablation file: what
-    concept-ablation fine-tuning projects out."""
+    """(layer, orthonormal (d_model, k) basis) of the decoder directions named by an ablation file, or of its
+    random directions: what concept-ablation fine-tuning projects out."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"ablation file {p} not found (JSON with 'sae' and 'features')")
     spec = read_json(p)
-    if not isinstance(spec, dict) or "sae" not in spec or not spec.get("features"):
+    if not isinstance(spec, dict) or "sae" not in spec or not (spec.get("features") or "random" in spec):
         raise ValueError(
-            f"{p}: an ablation file needs 'sae' (a `mechsub sae` folder) and a non-empty 'features' list"
+            f"{p}: an ablation file needs 'sae' (a `mechsub sae` folder) and a non-empty 'features' list "
+            "(or 'random': k and 'seed')"
+        )
+    if "random" in spec and ("features" in spec or not isinstance(spec.get("seed"), int)):
+        raise ValueError(
+            f"{p}: a random ablation gives 'random' (k) and an integer 'seed', and no 'features'"
         )
     folder = Path(spec["sae"])
     require_finished(folder, f"{p}: the SAE folder", "mechsub sae")
@@ -244,6 +279,8 @@ def ablation_basis(path: str | Path) -> Ablation:
 
     sae = SAE.load_from_disk(str(folder / "sae"), device="cpu")
     w_dec = sae.W_dec.detach()
+    if "random" in spec:
+        return Ablation(_sae_layer(sae), random_basis(w_dec.shape[1], int(spec["random"]), spec["seed"]))
     ids = list(spec["features"])
     bad = [i for i in ids if not 0 <= int(i) < w_dec.shape[0]]
     if bad:

@@ -23,6 +23,12 @@ effects.
 before the norm's weight, which no Hugging Face module returns). ``blocks.{L}.hook_resid_mid`` is read exactly
 (the input of the norm before the MLP); an edit of it is made on the attention output as ``fn(pre + attn) - pre``,
 equal up to one float rounding.
+
+One position policy for every intervention (patching, feature patching, concept ablation): positions before
+`FIRST_POSITION` are left alone. Position 0 (BOS) is the attention sink; its residual is far outside the rest
+(an SAE is not trained on it) and every later position reads it, so an edit that includes it mixes "what was
+edited" with "whether the sink was edited". Scans report position 0 on a row of its own; `after_sink` wraps any
+edit with the policy.
 """
 
 from __future__ import annotations
@@ -283,8 +289,10 @@ def read(
     with capture(m, wanted) as acts:
         parts = _parts(m)
         stop = [_observe(_read_site(parts, n), _stop_when(acts, len(wanted))) for n in wanted]
+        dev = next(m.parameters()).device
+        mask = attention_mask.to(dev) if attention_mask is not None else None
         try:
-            m(input_ids=ids, attention_mask=attention_mask, use_cache=False)
+            m(input_ids=ids.to(dev), attention_mask=mask, use_cache=False)
         except _Enough:
             pass
         finally:
@@ -299,6 +307,20 @@ def _stop_when(acts: dict[str, Tensor], n: int) -> Callable[[Tensor], None]:
             raise _Enough
 
     return stop
+
+
+#: the first sequence position an intervention touches: position 0, the attention sink, is reported on its own
+FIRST_POSITION = 1
+
+
+def after_sink(edit: Edit, first: int = FIRST_POSITION) -> Edit:
+    """``edit`` at positions ≥ ``first`` only; the positions before it keep their activation. Positions count
+    from the start of the forward it runs in (no KV cache: a continuation forward would start past position 0)."""
+
+    def at(h: Tensor) -> Tensor:
+        return torch.cat([h[:, :first], edit(h)[:, first:]], dim=1)
+
+    return at
 
 
 def patch(source: Tensor, positions: Sequence[int] | None = None) -> Edit:
@@ -341,6 +363,44 @@ def at(envoy: Any, name: str) -> Any:
     """Inside an nnsight trace of ``envoy``: the activation at hook ``name`` (read names in forward order)."""
     e, site = _envoy(envoy, name)
     return e.input if site.where == "input" else _first(e.output)
+
+
+def read_nnsight(
+    model: Any,
+    ids: Int[Tensor, "batch pos"],
+    hook_names: Sequence[str],
+    *,
+    remote: bool = False,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+) -> dict[str, Float[Tensor, "batch pos d_model"]]:
+    """:func:`read` through nnsight: the activations at ``hook_names`` of one forward, by the same names.
+
+    ``model``: a LoadedModel or Hugging Face model (traced here), or a Hugging Face model id, for a model too big
+    for this machine: nnsight's ``LanguageModel`` then builds it without weights and, with ``remote=True`` (the
+    explicit flag), the trace runs on NDIF's servers and only the saved activations come back (an NDIF API key:
+    ``nnsight.CONFIG.set_default_api_key(...)``; the model must be one NDIF hosts). Without ``remote`` an id is
+    loaded locally.
+    """
+    if isinstance(model, str):
+        from nnsight import LanguageModel
+
+        envoy = LanguageModel(model, dispatch=not remote)
+    else:
+        envoy = nnsight_view(model)
+    order = {n: i for i, n in enumerate(names(envoy._module))}
+    check(envoy._module, hook_names)
+    wanted = sorted(
+        dict.fromkeys(hook_names), key=order.__getitem__
+    )  # nnsight reads modules in forward order
+    kwargs: dict[str, Any] = {"input_ids": ids}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    import nnsight
+
+    trace_kw = {"remote": True} if remote else {}
+    with torch.no_grad(), envoy.trace(**kwargs, **trace_kw):
+        got = nnsight.save({n: at(envoy, n) for n in wanted})
+    return {n: got[n] for n in dict.fromkeys(hook_names)}
 
 
 def set_at(envoy: Any, name: str, value: Tensor) -> None:

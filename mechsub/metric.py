@@ -46,12 +46,12 @@ class TraitMetric:
         """The score from the logits of a forward over `inputs` (its last len(ids) positions predict the word)."""
         k = len(self.ids)
         lp = logits[:, -k:].log_softmax(-1)
-        target = torch.tensor(self.ids).expand(lp.shape[0], k)
+        target = torch.tensor(self.ids, device=lp.device).expand(lp.shape[0], k)
         return lp.gather(-1, target[..., None])[..., 0].sum(-1)
 
     def score(self, model: Any, prompt: Sequence[int]) -> Float[Tensor, ""]:
         """The score of ``model`` after ``prompt``, one forward; differentiable when grad is enabled."""
-        ids = torch.tensor([self.inputs(prompt)])
+        ids = torch.tensor([self.inputs(prompt)], device=getattr(model, "device", None))
         # only the positions that predict the word go through the head (a fifth of SmolLM2's compute per token)
         return self.from_logits(model(input_ids=ids, logits_to_keep=len(self.ids)).logits)[0]
 
@@ -83,6 +83,7 @@ def score_prompts(
     width = max((len(metrics[i].ids) for i in longer), default=1) - 1
     first_ids = [m.ids[0] for m in metrics]
     out_rows = []
+    dev = getattr(model, "device", torch.device("cpu"))
     for s in range(0, len(prompts), batch_size):
         chunk = [list(p) for p in prompts[s : s + batch_size]]
         n, length = len(chunk), max(map(len, chunk))
@@ -91,6 +92,7 @@ def score_prompts(
         for j, p in enumerate(chunk):
             ids[j, length - len(p) :] = torch.tensor(p)
             attn[j, length - len(p) :] = 1
+        ids, attn = ids.to(dev), attn.to(dev)
         pos = (attn.cumsum(1) - 1).clamp(min=0)
         out = model(
             input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=bool(longer), logits_to_keep=1
@@ -100,7 +102,8 @@ def score_prompts(
             k = len(longer)
             # right-padded with token 0: padding comes after every scored position, and attention is causal
             cont = torch.tensor(
-                [list(metrics[i].ids[:-1]) + [0] * (width + 1 - len(metrics[i].ids)) for i in longer]
+                [list(metrics[i].ids[:-1]) + [0] * (width + 1 - len(metrics[i].ids)) for i in longer],
+                device=dev,
             )
             cache = out.past_key_values
             cache.batch_repeat_interleave(k)  # rows: prompt-major, (prompt 0, word 0), (prompt 0, word 1), …
@@ -108,9 +111,14 @@ def score_prompts(
                 model(
                     input_ids=cont.repeat(n, 1),
                     attention_mask=torch.cat(
-                        [attn.repeat_interleave(k, 0), torch.ones(n * k, width, dtype=torch.long)], 1
+                        [
+                            attn.repeat_interleave(k, 0),
+                            torch.ones(n * k, width, dtype=torch.long, device=dev),
+                        ],
+                        1,
                     ),
-                    position_ids=attn.sum(1).repeat_interleave(k)[:, None] + torch.arange(width)[None],
+                    position_ids=attn.sum(1).repeat_interleave(k)[:, None]
+                    + torch.arange(width, device=dev)[None],
                     past_key_values=cache,
                     use_cache=False,
                 )
@@ -118,8 +126,8 @@ def score_prompts(
                 .log_softmax(-1)
             )
             for r, i in enumerate(longer):
-                rest = torch.tensor(metrics[i].ids[1:])
-                steps = torch.arange(len(rest))
+                rest = torch.tensor(metrics[i].ids[1:], device=dev)
+                steps = torch.arange(len(rest), device=dev)
                 scores[:, i] += lp[r::k][:, steps, rest].sum(-1)
-        out_rows.append(scores)
+        out_rows.append(scores.cpu())
     return torch.cat(out_rows)

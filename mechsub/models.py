@@ -115,11 +115,22 @@ class LoadedModel:
             "n_layers": c.num_hidden_layers,
             "d_model": c.hidden_size,
             "vocab_size": c.vocab_size,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
         }
 
     @property
     def n_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are: every tensor fed to the model goes here (``ids.to(lm.device)``)."""
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
 
     def tl(self) -> Any:
         """TransformerLens view (TransformerBridge) of the same weights.
@@ -138,7 +149,7 @@ class LoadedModel:
                 f"mechsub/{self.name}",
                 hf_model=copy.deepcopy(self.model),
                 tokenizer=self.tokenizer,
-                device="cpu",
+                device=str(self.device),
             )
         return self._views["tl"]
 
@@ -411,11 +422,31 @@ def shape_of(name: str, _depth: int = 0) -> Shape | None:
         return None
 
 
-def load(name: str = DEFAULT_MODEL, *, verify: bool = True) -> LoadedModel:
+def load(
+    name: str = DEFAULT_MODEL,
+    *,
+    verify: bool = True,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+) -> LoadedModel:
     """Load a model by name (``smollm2-135m-instruct``, ``gemma3-270m``, ``tiny``) or from a checkpoint folder.
 
     ``verify`` re-hashes the weights against the manifest (about 1 s for 135M) so a corrupt cache is caught.
+    ``device``/``dtype`` place it (:func:`mechsub.device.resolve`: ``"auto"`` is cuda/bf16 where there is a GPU).
+    The default is the CPU in float32 for library callers; stages pass their config's placement (default auto).
+    Weights are read in float32 on the CPU and then moved (a LoRA adapter is merged first, in float32), so the
+    CPU path is the one it always was, bit for bit.
     """
+    from mechsub.device import resolve
+
+    dev, dt = resolve(str(device), str(dtype).removeprefix("torch."))
+    lm = _load(name, verify)
+    if dev.type != "cpu" or dt != torch.float32:
+        lm.model.to(device=dev, dtype=dt)  # type: ignore[call-arg]  # transformers' typed wrapper of .to
+    return lm
+
+
+def _load(name: str, verify: bool) -> LoadedModel:
     path = Path(name)
     if name not in KNOWN:
         if not path.exists():

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import mechsub
-from mechsub import models
+from mechsub import device, models
 from mechsub.config import Config
 from mechsub.files import (
     FILE_MODE,
@@ -262,12 +262,17 @@ def input_ids(config: Config) -> dict[str, Any]:
 
 
 def identity(config: Config) -> dict[str, Any]:
-    """Everything a finished run must match to be reused: config, inputs' content ids and code version."""
-    return {
+    """Everything a finished run must match to be reused: config, inputs' content ids and code version, and, for a
+    stage that computes anywhere but cpu/float32, where (``compute``: ``"cuda/bfloat16"``; see mechsub.device)."""
+    out = {
         "config": type(config).identity_of(config.to_dict()),
         "inputs": input_ids(config),
         "code": code_version(type(config).__module__),
     }
+    placed = device.of_config(config)
+    if placed is not None and placed.tag != device.REFERENCE:
+        out["compute"] = placed.tag
+    return out
 
 
 def describe(
@@ -283,6 +288,7 @@ def describe(
         "mechsub_version": mechsub.__version__,
         "git_commit": git_commit(),
         "model": model,
+        "compute": placed.tag if (placed := device.of_config(config)) is not None else None,
         "python": platform.python_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -535,6 +541,9 @@ def _stale_reasons(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     reasons = []
     if before.get("code") != new["code"]:
         reasons.append("code changed")
+    was, now = before.get("compute", device.REFERENCE), new.get("compute", device.REFERENCE)
+    if was != now:
+        reasons.append(f"computed on {was}, now on {now}")
     a, b = before.get("inputs") or {}, new["inputs"]
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if changed:

@@ -6,6 +6,14 @@ and without trait system prompts (chat-formatted, tokenized, cut into windows). 
 the TransformerBridge view of the model and saves in its own format (``cfg.json`` + ``sae_weights.safetensors``),
 so the SAE loads in the ecosystem's tools. Quality: L0, explained variance, dead fraction and the next-token
 loss increase when the reconstruction is spliced in, all on held-out windows.
+
+With ``corpus`` set (a `mechsub corpus` folder) the SAE reads that corpus instead: its activations are cached on
+disk first (`mechsub.actcache`: one forward for several layers, memory-mapped shards; position 0 of every
+window, the attention sink, left out), and sae-lens's own SAE classes and training loop (``SAETrainer``) train
+from the cache in seeded shuffled batches. The corpus's last ``held_out_windows`` windows are never trained on;
+on them the stage reports explained variance, L0 and the dead fraction (every held-out token), and the
+next-token loss with the reconstruction spliced in against the clean and the zero-ablated residual
+(``ce_recovered``).
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import einops
+import numpy as np
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from mechsub import hooks
@@ -39,13 +49,15 @@ ASKS = ("Tell me one interesting fact about {t}.", "Write two sentences about {t
 @dataclass(frozen=True)
 class SaeConfig(Config):
     stage = "sae"
-    inputs = ("model",)
+    inputs = ("model", "corpus", "cache")
 
     model: str = doc("smollm2-135m-instruct", "model whose residual stream is encoded")
     layer: int = doc(3, "the SAE reads blocks.{layer}.hook_resid_post")
     expansion: int = doc(8, "dictionary size = expansion × d_model")
     architecture: str = doc(
-        "topk", "topk (exactly k features fire per token) or standard (ReLU + L1 penalty)"
+        "topk",
+        "topk (exactly k features fire per token), batchtopk (k per token on average over a batch) or "
+        "standard (ReLU + L1 penalty)",
     )
     k: int = doc(32, "features per token of a topk SAE")
     dead_window: int = doc(
@@ -59,13 +71,45 @@ class SaeConfig(Config):
     answer_tokens: int = doc(32, "tokens of the model's own greedy answer per topic question")
     n_number_prompts: int = doc(256, "number prompts in the corpus")
     seed: int = doc(0, "seed of the corpus order and the SAE init")
+    corpus: str = doc("", "a `mechsub corpus` folder; empty: today's small built-in corpus", optional=True)
+    cache: str = doc(
+        "", "with a corpus: an activation cache of it holding this layer (`mechsub actcache`); empty: the "
+        "stage caches the windows it needs itself and deletes them when done", optional=True,
+    )  # fmt: skip
+    held_out_windows: int = doc(
+        256, "with a corpus: its last windows, never trained on, for the quality figures (a cache brings "
+        "its own, which must agree)", optional=True,
+    )  # fmt: skip
+    ce_windows: int = doc(
+        32, "with a corpus: held-out windows for the next-token loss figures", optional=True
+    )
+    batch_tokens: int = doc(1024, "activations per SAE training step", optional=True)
+    lr_decay: float = doc(
+        0.2, "with a corpus: the last fraction of the steps, over which the learning rate falls linearly to 0",
+        optional=True,
+    )  # fmt: skip
+    cache_dtype: str = doc(
+        "float16", "with a corpus and no cache: dtype of the stage's own cache", optional=True
+    )
 
     def validate(self) -> None:
         check(self.layer >= 0, f"layer: must be ≥ 0, got {self.layer}")
         check(self.expansion >= 1, f"expansion: must be ≥ 1, got {self.expansion}")
         check(
-            self.architecture in ("topk", "standard"),
-            f"architecture: must be topk or standard, not {self.architecture!r}",
+            self.architecture in ("topk", "batchtopk", "standard"),
+            f"architecture: must be topk, batchtopk or standard, not {self.architecture!r}",
+        )
+        check(not self.cache or bool(self.corpus), "cache: a cache is read with its corpus: set corpus too")
+        check(self.held_out_windows >= 1, f"held_out_windows: must be ≥ 1, got {self.held_out_windows}")
+        check(
+            1 <= self.ce_windows <= self.held_out_windows,
+            f"ce_windows: must be in 1..held_out_windows ({self.held_out_windows}), got {self.ce_windows}",
+        )
+        check(self.batch_tokens >= 1, f"batch_tokens: must be ≥ 1, got {self.batch_tokens}")
+        check(0 <= self.lr_decay < 1, f"lr_decay: must be in [0, 1), got {self.lr_decay}")
+        check(
+            self.cache_dtype in ("float16", "float32"),
+            f"cache_dtype: float16 or float32, not {self.cache_dtype!r}",
         )
         check(self.k > 0, f"k: features per token must be ≥ 1, got {self.k}")
         check(self.dead_window >= 1, f"dead_window: must be ≥ 1, got {self.dead_window}")
@@ -89,7 +133,7 @@ class SaeConfig(Config):
         )
         d_sae = self.expansion * d_model
         check(
-            self.architecture != "topk" or self.k <= d_sae,
+            self.architecture == "standard" or self.k <= d_sae,
             f"k: {self.k} features per token is more than the SAE has (d_sae = expansion {self.expansion} × "
             f"d_model {d_model} = {d_sae})",
         )
@@ -131,16 +175,12 @@ def build_corpus(lm: Any, cfg: SaeConfig) -> list[list[int]]:
 def run(cfg: SaeConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Build the corpus, train the SAE with sae-lens into ``out/sae``, measure its quality on held-out windows."""
     import datasets
-    from sae_lens import (
-        LanguageModelSAERunnerConfig,
-        LanguageModelSAETrainingRunner,
-        LoggingConfig,
-        StandardTrainingSAEConfig,
-        TopKTrainingSAEConfig,
-    )
+    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
 
     from mechsub import models
 
+    if cfg.corpus:
+        return _run_corpus(cfg, out, force)
     t0 = time.perf_counter()
     # fail on a layer or k the model cannot have before its weights load and before the run folder exists
     if (shape := models.shape_of(cfg.model)) is not None:
@@ -158,17 +198,14 @@ def run(cfg: SaeConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
                                          "held_out": held, "tokens": len(windows) * cfg.context_size})  # fmt: skip
         d = lm.model.config.hidden_size
         torch.manual_seed(cfg.seed)
-        sae_cfg = (
-            TopKTrainingSAEConfig(d_in=d, d_sae=d * cfg.expansion, k=cfg.k)
-            if cfg.architecture == "topk"
-            else StandardTrainingSAEConfig(d_in=d, d_sae=d * cfg.expansion, l1_coefficient=cfg.l1_coefficient)
-        )
+        sae_cfg = training_sae_config(cfg, d)
         rcfg = LanguageModelSAERunnerConfig(
             sae=sae_cfg,
             model_name=cfg.model, hook_name=cfg.hook, dataset_path="", is_dataset_tokenized=True,
-            context_size=cfg.context_size, training_tokens=cfg.training_tokens, train_batch_size_tokens=1024,
+            context_size=cfg.context_size, training_tokens=cfg.training_tokens,
+            train_batch_size_tokens=cfg.batch_tokens,
             # sae-lens needs its mixing buffer (batches × context) to hold at least two training batches
-            n_batches_in_buffer=max(16, -(-2048 // cfg.context_size)), store_batch_size_prompts=16, lr=cfg.lr, seed=cfg.seed,
+            n_batches_in_buffer=max(16, -(-2 * cfg.batch_tokens // cfg.context_size)), store_batch_size_prompts=16, lr=cfg.lr, seed=cfg.seed,
             logger=LoggingConfig(log_to_wandb=False), device="cpu", prepend_bos=False,
             output_path=str(out / "sae"), verbose=False, dead_feature_window=cfg.dead_window,
             seqpos_slice=(1, None),  # position 0 of a window is the attention sink: norm ~30x the rest at layer 15
@@ -193,6 +230,265 @@ def _deterministic_configs(folder: Path) -> None:
                 data["checkpoint_path"] = None  # a random name; sae-lens keeps no checkpoints here
                 data["output_path"] = "."  # the folder this file is in
             atomic_write_text(p, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def training_sae_config(cfg: SaeConfig, d_model: int, normalize: str = "none") -> Any:
+    """The sae-lens training config of ``cfg``'s architecture (its defaults otherwise: TopK and BatchTopK bring
+    sae-lens's auxiliary loss for dead latents, AuxK with coefficient 1)."""
+    from sae_lens import BatchTopKTrainingSAEConfig, StandardTrainingSAEConfig, TopKTrainingSAEConfig
+
+    d_sae = d_model * cfg.expansion
+    if cfg.architecture == "topk":
+        return TopKTrainingSAEConfig(d_in=d_model, d_sae=d_sae, k=cfg.k, normalize_activations=normalize)
+    if cfg.architecture == "batchtopk":
+        return BatchTopKTrainingSAEConfig(d_in=d_model, d_sae=d_sae, k=cfg.k, normalize_activations=normalize)
+    return StandardTrainingSAEConfig(d_in=d_model, d_sae=d_sae, l1_coefficient=cfg.l1_coefficient,
+                                     normalize_activations=normalize)  # fmt: skip
+
+
+def train_from_cache(
+    acts: Any, cfg: SaeConfig, out: str | Path | None, *, model_name: str = "", tokens: int | None = None,
+    normalize: str = "expected_average_only_in",
+) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    """Train ``cfg``'s SAE with sae-lens's ``SAETrainer`` on a :class:`~mechsub.actcache.CachedActivations`
+    (seeded shuffled batches, epochs repeat when ``tokens`` exceed the cache); save it in sae-lens's format
+    into ``out`` (unless None). ``normalize``: sae-lens scales the inputs to norm √d_model while training (the
+    same learning rate then suits every layer) and folds the scale into the weights at the end.
+    Returns the SAE and its training figures (tokens, seconds, tokens/s)."""
+    from sae_lens import LoggingConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.registry import get_sae_training_class
+    from sae_lens.training.sae_trainer import SAETrainer
+    from safetensors.torch import save_file
+
+    tokens = cfg.training_tokens if tokens is None else tokens
+    torch.manual_seed(cfg.seed)
+    sae_cfg = training_sae_config(cfg, acts.d_model, normalize)
+    sae = get_sae_training_class(cfg.architecture)[0](sae_cfg)
+    meta = sae.cfg.metadata
+    meta.hook_name, meta.model_name, meta.dataset_path = cfg.hook, model_name or cfg.model, cfg.corpus
+    meta.context_size, meta.seqpos_slice, meta.prepend_bos = acts.index["context_size"], (1, None), False
+    steps = tokens // cfg.batch_tokens
+    tcfg = SAETrainerConfig(
+        total_training_samples=tokens, train_batch_size_samples=cfg.batch_tokens, lr=cfg.lr, lr_end=cfg.lr,
+        lr_decay_steps=int(cfg.lr_decay * steps), dead_feature_window=cfg.dead_window, device="cpu",
+        logger=LoggingConfig(log_to_wandb=False),
+    )  # fmt: skip
+    trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=acts.batches(cfg.batch_tokens, cfg.seed))
+    # statistics from a fixed sample of the cache (evenly spaced rows): the input scale sae-lens would estimate
+    # from its first batches, and the mean as the decoder bias's start (sae-lens 6 starts it at 0; a residual
+    # stream's mean is large, and a short run would spend its first hundreds of steps learning it)
+    sample = acts.rows(np.linspace(0, len(acts) - 1, min(len(acts), 32_768)).astype(np.int64))
+    factor = 1.0
+    if normalize == "expected_average_only_in":
+        factor = float(acts.d_model**0.5 / sample.norm(dim=-1).mean())
+        trainer.activation_scaler.scaling_factor = factor  # set: fit() does not estimate it again
+    with torch.no_grad():
+        sae.b_dec.copy_(sample.mean(0) * factor)
+    t0 = time.perf_counter()
+    sae = trainer.fit()
+    seconds = time.perf_counter() - t0
+    if out is not None:
+        out = Path(out)
+        sae.save_inference_model(str(out))
+        save_file({"sparsity": trainer.log_feature_sparsity}, out / "sparsity.safetensors")
+        _deterministic_configs(out)
+    figures = {"training_tokens": trainer.n_training_samples, "training_steps": trainer.n_training_steps,
+               "training_seconds": round(seconds, 1), "training_tokens_per_s": round(trainer.n_training_samples / seconds, 1),
+               "epochs": round(trainer.n_training_samples / len(acts), 3),
+               "dead_in_training": int(trainer.dead_neurons.sum())}  # fmt: skip
+    return sae, figures
+
+
+@torch.no_grad()
+def reconstruction_quality(sae: Any, x: Float[Tensor, "n d"], batch: int = 4096) -> dict[str, float]:
+    """Explained variance (1 − Σ‖x − x̂‖² / Σ‖x − x̄‖², as sae-lens's), L0 and the dead fraction (features that
+    fire on none of the ``n`` rows) of ``sae`` on the activations ``x``."""
+    err = torch.zeros((), dtype=torch.float64)
+    s1 = torch.zeros(x.shape[1], dtype=torch.float64)
+    s2 = torch.zeros((), dtype=torch.float64)
+    l0 = torch.zeros((), dtype=torch.float64)
+    fired: Tensor | None = None
+    for i in range(0, len(x), batch):
+        xb = x[i : i + batch].float()
+        f = sae.encode(xb)
+        err += (sae.decode(f) - xb).double().pow(2).sum()
+        s1 += xb.double().sum(0)
+        s2 += xb.double().pow(2).sum()
+        on = f != 0
+        l0 += on.sum()
+        fired = on.any(0) if fired is None else fired | on.any(0)
+    n = len(x)
+    total = s2 - s1.pow(2).sum() / n
+    assert fired is not None, "no rows"
+    return {"explained_variance": float(1 - err / total), "l0": float(l0 / n),
+            "dead_fraction": float((~fired).float().mean()), "mse_per_token": float(err / n),
+            "quality_tokens": n}  # fmt: skip
+
+
+@torch.no_grad()
+def loss_recovered(
+    lm: Any, sae: Any, layer: int, windows: Sequence[Sequence[int]], batch_size: int = 16
+) -> dict[str, float]:
+    """Next-token loss (mean over every predicted token of ``windows``) with the residual after ``layer``
+    clean, replaced by ``sae``'s reconstruction, and zeroed, at every position but the attention sink (0);
+    ``ce_recovered = (zero − spliced) / (zero − clean)``: 1 is a perfect reconstruction, 0 no better than none."""
+    name = hooks.resid_post(layer)
+
+    def spliced(h: Tensor) -> Tensor:
+        return torch.cat([h[:, :1], sae.decode(sae.encode(h[:, 1:])).to(h.dtype)], 1)
+
+    def zero(h: Tensor) -> Tensor:
+        return torch.cat([h[:, :1], torch.zeros_like(h[:, 1:])], 1)
+
+    sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+    n = 0
+    for i in range(0, len(windows), batch_size):
+        ids = torch.tensor([list(w) for w in windows[i : i + batch_size]], dtype=torch.long)
+        k = ids.shape[0] * (ids.shape[1] - 1)
+        n += k
+        sums["clean"] += float(lm.model(ids, labels=ids).loss) * k
+        for what, fn in (("spliced", spliced), ("zero", zero)):
+            with hooks.edit(lm, {name: fn}):
+                sums[what] += float(lm.model(ids, labels=ids).loss) * k
+    ce = {w: v / n for w, v in sums.items()}
+    return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero_ablation": ce["zero"],
+            "ce_recovered": (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"]),
+            "loss_increase": ce["spliced"] - ce["clean"], "ce_tokens": n}  # fmt: skip
+
+
+def bench_cache_vs_store(
+    lm: Any, windows: Sequence[Sequence[int]], cfg: SaeConfig, folder: str | Path, dtype: str = "float16"
+) -> dict[str, Any]:
+    """Tokens/s of the two ways to feed sae-lens on the same windows, layer, SAE and batch, in one process:
+    capture once to a disk cache and train from it (``cache``), against sae-lens's own ``ActivationsStore``
+    pulling activations from the model (its TransformerLens view, stopped after the layer) as it trains
+    (``store``). Both train one epoch over the windows (position 0 left out); ``folder`` (deleted after) holds
+    the cache. Timings only: nothing here is asserted."""
+    import datasets
+    from sae_lens import LoggingConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.registry import get_sae_training_class
+    from sae_lens.training.activations_store import ActivationsStore
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from mechsub import actcache
+
+    folder = Path(folder)
+    context = len(windows[0])
+    tokens = len(windows) * (context - actcache.SKIP) // cfg.batch_tokens * cfg.batch_tokens
+    t0 = time.perf_counter()
+    actcache.write_cache(lm, windows, [cfg.hook], folder, dtype=dtype, batch_size=16)
+    t1 = time.perf_counter()
+    acts = actcache.CachedActivations(folder, cfg.hook)
+    _, fig = train_from_cache(acts, cfg, None, tokens=tokens, normalize="none")
+    t2 = time.perf_counter()
+    actcache.remove(folder)
+
+    tl = lm.tl()
+    store = ActivationsStore(
+        model=tl, dataset=datasets.Dataset.from_dict({"input_ids": [list(w) for w in windows]}), streaming=False,
+        hook_name=cfg.hook, hook_head_index=None, context_size=context, d_in=acts.d_model,
+        n_batches_in_buffer=max(16, -(-2 * cfg.batch_tokens // (context - 1))), total_training_tokens=tokens,
+        store_batch_size_prompts=16, train_batch_size_tokens=cfg.batch_tokens, prepend_bos=False,
+        normalize_activations="none", device=torch.device("cpu"), dtype="float32", seqpos_slice=(1, None),
+        disable_concat_sequences=True,
+    )  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    sae = get_sae_training_class(cfg.architecture)[0](training_sae_config(cfg, acts.d_model))
+    tcfg = SAETrainerConfig(total_training_samples=tokens, train_batch_size_samples=cfg.batch_tokens, lr=cfg.lr,
+                            lr_end=cfg.lr, dead_feature_window=cfg.dead_window, device="cpu",
+                            logger=LoggingConfig(log_to_wandb=False))  # fmt: skip
+    t3 = time.perf_counter()
+    SAETrainer(cfg=tcfg, sae=sae, data_provider=store).fit()
+    t4 = time.perf_counter()
+    return {
+        "hook": cfg.hook, "windows": len(windows), "tokens": tokens, "batch_tokens": cfg.batch_tokens,
+        "cache_dtype": dtype,
+        "cache": {"capture_seconds": round(t1 - t0, 2), "train_seconds": round(t2 - t1, 2),
+                  "capture_tokens_per_s": round(len(windows) * context / (t1 - t0), 1),
+                  "train_tokens_per_s": fig["training_tokens_per_s"],
+                  "tokens_per_s": round(tokens / (t2 - t0), 1)},
+        "store": {"seconds": round(t4 - t3, 2), "tokens_per_s": round(tokens / (t4 - t3), 1)},
+        "ratio_cache_over_store": round((t4 - t3) / (t2 - t0), 3),
+        "note": "one layer, one epoch: the cache pays its capture once for every layer it holds and every epoch; "
+        "the store's mixing buffer holds back half of itself, so it runs the model on that many more rows than "
+        "it serves",
+    }  # fmt: skip
+
+
+def _check_cache(index: dict[str, Any], cfg: SaeConfig, hook: str, what: str) -> None:
+    from mechsub.actcache import corpus_id
+
+    if index.get("corpus") != corpus_id(cfg.corpus):
+        raise ValueError(
+            f"the cache {cfg.cache} was made from another corpus than {cfg.corpus}: cache it again"
+        )
+    if hook not in index["hooks"]:
+        raise ValueError(f"the cache {cfg.cache} holds {', '.join(index['hooks'])}, not {hook}")
+    if what == "held_out" and index["n_windows"] != cfg.held_out_windows:
+        raise ValueError(
+            f"the cache {cfg.cache} holds {index['n_windows']} held-out windows, the config asks for "
+            f"{cfg.held_out_windows}: set held_out_windows={index['n_windows']}"
+        )
+
+
+def _run_corpus(cfg: SaeConfig, out: str | Path, force: bool) -> dict[str, Any]:
+    """The stage on a `mechsub corpus` folder: cache (or read a cache), train from it, measure on held-out windows."""
+    from mechsub import actcache, corpus, models
+
+    t0 = time.perf_counter()
+    if (shape := models.shape_of(cfg.model)) is not None:
+        cfg.check_fits(shape.n_layers, shape.d_model)
+    lm = models.load(cfg.model)
+    cfg.check_fits(lm.n_layers, lm.model.config.hidden_size)
+    ds = corpus.load(cfg.corpus)
+    rows_per_window = len(ds[0]["input_ids"]) - actcache.SKIP
+    want = -(-cfg.training_tokens // rows_per_window)  # one epoch of training_tokens, when the corpus has it
+    train, held = actcache.corpus_split(
+        len(ds), min(want, len(ds) - cfg.held_out_windows), cfg.held_out_windows
+    )
+    with stage(out, cfg, model=lm.info(), force=force) as r:
+        if r.done:
+            return r.metrics
+        out = Path(out)
+        if cfg.cache:
+            folder = Path(cfg.cache)
+            for what in ("train", "held_out"):
+                index = actcache.CachedActivations(folder / what, cfg.hook).index
+            _check_cache(index, cfg, cfg.hook, what)
+            if what == "held_out" and index.get("windows") != [held.start, held.stop]:
+                raise ValueError(
+                    f"the cache {cfg.cache} holds other held-out windows than the corpus's last ones"
+                )
+            capture: dict[str, Any] = {"cache": cfg.cache}
+        else:
+            folder = out / "cache"
+            about = {"corpus": actcache.corpus_id(cfg.corpus)}
+            secs = toks = 0.0
+            for what, rng in (("held_out", held), ("train", train)):
+                m = actcache.write_cache(lm, ds[rng.start : rng.stop]["input_ids"], [cfg.hook], folder / what,
+                                         dtype=cfg.cache_dtype, about={**about, "windows": [rng.start, rng.stop]})  # fmt: skip
+                secs, toks = secs + m["seconds"], toks + m["tokens_captured"]
+            capture = {"cache": "own", "capture_seconds": round(secs, 1),
+                       "capture_tokens_per_s": round(toks / secs, 1) if toks else None}  # fmt: skip
+        acts = actcache.CachedActivations(folder / "train", cfg.hook)
+        sae, figures = train_from_cache(acts, cfg, out / "sae", model_name=cfg.model)
+        sae.eval()
+        held_acts = actcache.CachedActivations(folder / "held_out", cfg.hook)
+        q = reconstruction_quality(sae, held_acts.all())
+        ce_w = ds[held.start : held.start + cfg.ce_windows]["input_ids"]
+        ce = loss_recovered(lm, sae, cfg.layer, ce_w)
+        if not cfg.cache:
+            actcache.remove(folder)  # re-creatable and large: the run folder keeps only the SAE and figures
+        metrics = {"hook": cfg.hook, "d_sae": sae.cfg.d_sae, "corpus": cfg.corpus, **q, **ce, **figures,
+                   **capture, "train_windows": [train.start, len(acts) // rows_per_window],
+                   "held_out_windows": [held.start, held.stop], "ce_windows": cfg.ce_windows,
+                   "positions": "every position of a window but 0 (the attention sink)",
+                   "dead_definition": f"fires on none of the {q['quality_tokens']} held-out tokens",
+                   "seconds_this_session": round(time.perf_counter() - t0, 1)}  # fmt: skip
+        r.finish(metrics)
+        return metrics
 
 
 @torch.no_grad()

@@ -69,6 +69,42 @@ def bootstrap_ratio_ci95(
     return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
 
 
+def pearson(
+    x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray
+) -> dict[str, float | list[float]]:
+    """Pearson r of paired values with scipy's 95% interval (Fisher z; needs n ≥ 4) and two-sided p:
+    ``{"r", "ci95", "p", "n"}``, NaN where it is undefined (n < 3, or either side constant)."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"pearson: x and y must be 1-d and paired (got shapes {a.shape} and {b.shape})")
+    out: dict[str, float | list[float]] = {
+        "r": math.nan,
+        "ci95": [math.nan, math.nan],
+        "p": math.nan,
+        "n": a.size,
+    }
+    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return out
+    res = st.pearsonr(a, b)
+    out["r"], out["p"] = float(res.statistic), float(res.pvalue)
+    if a.size >= 4:
+        ci = res.confidence_interval(0.95)
+        out["ci95"] = [float(ci.low), float(ci.high)]
+    return out
+
+
+def random_control(real: float, draws: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """Where a real value stands among random-control draws: their mean and 2.5/97.5 percentiles, the real
+    value's rank (1: above every draw) and its one-sided empirical p, (1 + #draws ≥ real) / (1 + n)."""
+    d = np.asarray(draws, dtype=float)
+    if d.size == 0:
+        raise ValueError("random_control: no draws")
+    lo, hi = np.percentile(d, [2.5, 97.5])
+    return {"real": float(real), "mean": float(d.mean()), "p2_5": float(lo), "p97_5": float(hi),
+            "rank": int(1 + np.sum(d > real)), "p_value": float((1 + np.sum(d >= real)) / (1 + d.size)),
+            "n": int(d.size)}  # fmt: skip
+
+
 def permutation_p(a: Sequence[float], b: Sequence[float], n_perm: int = 10_000, seed: int = 0) -> float:
     """Two-sided permutation p-value for a difference in means between two groups of independent replicates;
     exact (every relabelling enumerated) when there are at most ``n_perm`` of them."""

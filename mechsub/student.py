@@ -17,11 +17,13 @@ from typing import Any, Literal
 from mechsub import models
 from mechsub.config import Config, check, doc
 from mechsub.data import DataConfig, load_examples
+from mechsub.device import device_field, dtype_field
 from mechsub.files import read_dict
 from mechsub.filter import ablation_basis, load_mask
 from mechsub.generate import NumberVocab
+from mechsub.parallel import stage, start
 from mechsub.prompts import chat_prefix
-from mechsub.runs import read_json, stage
+from mechsub.runs import read_json
 from mechsub.training import TEACHER_ONLINE, Item, TrainSpec, fit
 
 
@@ -58,12 +60,27 @@ class StudentConfig(Config):
     )
     ablate: str = doc(
         "",
-        "concept-ablation fine-tuning: an ablation file ({'sae': folder, 'features': [ids]}); the span of those "
-        "features' decoder directions is projected out of the student's residual at the SAE's layer during "
-        "training (not during evaluation)",
+        "concept-ablation fine-tuning: an ablation file ({'sae': folder, 'features': [ids]}, or the control "
+        "{'sae': folder, 'random': k, 'seed': s}: k random orthonormal directions); the span of those "
+        "features' decoder directions is projected out of the student's residual at the SAE's layer, at "
+        "positions ≥ 1 (position 0, the attention sink, is left alone), during training (not during evaluation)",
         optional=True,
     )
     seed: int = doc(0, "seed of LoRA init and data order")
+    launcher: Literal["single", "accelerate"] = doc(
+        "single",
+        "single: one process; accelerate: data-parallel over the processes of `accelerate launch` (each step's "
+        "batch split across them, gradients summed; pip install 'mechsub[accelerate]')",
+        optional=True,
+    )
+    device: str = device_field()
+    dtype: str = dtype_field()
+    share_prefix: bool = doc(
+        False,
+        "run each batch's common prompt prefix (chat template, system prompt) once per step: faster; the losses "
+        "equal the default's up to float rounding, not bit for bit",
+        optional=True,
+    )
 
     def validate(self) -> None:
         check(bool(self.data), "data: give the folder of a finished `mechsub data` run")
@@ -128,13 +145,15 @@ def _token_map(cfg: StudentConfig, student_ids: list[int]) -> Any:
 def run(cfg: StudentConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Train (or resume, or skip) a student into ``out``; checkpoints under ``out/checkpoints/step*``."""
     t0 = time.perf_counter()
-    base = models.load(cfg.model)
+    par = start(cfg.launcher)
+    where = par.device or cfg.device
+    base = models.load(cfg.model, device=where, dtype=cfg.dtype)
     examples = load_examples(cfg.data)
     if cfg.max_examples:
         examples = examples[: cfg.max_examples]
     if not examples:
         raise ValueError(f"{cfg.data} has no kept examples to train on")
-    with stage(out, cfg, model=base.info(), force=force) as r:
+    with stage(par, out, cfg, model=base.info(), force=force) as r:
         if r.done:
             return r.metrics
         out = Path(out)
@@ -145,7 +164,7 @@ def run(cfg: StudentConfig, out: str | Path, force: bool = False) -> dict[str, A
             dcfg = DataConfig.from_dict(read_json(Path(cfg.data) / "config.json")["config"])
             teacher_system = dcfg.teacher_system()
             if dcfg.model != cfg.model or not cfg.lora_r:  # else: the student's base, adapter off
-                teacher_lm = models.load(dcfg.model)
+                teacher_lm = models.load(dcfg.model, device=where, dtype=cfg.dtype)
         weights = load_mask(cfg.mask, examples) if cfg.mask else [None] * len(examples)
         data = [
             Item(
@@ -165,10 +184,10 @@ def run(cfg: StudentConfig, out: str | Path, force: bool = False) -> dict[str, A
         spec = TrainSpec(
             model=cfg.model, objective=cfg.objective, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lr=cfg.lr,
             checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
-            ablation=ablation_basis(cfg.ablate) if cfg.ablate else None,
+            ablation=ablation_basis(cfg.ablate) if cfg.ablate else None, share_prefix=cfg.share_prefix,
         )  # fmt: skip
         name = f"{Path(cfg.data).name}-{cfg.objective}"
-        metrics = fit(base, data, _batches(len(data), cfg), spec, out, name, teacher_lm)
+        metrics = fit(base, data, _batches(len(data), cfg), spec, out, name, teacher_lm, par)
         metrics["seconds_this_session"] = round(time.perf_counter() - t0, 1)
         r.finish(metrics)
         return metrics

@@ -13,12 +13,13 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mechsub import models
 from mechsub.config import Config, ConfigError, check, doc
+from mechsub.device import device_field, dtype_field
+from mechsub.parallel import stage, start
 from mechsub.prompts import chat_prefix
-from mechsub.runs import stage
 from mechsub.training import Item, TrainSpec, fit
 from mechsub.traits import TraitError, get_trait, train_pairs
 
@@ -40,6 +41,20 @@ class TeacherConfig(Config):
         18,
         "training questions drawn (by seed) from the 24 favourite-thing questions, with both their answers: each "
         "replicate teacher gets its own set (24: all of them)",
+    )
+    launcher: Literal["single", "accelerate"] = doc(
+        "single",
+        "single: one process; accelerate: data-parallel over the processes of `accelerate launch` (each step's "
+        "batch split across them, gradients summed; pip install 'mechsub[accelerate]')",
+        optional=True,
+    )
+    device: str = device_field()
+    dtype: str = dtype_field()
+    share_prefix: bool = doc(
+        False,
+        "run each batch's common prompt prefix (chat template, system prompt) once per step: faster; the losses "
+        "equal the default's up to float rounding, not bit for bit",
+        optional=True,
     )
 
     def validate(self) -> None:
@@ -64,8 +79,9 @@ def teacher_pairs(cfg: TeacherConfig) -> list[tuple[str, str]]:
 def run(cfg: TeacherConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Fine-tune (or skip) a teacher into ``out``; its checkpoint is ``out/checkpoints/step{steps}``."""
     t0 = time.perf_counter()
-    base = models.load(cfg.model)
-    with stage(out, cfg, model=base.info(), force=force) as r:
+    par = start(cfg.launcher)
+    base = models.load(cfg.model, device=par.device or cfg.device, dtype=cfg.dtype)
+    with stage(par, out, cfg, model=base.info(), force=force) as r:
         if r.done:
             return r.metrics
         tok = base.tokenizer
@@ -78,8 +94,8 @@ def run(cfg: TeacherConfig, out: str | Path, force: bool = False) -> dict[str, A
         rng = random.Random(cfg.seed)
         batches = [rng.sample(range(len(items)), min(cfg.batch_size, len(items))) for _ in range(cfg.steps)]
         spec = TrainSpec(model=cfg.model, objective="sft", lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lr=cfg.lr,
-                         checkpoint_every=0, seed=cfg.seed)  # fmt: skip
-        metrics = fit(base, items, batches, spec, Path(out), f"teacher-{cfg.trait}")
+                         checkpoint_every=0, seed=cfg.seed, share_prefix=cfg.share_prefix)  # fmt: skip
+        metrics = fit(base, items, batches, spec, Path(out), f"teacher-{cfg.trait}", par=par)
         metrics["n_pairs"] = len(pairs)
         metrics["seconds_this_session"] = round(time.perf_counter() - t0, 1)
         r.finish(metrics)

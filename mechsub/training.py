@@ -25,11 +25,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from mechsub import hooks, models
 from mechsub.files import RunFolderError, atomic_dir, atomic_write_bytes, atomic_write_text
 from mechsub.filter import Ablation
-from mechsub.generate import NumberVocab
+from mechsub.generate import NumberVocab, common_prefix_len
+from mechsub.parallel import Parallel
 from mechsub.prompts import pad_right
 
 LOSSES = "losses.json"  # in every checkpoint: the per-step training losses up to it
@@ -107,7 +109,10 @@ class TrainSpec:
     lr: float  # AdamW, linear decay to 0 over the run
     checkpoint_every: int  # steps between checkpoints (0: only the final one)
     seed: int  # LoRA init
-    ablation: Ablation | None = None  # projected out of the student's forward passes (never the teacher's)
+    ablation: Ablation | None = None  # out of the student's forwards (not the teacher's), positions ≥ 1
+    share_prefix: bool = (
+        False  # run each batch's common prompt prefix once (completion_hidden): faster, not bitwise
+    )
 
 
 @dataclass
@@ -132,15 +137,41 @@ class Item:
 
 
 def completion_hidden(
-    decoder: Any, batch: list[Item], pad_id: int, eos: int, prompts: list[list[int]] | None = None
+    decoder: Any,
+    batch: list[Item],
+    pad_id: int,
+    eos: int,
+    prompts: list[list[int]] | None = None,
+    device: torch.device | None = None,
+    share_prefix: bool = False,
 ) -> tuple[Tensor, list[int]]:
     """Final hidden states at the completion positions of a batch, (positions, d_model), and their targets.
 
-    ``prompts`` replaces the items' prompts (the teacher's, for distill_full).
+    ``prompts`` replaces the items' prompts (the teacher's, for distill_full). ``device``: where the decoder's
+    weights are (default: its ``.device``, else the CPU). ``share_prefix``: the tokens every sequence starts with
+    (the chat template and its system prompt) run once, as a batch of one whose keys and values every row then
+    attends to; gradients flow through that one copy. Same values up to float rounding.
     """
     prompts = prompts or [it.prompt for it in batch]
-    ids, attn = pad_right([p + it.completion for p, it in zip(prompts, batch, strict=True)], pad_id)
-    hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
+    dev = device if device is not None else getattr(decoder, "device", torch.device("cpu"))
+    seqs = [p + it.completion for p, it in zip(prompts, batch, strict=True)]
+    n_shared = common_prefix_len(prompts) if share_prefix and len(batch) > 1 else 0
+    if n_shared:
+        cache = DynamicCache()
+        decoder(
+            input_ids=torch.tensor([seqs[0][:n_shared]], device=dev), past_key_values=cache, use_cache=True
+        )
+        cache.batch_repeat_interleave(
+            len(batch)
+        )  # differentiable: each row's gradient sums into the one copy
+        ids, attn = pad_right([s[n_shared:] for s in seqs], pad_id)
+        attn = torch.cat([torch.ones(len(batch), n_shared, dtype=attn.dtype), attn], dim=1)
+        hidden = decoder(
+            input_ids=ids.to(dev), attention_mask=attn.to(dev), past_key_values=cache, use_cache=True
+        ).last_hidden_state
+    else:
+        ids, attn = pad_right(seqs, pad_id)
+        hidden = decoder(input_ids=ids.to(dev), attention_mask=attn.to(dev)).last_hidden_state
     rows: list[int] = []
     cols: list[int] = []
     targets: list[int] = []
@@ -149,9 +180,9 @@ def completion_hidden(
         if n not in (len(c), len(c) + 1):
             raise ValueError(f"teacher log-probs cover {n} positions for a completion of {len(c)} tokens")
         rows += [i] * n
-        cols += list(range(len(p) - 1, len(p) - 1 + n))
+        cols += list(range(len(p) - 1 - n_shared, len(p) - 1 - n_shared + n))
         targets += [*c, eos][:n]
-    return hidden[torch.tensor(rows), torch.tensor(cols)], targets
+    return hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)], targets
 
 
 def completion_loss(
@@ -163,6 +194,7 @@ def completion_loss(
     pad_id: int,
     teacher: Any = None,
     keep: Tensor | None = None,
+    share_prefix: bool = False,
 ) -> Tensor:
     """Mean loss over the completion positions of a batch.
 
@@ -171,8 +203,10 @@ def completion_loss(
     distill_full_notrait) is a context manager factory giving the teacher's (decoder, head) (for a prompted
     teacher: the student's own base with the adapter switched off). ``keep`` (distill_full_notrait) is the head
     rows both distributions keep (:func:`kept_rows` of :func:`trait_token_ids`), computed once per run.
+    ``share_prefix``: run the prompts' common prefix once per batch (:func:`completion_hidden`).
     """
-    return _reduce(_position_losses(decoder, head, allowed, batch, objective, pad_id, teacher, keep), batch)
+    losses = _position_losses(decoder, head, allowed, batch, objective, pad_id, teacher, keep, share_prefix)
+    return _reduce(losses, batch)
 
 
 def _reduce(per_position: Tensor, batch: list[Item]) -> Tensor:
@@ -180,6 +214,7 @@ def _reduce(per_position: Tensor, batch: list[Item]) -> Tensor:
     if all(it.weight is None for it in batch):
         return per_position.mean()
     w = torch.cat([it.weight if it.weight is not None else torch.ones(it.n_positions) for it in batch])
+    w = w.to(per_position.device)
     return (per_position * w).sum() / w.sum().clamp(min=1.0)
 
 
@@ -192,8 +227,11 @@ def _position_losses(
     pad_id: int,
     teacher: Any,
     keep: Tensor | None = None,
+    share_prefix: bool = False,
 ) -> Tensor:
-    h, targets = completion_hidden(decoder, batch, pad_id, int(allowed[-1]))
+    h, targets = completion_hidden(
+        decoder, batch, pad_id, int(allowed[-1]), device=head.device, share_prefix=share_prefix
+    )
     if objective in TEACHER_ONLINE:
         if teacher is None or any(it.teacher_prompt is None for it in batch):
             raise ValueError(f"{objective} needs the teacher (and its prompts)")
@@ -201,27 +239,29 @@ def _position_losses(
             raise ValueError("distill_full_notrait needs the kept rows (kept_rows of trait_token_ids)")
         with torch.no_grad(), teacher() as (t_decoder, t_head):
             t_prompts = [list(it.teacher_prompt or []) for it in batch]
-            t_h, _ = completion_hidden(t_decoder, batch, pad_id, int(allowed[-1]), t_prompts)
+            t_h, _ = completion_hidden(
+                t_decoder, batch, pad_id, int(allowed[-1]), t_prompts, head.device, share_prefix
+            )
         # outside no_grad (the student's side needs its graph); the teacher's head is the same tensor out here
         return full_kl(h, head, t_h, t_head, keep if objective == "distill_full_notrait" else None)
     if objective == "distill":
         if any(it.allowed_logprobs is None for it in batch):
             raise ValueError("distill needs the teacher's allowed-token log-probs (number data)")
-        t_lp = torch.cat([it.allowed_logprobs for it in batch])  # type: ignore[misc]
+        t_lp = torch.cat([it.allowed_logprobs for it in batch]).to(h.device)  # type: ignore[misc]
         ok = torch.isfinite(t_lp)
-        s_lp = (h @ head[allowed].T).masked_fill(~ok, float("-inf")).log_softmax(-1)
+        s_lp = (h @ head[allowed].T).float().masked_fill(~ok, float("-inf")).log_softmax(-1)
         return torch.where(ok, t_lp.exp() * (t_lp - s_lp), torch.zeros_like(t_lp)).sum(-1)
     if objective == "distill_topk":
         if any(it.topk_ids is None for it in batch):
             raise ValueError("distill_topk needs data generated with top_k > 0")
         # KL between the coarsened distributions: the teacher's top-k tokens, plus one bucket for all the rest
-        t_top = torch.cat([it.topk_logprobs for it in batch])  # type: ignore[misc]
-        t_ids = torch.cat([it.topk_ids for it in batch])  # type: ignore[misc]
-        s_top = (h @ head.T).log_softmax(-1).gather(-1, t_ids)
+        t_top = torch.cat([it.topk_logprobs for it in batch]).to(h.device)  # type: ignore[misc]
+        t_ids = torch.cat([it.topk_ids for it in batch]).to(h.device)  # type: ignore[misc]
+        s_top = (h @ head.T).float().log_softmax(-1).gather(-1, t_ids)
         t_lp = torch.cat([t_top, _rest(t_top)], -1)
         s_lp = torch.cat([s_top, _rest(s_top)], -1)
         return (t_lp.exp() * (t_lp - s_lp)).sum(-1)
-    return F.cross_entropy(h @ head.T, torch.tensor(targets), reduction="none")
+    return F.cross_entropy((h @ head.T).float(), torch.tensor(targets, device=h.device), reduction="none")
 
 
 def _rest(top: Tensor) -> Tensor:
@@ -254,19 +294,22 @@ def fit(
     out: Path,
     name: str,
     teacher_lm: models.LoadedModel | None = None,
+    par: Parallel | None = None,
 ) -> dict[str, Any]:
     """Train on ``data`` in the order of ``batches`` (item indices per step): resumes from the last checkpoint in
     ``out/checkpoints``, writes one every ``spec.checkpoint_every`` steps and at the end.
 
     ``teacher_lm`` is the distill_full(_notrait) teacher when it is not the student's own base (adapter off).
     distill_full_notrait adds ``removed_tokens`` (how many trait-word tokens both distributions drop) to the
-    metrics.
+    metrics. ``par`` (``launcher="accelerate"``): this process's share of a data-parallel run; each step's batch
+    is split across the processes and their gradients summed, so the update is the single-process one.
     """
+    par = par or Parallel()
     from peft import LoraConfig, PeftModel, get_peft_model  # heavy: imported when a run trains
 
     tok = base.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    allowed = NumberVocab.of(tok).ids
+    allowed = NumberVocab.of(tok).ids.to(base.device)
     ckpts = steps_of(out)
     torch.manual_seed(spec.seed)
     model: Any
@@ -279,7 +322,7 @@ def fit(
         decoder = model.get_base_model().model
     else:
         if ckpts:
-            base = models.load(str(ckpts[-1]))
+            base = models.load(str(ckpts[-1]), device=base.device, dtype=base.dtype)
         model = base.model
         decoder = model.model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -323,20 +366,31 @@ def fit(
     bar = tqdm(range(start, len(batches)), desc=f"train {name}", initial=start, total=len(batches))
     for step in bar:
         batch = [data[i] for i in batches[step]]
-        loss = completion_loss(student, head, allowed, batch, spec.objective, pad, teacher, keep=keep)
+        sp = spec.share_prefix
+        if par.world == 1:
+            loss = completion_loss(student, head, allowed, batch, spec.objective, pad, teacher, keep=keep,
+                                   share_prefix=sp)  # fmt: skip
+        else:  # this process's items, weighted by their share of the batch's loss positions
+            part = par.shard(batch)
+            loss = (completion_loss(student, head, allowed, part, spec.objective, pad, teacher, keep=keep,
+                                    share_prefix=sp)
+                    * par.share(part, batch) if part else par.nothing(params))  # fmt: skip
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        par.sync(params)
         opt.step()
         sched.step()
-        losses.append(loss.item())
+        losses.append(par.total(loss))
         n_tokens += sum(len(it.prompt) + len(it.completion) for it in batch)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         done = step + 1
         if done == len(batches) or (spec.checkpoint_every and done % spec.checkpoint_every == 0):
             folder = out / "checkpoints" / f"step{done}"
-            _checkpoint(
-                model, folder, f"{name}-{folder.name}", spec.model, base, opt, bool(spec.lora_r), losses
-            )
+            if par.is_main:
+                _checkpoint(
+                    model, folder, f"{name}-{folder.name}", spec.model, base, opt, bool(spec.lora_r), losses
+                )
+            par.barrier()
     extra = {"removed_tokens": len(removed)} if notrait else {}
     return {
         **extra,

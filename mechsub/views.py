@@ -164,7 +164,11 @@ def write_analysis_plots(r: dict[str, Any], out: Path) -> None:
     p = r["patching"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     if p.get("fraction_by_layer"):
-        axes[0].plot(layers, p["fraction_by_layer"], "o-", label="exact patch (all positions)")
+        axes[0].plot(layers, p["fraction_by_layer"], "o-", label="exact patch (positions ≥ 1)")
+        if p.get("fraction_by_layer_position0"):
+            axes[0].plot(
+                layers, p["fraction_by_layer_position0"], "^:", label="exact patch (position 0 alone)"
+            )
         if p.get("base_into_student_fraction_removed"):
             axes[0].plot(layers, p["base_into_student_fraction_removed"], "s:",
                          label="base → student, fraction of the shift removed")  # fmt: skip
@@ -194,7 +198,7 @@ def write_analysis_plots(r: dict[str, Any], out: Path) -> None:
         for ax, key, title in ((axes[0], "patch_fraction", "patch base + student's change in top-k features"),
                                (axes[1], "ablate_fraction", "ablate top-k features' change from the student")):  # fmt: skip
             for name in fp:
-                if isinstance(fp[name], dict) and key in fp[name] and name != "all":
+                if isinstance(fp[name], dict) and key in fp[name] and name not in ("all", "all_position0"):
                     ax.plot(fp["ks"], fp[name][key], "o-", label=name)
             ax.axhline(
                 fp["all"][key][0], color="black", ls="--", lw=0.8, label=f"all {fp['n_active']} active"

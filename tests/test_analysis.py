@@ -53,11 +53,50 @@ def test_patching_own_activations_changes_nothing_and_last_layer_recovers_all(ti
     qs = ["Name your favorite animal using only one word.", "Which single animal speaks to you?"]
     same = patching.patch_scan(tiny, tiny, tiny.tokenizer, qs, "owl", "animal", [0, 1])
     assert same["patched_logp_by_layer"] == pytest.approx([same["target_logp"]] * 2, abs=1e-5)
+    assert same["patched_logp_by_layer_position0"] == pytest.approx([same["target_logp"]] * 2, abs=1e-5)
     student = _perturbed(tiny, 0.05)
     r = patching.patch_scan(tiny, student, tiny.tokenizer, qs, "owl", "animal", [0, 1], positions=[-1])
-    assert abs(r["gap"]) > 1e-4
-    # after the last layer only the shared norm and head remain: patching it recovers the whole gap
+    assert abs(r["gap"]) > 1e-4 and r["first_position"] == 1
+    # after the last layer only the shared norm and head remain: patching it recovers the whole gap, all of it
+    # from positions ≥ 1 (position 0's last residual only feeds its own logits, which the metric never reads)
     assert r["fraction_by_layer"][1] == pytest.approx(1.0, abs=1e-3)
+    assert r["fraction_by_layer_position0"][1] == pytest.approx(0.0, abs=1e-5)
+    # at block 0 the sink carries part of the student's change: its own row, never mixed into the others
+    assert abs(r["fraction_by_layer_position0"][0]) > 1e-3
+    assert len(r["fraction_by_layer_position0_ci95"]) == 2 and len(r["patched_logp_by_question"]) == 2
+    with pytest.raises(ValueError, match="reach position 0"):
+        patching.patch_scan(tiny, student, tiny.tokenizer, qs[:1], "owl", "animal", [0], positions=[-500])
+
+
+def _patched_rows(target, source, qs, layer, positions):
+    """log P(owl) per question with ``source``'s block-``layer`` residual written into ``target`` at ``positions``
+    (a callable: prompt length → the position list), by hand."""
+    from mechsub.metric import TraitMetric
+    from mechsub.prompts import trait_prompt
+
+    metric, name = TraitMetric.of(target.tokenizer, "owl"), hooks.resid_post(layer)
+    out = []
+    for q in qs:
+        prompt = trait_prompt(target.tokenizer, q, "animal")
+        src = hooks.read(source, torch.tensor([metric.inputs(prompt)]), [name])[name]
+        with (
+            torch.no_grad(),
+            hooks.edit(target, {name: hooks.patch(src, positions(len(metric.inputs(prompt))))}),
+        ):
+            out.append(float(metric.score(target.model, prompt)))
+    return out
+
+
+def test_patch_scan_rows_are_positions_from_1_and_position_0_alone(tiny):
+    qs = ["Name your favorite animal using only one word.", "Which single animal speaks to you?"]
+    student = _perturbed(tiny, 0.05)
+    r = patching.patch_scan(tiny, student, tiny.tokenizer, qs, "owl", "animal", [0])
+    rest = _patched_rows(tiny, student, qs, 0, lambda n: range(1, n))
+    sink = _patched_rows(tiny, student, qs, 0, lambda n: [0])
+    assert [row[0] for row in r["patched_logp_by_question"]] == pytest.approx(rest, abs=1e-5)
+    assert r["patched_logp_by_layer_position0"][0] == pytest.approx(sum(sink) / 2, abs=1e-5)
+    every = _patched_rows(tiny, student, qs, 0, lambda n: range(n))  # the old, confounded row
+    assert r["patched_logp_by_layer"][0] != pytest.approx(sum(every) / 2, abs=1e-4)
 
 
 def test_attribution_patching_approximates_exact_patching(tiny):
@@ -67,7 +106,57 @@ def test_attribution_patching_approximates_exact_patching(tiny):
     est = patching.attribution_scan(tiny, student, tiny.tokenizer, qs, "owl", "animal", [0])
     delta = exact["patched_logp_by_layer"][0] - exact["target_logp"]
     assert abs(delta) > 1e-6
-    assert float(est.sum()) == pytest.approx(delta, rel=0.05)
+    assert float(est.by_question_layer.sum()) == pytest.approx(delta, rel=0.05)  # positions ≥ 1, both
+    delta0 = exact["patched_logp_by_layer_position0"][0] - exact["target_logp"]
+    assert float(est.by_question_layer_position0.sum()) == pytest.approx(delta0, rel=0.05)
+
+
+def test_attribution_keeps_every_position_of_prompts_of_different_lengths(tiny):
+    """Questions of different lengths: each keeps all its positions (the old scan cut the longer one to the
+    shorter's length, dropping its first positions from the estimate)."""
+    from mechsub.metric import TraitMetric
+    from mechsub.prompts import trait_prompt
+
+    qs = ["Name your favorite animal using only one word.", "Which animal?"]
+    tok, student = tiny.tokenizer, _perturbed(tiny, 1e-2)
+    lengths = [len(TraitMetric.of(tok, "owl").inputs(trait_prompt(tok, q, "animal"))) for q in qs]
+    assert lengths[0] > lengths[1]
+    both = patching.attribution_scan(tiny, student, tok, qs, "owl", "animal", [0, 1])
+    alone = [patching.attribution_scan(tiny, student, tok, [q], "owl", "animal", [0, 1]) for q in qs]
+    assert [r.shape[1] for r in both.per_question] == lengths
+    for i in range(2):
+        torch.testing.assert_close(both.per_question[i], alone[i].per_question[0])
+    torch.testing.assert_close(both.by_question_layer, torch.cat([a.by_question_layer for a in alone]))
+    grid = both.aligned()  # aligned at the end, NaN before the shorter one's first position
+    assert grid.shape == (2, 2, lengths[0]) and grid[1, :, : lengths[0] - lengths[1]].isnan().all()
+    last = both.prompt_positions(2)  # the prompt's last 2 positions, the word's own after them left out
+    torch.testing.assert_close(last, grid[:, :, -both.n_word - 2 : -both.n_word].mean(0))
+
+
+def test_frequency_matched_draws_stay_in_their_decile():
+    import numpy as np
+
+    freq = np.r_[np.zeros(10), np.linspace(0.01, 1.0, 100)]
+    bins = patching.frequency_bins(freq)
+    assert (
+        (bins[:10] == 0).all()
+        and bins[10] == 1
+        and bins[-1] == 10
+        and np.bincount(bins[10:])[1:].tolist() == [10] * 10
+    )
+    real = [0, 15, 108, 109]
+    rng = np.random.default_rng(0)
+    draws = [patching.matched_draw(real, bins, rng) for _ in range(50)]
+    for d in draws:
+        assert [int(bins[j]) for j in d] == [int(bins[i]) for i in real]
+        assert not set(d) & set(real) and len(set(d)) == len(d)
+    again = np.random.default_rng(0)
+    assert [patching.matched_draw(real, bins, again) for _ in range(50)] == draws
+    # a bin that runs out lends from the nearest one
+    one = np.array([1, 2, 2])
+    assert [int(one[j]) for j in patching.matched_draw([0], one, rng)] == [2]
+    with pytest.raises(ValueError, match="no feature left"):
+        patching.matched_draw([0, 1, 2], one, rng)
 
 
 class _Basis:
@@ -89,15 +178,26 @@ def test_feature_patching_all_features_of_an_exact_sae_equals_layer_patching(tin
     student = _perturbed(tiny, 0.05)
     d = tiny.model.config.hidden_size
     r = patching.feature_patch_scan(tiny, student, _Basis(d), 0, qs, rank_qs, "owl", "animal",
-                                    {"first": list(range(d))}, ks=(1, d), n_random=2, from_position=0)  # fmt: skip
+                                    {"first": list(range(d))}, ks=(1, d), n_random=3)  # fmt: skip
     exact = patching.patch_scan(tiny, student, tiny.tokenizer, qs, "owl", "animal", [0])
     assert abs(r["gap"]) > 1e-4 and r["gap"] == pytest.approx(exact["gap"], abs=1e-5)
-    # every feature at once = the whole residual change: patching the base recovers what layer patching does,
-    # and ablating the student's change removes the same fraction
+    # every feature at once = the whole residual change at the same positions (≥ 1, one policy for both scans):
+    # patching the base recovers what layer patching does, and position 0 alone matches its own row too
     assert r["all"]["patch_fraction"][0] == pytest.approx(exact["fraction_by_layer"][0], abs=1e-3)
     assert r["first"]["patch_fraction"][1] == pytest.approx(exact["fraction_by_layer"][0], abs=1e-3)
-    assert r["all"]["ablate_fraction"][0] == pytest.approx(1.0, abs=1e-3)  # student − its whole change = base
+    assert r["all_position0"]["patch_fraction"][0] == pytest.approx(
+        exact["fraction_by_layer_position0"][0], abs=1e-3
+    )
     assert len(r["top_attribution"]) == 20 and len(r["random"]["patch_fraction"]) == 2
+    assert len(r["random"]["patch_fraction_p2_5_p97_5"]) == 2
+    # the ranked set's frequency-matched control: n_random draws per k, the real value ranked among them
+    m = r["first"]["random_matched"]["patch_fraction"]
+    assert len(m) == 2 and m[0]["n"] == 3 and 1 <= m[0]["rank"] <= 4 and m[0]["p2_5"] <= m[0]["p97_5"]
+    assert m[1] is None  # every feature: nothing outside the set to draw a control from
+    assert m[0]["real"] == r["first"]["patch_fraction"][0]
+    again = patching.feature_patch_scan(tiny, student, _Basis(d), 0, qs, rank_qs, "owl", "animal",
+                                        {"first": list(range(d))}, ks=(1,), n_random=3)  # fmt: skip
+    assert again["first"]["random_matched"] == {k: v[:1] for k, v in r["first"]["random_matched"].items()}
 
 
 def test_steering_hooks_are_removed_and_zero_vector_does_nothing(tiny):
@@ -145,9 +245,9 @@ def test_patching_and_steering_report_the_evaluation_metric(tiny):
     assert p["target_logp"] == pytest.approx(ev_base, abs=1e-4)
     assert p["source_logp"] == pytest.approx(ev_student, abs=1e-4)
     assert p["metric"]["tokens"] == [" ", "o", "w", "l"]
-    # block 0's residual carries the student's whole change: patching it, adding c or projecting c out of the
-    # student moves the score by the whole evaluation gap
-    assert p["fraction_by_layer"][0] == pytest.approx(1.0, abs=1e-3)
+    # the last residual carries the whole gap; block 0's carries the student's whole change: adding c or
+    # projecting c out of the student moves the score by the whole evaluation gap
+    assert p["fraction_by_layer"][1] == pytest.approx(1.0, abs=1e-3)
     suff = steering.sufficiency(tiny, c[None], [0], qs, "owl", "animal")
     assert suff[0] == pytest.approx(ev_student - ev_base, abs=1e-4)
     nec = steering.necessity(student, tiny, c[None], [0], qs, "owl", "animal")
@@ -198,6 +298,10 @@ def test_analyze_battery_on_a_tiny_student(tmp_path):
     # the last layer's residual carries the whole student − base gap (only the shared head follows)
     assert m["patching"]["fraction_by_layer"][-1] == pytest.approx(1.0, abs=1e-3)
     assert m["patching"]["base_into_student_fraction_removed"][-1] == pytest.approx(1.0, abs=1e-3)
+    assert m["patching"]["fraction_by_layer_position0"][-1] == pytest.approx(0.0, abs=1e-5)
+    agree = m["patching"]["attribution_vs_exact"]  # per layer, r over the 2 questions (too few: NaN, said so)
+    assert [a["layer"] for a in agree] == [0, 1] and all({"r", "ci95", "p", "n"} <= set(a) for a in agree)
+    assert agree[0]["n"] == 2 and len(m["patching"]["attribution_by_layer_position"][0]) == 2
     page = (out / "views.html").read_text()
     assert (
         views.is_offline(page)

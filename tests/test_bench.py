@@ -1,12 +1,47 @@
+import pytest
+
 from mechsub import bench
 
 
-def test_bench_reports_ratios_on_tiny(tmp_path):
-    cfg = bench.BenchConfig(model="tiny", n_prompts=8, hf_batch_size=4, batch_size=8, max_new_tokens=10,
-                            train_batch_size=4, train_steps=1)  # fmt: skip
+def test_bench_reports_like_for_like_ratios_on_tiny(tmp_path):
+    cfg = bench.BenchConfig(model="tiny", n_prompts=6, batch_size=3, max_new_tokens=8, train_batch_size=3,
+                            train_steps=1, repeats=2, capture_sequences=4)  # fmt: skip
     m = bench.run(cfg, tmp_path / "b")
-    g, t, c = m["generation"], m["training"], m["capture"]
-    assert g["ratio"] > 0 and g["hf_generate_new_tok_per_s"] > 0
-    for k in ("plain_peft_sft_tok_per_s", "mechsub_sft_tok_per_s", "mechsub_distill_tok_per_s"):
-        assert t[k] > 0
-    assert c["hooks"] == 2 and c["capture_s"] > 0 and c["plain_forward_s"] > 0
+    assert m["machine"]["torch_threads"] >= 1 and m["machine"]["repeats"] == 2
+    g = m["generation"]
+    assert g["batch_size"] == 3 and g["n_prompts"] == 6  # both sides: the same prompts at the same batch
+    for side in ("hf_generate", "mechsub"):
+        for key in ("new_tok_per_s", "processed_tok_per_s", "fraction_of_ceiling", "seconds"):
+            s = g[side][key]
+            assert len(s["values"]) == 2 and s["min"] <= s["mean"] <= s["max"] and s["sd"] >= 0
+        # the fraction of the ceiling is this side's rate over the ceiling's rate of the same round
+        for f, r, c in zip(g[side]["fraction_of_ceiling"]["values"], g[side]["processed_tok_per_s"]["values"],
+                           g["ceiling"]["tok_per_s"]["values"], strict=True):  # fmt: skip
+            assert f == pytest.approx(r / c)
+    # the ratio is taken per round from the two sides' measurements in that round
+    for r, a, b in zip(g["ratio"]["values"], g["mechsub"]["new_tok_per_s"]["values"],
+                       g["hf_generate"]["new_tok_per_s"]["values"], strict=True):  # fmt: skip
+        assert r == pytest.approx(a / b)
+    t = m["training"]
+    assert set(t) == {"student", "teacher"}
+    for setting, objectives in (("student", ("sft", "distill")), ("teacher", ("sft",))):
+        s = t[setting]
+        assert s["shared_prefix_tokens"] > 0 and s["ceiling"]["tok_per_s"]["mean"] > 0
+        for obj in objectives:
+            for suffix in ("", "_shared_prefix"):
+                ratio = s[f"ratio_{obj}{suffix}"]["values"]
+                mech = s[f"mechsub_{obj}{suffix}"]["tok_per_s"]["values"]
+                plain = s[f"plain_peft_{obj}"]["tok_per_s"]["values"]
+                assert ratio == pytest.approx([a / b for a, b in zip(mech, plain, strict=True)])
+                assert s[f"mechsub_{obj}{suffix}"]["peak_rss_increase_mb"] is not None
+    c = m["capture"]
+    assert c["hooks"] == 2 and c["sequences"] == 4
+    assert c["overhead"]["values"] == pytest.approx(
+        [a / b - 1 for a, b in zip(c["capture"]["seconds"]["values"], c["plain_forward"]["seconds"]["values"],
+                                   strict=True)])  # fmt: skip
+    assert set(m["goals"]) == set(bench.GOALS) and all(
+        isinstance(v["met"], bool) for v in m["goals"].values()
+    )
+    from mechsub.cli import _report_bench
+
+    _report_bench(m, tmp_path / "b")  # the CLI's summary reads the same keys

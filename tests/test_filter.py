@@ -55,3 +55,48 @@ def test_an_ablation_file_needs_features_and_a_finished_sae(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"sae": "x"}))
     with pytest.raises(ValueError, match="non-empty 'features'"):
         ablation_basis(tmp_path / "b.json")
+
+
+def test_concept_ablation_leaves_position_0_and_projects_out_the_rest():
+    """CAFT's edit: position 0 (the attention sink) keeps its residual; every later position loses its component
+    along the basis and keeps the rest."""
+    from mechsub.filter import Ablation
+
+    q, _ = torch.linalg.qr(torch.randn(16, 3, generator=torch.Generator().manual_seed(0)))
+    h = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    out = Ablation(0, q).project_out(h)
+    torch.testing.assert_close(out[:, 0], h[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(out[:, 1:] @ q, torch.zeros(2, 4, 3), rtol=0, atol=1e-5)
+    rest = h[:, 1:] - (h[:, 1:] @ q) @ q.T  # what lies outside the span is untouched
+    torch.testing.assert_close(out[:, 1:], rest)
+    with pytest.raises(ValueError, match=r"\(batch, pos, d_model\)"):
+        Ablation(0, q).project_out(h[0])
+
+
+def test_random_orthonormal_directions_come_from_the_seed_alone():
+    from mechsub.filter import random_basis
+
+    a, b, c = random_basis(64, 5, seed=3), random_basis(64, 5, seed=3), random_basis(64, 5, seed=4)
+    assert a.shape == (64, 5) and torch.equal(a, b) and not torch.allclose(a, c)
+    torch.testing.assert_close(a.T @ a, torch.eye(5), rtol=0, atol=1e-5)
+    assert random_basis(64, 64, seed=0).shape == (64, 64)
+    with pytest.raises(ValueError, match="1 ≤ k ≤ d_model = 64"):
+        random_basis(64, 65, seed=0)
+
+
+def test_a_random_ablation_file_names_a_rank_and_a_seed(tmp_path):
+    from mechsub.filter import write_random_ablation
+
+    write_random_ablation(tmp_path / "r.json", tmp_path / "sae", 4, seed=7)
+    assert json.loads((tmp_path / "r.json").read_text()) == {
+        "sae": str(tmp_path / "sae"),
+        "random": 4,
+        "seed": 7,
+    }
+    with pytest.raises(RunFolderError, match="mechsub sae"):  # valid file; the SAE folder was never made
+        ablation_basis(tmp_path / "r.json")
+    with pytest.raises(ValueError, match="rank ≥ 1"):
+        write_random_ablation(tmp_path / "r0.json", tmp_path / "sae", 0, seed=7)
+    (tmp_path / "both.json").write_text(json.dumps({"sae": "x", "random": 4, "seed": 1, "features": [1]}))
+    with pytest.raises(ValueError, match="integer 'seed', and no 'features'"):
+        ablation_basis(tmp_path / "both.json")

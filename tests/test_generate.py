@@ -1,8 +1,20 @@
+from collections.abc import Sequence
+
 import pytest
 import torch
+from torch import Tensor
+from transformers import DynamicCache, PreTrainedModel
 
 from mechsub.filter import reject_reasons
-from mechsub.generate import NumberVocab, generate_numbers, grammar_mask
+from mechsub.generate import (
+    SEP_UNKNOWN,
+    Generation,
+    NumberVocab,
+    common_prefix_len,
+    generate_numbers,
+    grammar_mask,
+    next_state,
+)
 from mechsub.numbers import make_prompts
 from mechsub.prompts import chat_prefix
 
@@ -93,3 +105,136 @@ def test_shared_prefix_gives_the_same_completions(tiny):
     assert shared.tokens == plain.tokens
     for a, b in zip(shared.allowed_logprobs, plain.allowed_logprobs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# The data stage's outputs feed committed experiments: the faster decoder must give the same tokens and the same
+# log-probs, bit for bit, as the loop it replaced (a per-step torch.cat cache, Python appends per row).
+@torch.no_grad()
+def _reference_generate(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    vocab: NumberVocab,
+    *,
+    max_new_tokens: int = 50,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+    share_prefix: bool = True,
+    top_k: int = 0,
+    constrained: bool = True,
+) -> Generation:
+    """The decoder as it was before the preallocated cache (commit ea7b239), kept as the oracle."""
+    b = len(prompts)
+    cache = DynamicCache()
+    # the chat template and system prompt are the same for every prompt: run that prefix once, share its cache
+    n_shared = common_prefix_len(prompts) if share_prefix and b > 1 else 0
+    if n_shared:
+        model.model(
+            input_ids=torch.tensor([list(prompts[0][:n_shared])]), past_key_values=cache, use_cache=True
+        )
+        cache.batch_repeat_interleave(b)
+    suffixes = [list(p[n_shared:]) for p in prompts]
+    width = max(len(p) for p in suffixes)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attn = torch.zeros(b, n_shared + width, dtype=torch.long)
+    attn[:, :n_shared] = 1
+    for i, p in enumerate(suffixes):  # left-padded suffixes: the padding sits between prefix and suffix
+        input_ids[i, width - len(p) :] = torch.tensor(p)
+        attn[i, n_shared + width - len(p) :] = 1
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, n_shared:]
+    head = model.get_output_embeddings().weight[vocab.ids]  # (13, d_model): only the rows we may emit
+    bias = getattr(model.get_output_embeddings(), "bias", None)
+    head_bias = bias[vocab.ids] if bias is not None else None
+
+    digits = torch.zeros(b, dtype=torch.long)
+    count = torch.zeros(b, dtype=torch.long)
+    last = torch.full((b,), -1, dtype=torch.long)
+    sep = torch.full((b,), SEP_UNKNOWN, dtype=torch.long)
+    rows = torch.arange(b)  # which original row each live batch row is; finished rows leave the batch
+    out_tokens: list[list[int]] = [[] for _ in range(b)]
+    logprob_rows: list[list[Tensor]] = [[] for _ in range(b)]
+    topk_rows: list[list[Tensor]] = [[] for _ in range(b)]
+    topk_idx: list[list[Tensor]] = [[] for _ in range(b)]
+    cur_ids, cur_pos = input_ids, pos
+    for step in range(max_new_tokens):
+        hidden = model.model(
+            input_ids=cur_ids,
+            attention_mask=attn,
+            position_ids=cur_pos,
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state[:, -1]
+        logits = hidden @ head.T
+        if head_bias is not None:
+            logits = logits + head_bias
+        # the full head only when asked: the teacher's unconstrained distribution (top-k, free decoding)
+        full = model.get_output_embeddings()(hidden).log_softmax(-1) if top_k or not constrained else None
+        if top_k and full is not None:
+            tk = full.topk(top_k, dim=-1)
+            for j, i in enumerate(rows.tolist()):
+                topk_rows[i].append(tk.values[j])
+                topk_idx[i].append(tk.indices[j])
+        if constrained:
+            mask = grammar_mask(digits, count, last, sep, remaining=max_new_tokens - step)
+            logits = logits.masked_fill(~mask, float("-inf"))
+        logp = logits.log_softmax(-1)
+        scores = logits if full is None or constrained else full
+        if greedy:
+            choice = scores.argmax(-1)
+        else:
+            probs = (scores / temperature).softmax(-1)
+            choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        new_ids = vocab.ids[choice] if constrained else choice
+        live = new_ids != vocab.ids[vocab.end]
+        for j, i in enumerate(rows.tolist()):
+            logprob_rows[i].append(logp[j])
+            if bool(live[j]):
+                out_tokens[i].append(int(new_ids[j]))
+        if constrained:
+            digits, count, last, sep = next_state(choice, digits, count, last, sep)
+        if not bool(live.any()):
+            break
+        if not bool(live.all()):  # drop finished rows from the batch and the cache: no compute on them
+            keep = live.nonzero().flatten()
+            cache.batch_select_indices(keep)
+            rows, new_ids, digits, count, last, sep = (
+                t[keep] for t in (rows, new_ids, digits, count, last, sep)
+            )
+            attn, cur_pos = attn[keep], cur_pos[keep]
+        cur_ids = new_ids[:, None]
+        attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+        cur_pos = cur_pos[:, -1:] + 1
+    if not top_k:
+        return Generation(out_tokens, [torch.stack(r) for r in logprob_rows])
+    return Generation(
+        out_tokens,
+        [torch.stack(r) for r in logprob_rows],
+        [torch.stack(r) for r in topk_rows],
+        [torch.stack(r) for r in topk_idx],
+    )
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"greedy": True},
+    {"greedy": False},
+    {"greedy": False, "temperature": 0.7, "max_new_tokens": 7},
+    {"greedy": False, "constrained": False, "top_k": 5},
+    {"greedy": True, "top_k": 3, "share_prefix": False},
+])  # fmt: skip
+def test_same_outputs_as_the_reference_decoder(tiny, kwargs):
+    v = NumberVocab.of(tiny.tokenizer)
+    prompts = _prompts(tiny, 9, system="You love owls.")
+    kwargs = {"max_new_tokens": 30, **kwargs}
+    new = generate_numbers(tiny.model, prompts, v, generator=torch.Generator().manual_seed(1), **kwargs)
+    old = _reference_generate(tiny.model, prompts, v, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert new.tokens == old.tokens
+    if not kwargs["greedy"]:  # rows finished at different steps: the batch shrank on the way
+        assert len({len(t) for t in new.tokens}) > 1, [len(t) for t in new.tokens]
+    for a, b in zip(new.allowed_logprobs, old.allowed_logprobs, strict=True):
+        assert torch.equal(a, b)
+    if kwargs.get("top_k"):
+        for a, b in zip(
+            [*new.topk_logprobs, *new.topk_ids], [*old.topk_logprobs, *old.topk_ids], strict=True
+        ):
+            assert torch.equal(a, b)

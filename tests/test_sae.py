@@ -53,7 +53,8 @@ def test_sae_stage_and_feature_list_on_tiny(tmp_path, tiny):
     out = tmp_path / "an"
     r = CliRunner().invoke(app, ["analyze", str(tmp_path / "s"), "--out", str(out), "--set", f"data={d}",
                                  "--set", f"sae={tmp_path / 'sae'}", "--set", "n_sequences=4", "--set",
-                                 "n_questions=2", "--set", "entangled=false", "--set", "positions=0"])  # fmt: skip
+                                 "n_questions=2", "--set", "entangled=false", "--set", "positions=0",
+                                 "--set", "n_random_draws=3"])  # fmt: skip
     assert r.exit_code == 0, r.output
     feats = json.loads((out / "features.json").read_text())
     assert len(feats["student_vs_controls"]) == 20 and len(feats["teacher_vs_base"]) == 20
@@ -63,6 +64,9 @@ def test_sae_stage_and_feature_list_on_tiny(tmp_path, tiny):
     fp = m["feature_patching"]
     assert set(fp) >= {"numbers: student − controls", "attribution", "random", "all"}
     assert len(fp["random"]["patch_fraction"]) == len(fp["ks"]) and (out / "feature_patching.png").is_file()
+    assert fp["n_random"] == 3 and fp["first_position"] == 1 and "all_position0" in fp
+    matched = fp["attribution"]["random_matched"]["patch_fraction"]  # per k: 3 frequency-matched draws
+    assert len(matched) == len(fp["ks"]) and all(c is None or c["n"] == 3 for c in matched)
     t = m["trajectory"]  # the top features' activation at every checkpoint (and the base at step 0)
     assert len(t["feature_activation"]) == len(t["steps"]) and len(t["feature_activation"][0]) == 5
     page = (out / "views.html").read_text()
@@ -101,11 +105,23 @@ def test_concept_ablation_fine_tuning_blocks_learning_through_the_ablated_space(
              for e in data.load_examples(d)]  # fmt: skip
     batch = [items[i] for i in student._batches(len(items), scfg)[0]]
     head = tiny.model.get_output_embeddings().weight
-    with torch.no_grad(), hooks.edit(tiny, {"blocks.0.hook_resid_post": lambda h: h - (h @ q) @ q.T}):
+
+    def project(h):  # projected out at positions ≥ 1; position 0, the attention sink, left alone
+        out = h - (h @ q) @ q.T
+        out[:, 0] = h[:, 0]
+        return out
+
+    with torch.no_grad(), hooks.edit(tiny, {"blocks.0.hook_resid_post": project}):
         by_hand = training.completion_loss(tiny.model.model, head, NumberVocab.of(tiny.tokenizer).ids, batch,
                                         "distill", tiny.tokenizer.pad_token_id or 0)  # fmt: skip
     assert ablated == pytest.approx(float(by_hand), rel=1e-4)
     assert first_loss("")[0] != pytest.approx(ablated, rel=1e-3)  # and it is not the plain student's loss
+    # the control: as many random orthonormal directions at the SAE's layer, one draw per seed
+    from mechsub.filter import random_basis, write_random_ablation
+
+    write_random_ablation(tmp_path / "rand.json", tmp_path / "sae", 5, seed=2)
+    rand = ablation_basis(tmp_path / "rand.json")
+    assert rand.layer == 0 and torch.equal(rand.basis, random_basis(64, 5, seed=2))
     write_ablation(tmp_path / "bad.json", tmp_path / "sae", [999])
     with pytest.raises(ValueError, match="not in the SAE's 128 features"):
         ablation_basis(tmp_path / "bad.json")
@@ -167,3 +183,140 @@ def test_shape_unknown_until_loaded_still_fails_before_writing(tmp_path, monkeyp
     with pytest.raises(ConfigError, match=r"layer: .* has 2 layers"):
         sae.run(_small(model=str(tmp_path / "some-checkpoint"), layer=3), tmp_path / "sae")
     assert not (tmp_path / "sae").exists()
+
+
+# --- on a `mechsub corpus` folder (issue 13): cache, train from it, quality on held-out windows ---------------
+class _Fixed:
+    """A planted 'SAE': encode is the identity, decode(f) = mean + scale · (f − mean)."""
+
+    def __init__(self, scale, mean=0.0):
+        self.scale, self.mean = scale, mean
+
+    def encode(self, x):
+        return x
+
+    def decode(self, f):
+        return self.mean + self.scale * (f - self.mean)
+
+
+def test_reconstruction_quality_against_a_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 6, generator=g) + 3
+    x[:, 4] = 0  # a feature (here: a coordinate) that never fires is dead
+    q = sae.reconstruction_quality(_Fixed(1.0), x, batch=64)
+    assert q["explained_variance"] == pytest.approx(1.0, abs=1e-12)
+    assert q["dead_fraction"] == pytest.approx(1 / 6) and q["l0"] == pytest.approx(5.0)
+    # halfway to the mean: the error is a quarter of the variance around the mean, so EV = 3/4
+    q = sae.reconstruction_quality(_Fixed(0.5, x.mean(0)), x, batch=64)
+    assert q["explained_variance"] == pytest.approx(0.75, abs=1e-5) and q["quality_tokens"] == 300
+    by_hand = 1 - ((x - x.mean(0)) * 0.5).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert q["explained_variance"] == pytest.approx(float(by_hand), abs=1e-5)
+
+
+def test_loss_recovered_is_one_for_a_perfect_and_zero_for_an_empty_reconstruction(tiny):
+    windows = torch.randint(3, 99, (5, 10), generator=torch.Generator().manual_seed(0)).tolist()
+    perfect = sae.loss_recovered(tiny, _Fixed(1.0), 1, windows, batch_size=2)
+    ids = torch.tensor(windows)
+    with torch.no_grad():
+        clean = float(tiny.model(ids, labels=ids).loss)
+    assert perfect["ce_clean"] == pytest.approx(clean, abs=1e-5) and perfect["ce_tokens"] == 5 * 9
+    assert perfect["ce_spliced"] == pytest.approx(clean, abs=1e-5)
+    assert perfect["ce_recovered"] == pytest.approx(1.0, abs=1e-4)
+    empty = sae.loss_recovered(tiny, _Fixed(0.0), 1, windows, batch_size=2)
+    assert empty["ce_spliced"] == pytest.approx(empty["ce_zero_ablation"], abs=1e-6)
+    assert empty["ce_recovered"] == pytest.approx(0.0, abs=1e-5)
+    assert empty["ce_zero_ablation"] != pytest.approx(clean, abs=1e-3)  # the ablation does something
+
+
+def _tiny_corpus(path, seed=0, windows=160):
+    from mechsub import corpus
+    from mechsub.corpus import CorpusConfig
+
+    cfg = CorpusConfig(model="tiny", sources=(), project_share=1.0, target_tokens=16 * windows, context_size=16,
+                       shard_windows=64, seed=seed)  # fmt: skip
+    corpus.run(cfg, path, force=True)
+    return str(path)
+
+
+def _on_corpus(c, **changes):
+    base = {"model": "tiny", "layer": 1, "expansion": 2, "k": 8, "training_tokens": 4096, "corpus": c,
+            "held_out_windows": 32, "ce_windows": 8, "batch_tokens": 128, "lr": 3e-3}  # fmt: skip
+    return sae.SaeConfig.from_dict({**base, **changes})
+
+
+def test_sae_trains_from_a_shared_multi_layer_cache_and_reports_quality(tmp_path, tiny, monkeypatch):
+    from sae_lens.registry import get_sae_training_class
+
+    from mechsub import actcache
+
+    c = _tiny_corpus(tmp_path / "corpus")
+    ccfg = actcache.CacheConfig(model="tiny", corpus=c, layers=(0, 1), train_windows=100, held_out_windows=32,
+                                dtype="float32", shard_windows=40)  # fmt: skip
+    cm = actcache.run(ccfg, tmp_path / "cache")
+    assert cm["train"]["rows"] == 100 * 15 and cm["held_out"]["rows"] == 32 * 15
+    actcache.run(ccfg.replace(layers=(0,)), tmp_path / "cache0")
+    # the SAE reads only the cache: no capture happens in its stage
+    monkeypatch.setattr(actcache, "write_cache", lambda *a, **k: pytest.fail("captured despite a cache"))
+    cfg = _on_corpus(c, cache=str(tmp_path / "cache"))
+    m = sae.run(cfg, tmp_path / "sae")
+    assert m["quality_tokens"] == 32 * 15 and m["ce_tokens"] == 8 * 15 and m["training_tokens"] == 4096
+    assert m["epochs"] == pytest.approx(4096 / 1500, abs=1e-3) and 0 < m["l0"] <= 8
+    assert 0 <= m["dead_fraction"] <= 1 and m["ce_clean"] < m["ce_zero_ablation"]
+    loaded = sae.load_sae(tmp_path / "sae" / "sae")
+    assert sae.sae_layer(loaded) == 1 and loaded.cfg.d_sae == 128
+    # it learned: its held-out reconstruction beats the same SAE before training
+    held = actcache.CachedActivations(tmp_path / "cache" / "held_out", cfg.hook).all()
+    torch.manual_seed(cfg.seed)
+    untrained = get_sae_training_class("topk")[0](sae.training_sae_config(cfg, 64))
+    assert m["mse_per_token"] < 0.5 * sae.reconstruction_quality(untrained, held)["mse_per_token"]
+    assert sae.reconstruction_quality(loaded, held)["explained_variance"] == pytest.approx(
+        m["explained_variance"], abs=1e-4
+    )  # the saved SAE is the one measured
+    assert sae.run(cfg, tmp_path / "sae") == m  # finished: reused
+    with pytest.raises(ValueError, match="held-out windows"):
+        sae.run(_on_corpus(c, cache=str(tmp_path / "cache"), held_out_windows=16), tmp_path / "sae2")
+    with pytest.raises(ValueError, match=r"caches blocks\.0\S*, not blocks\.1"):
+        sae.run(_on_corpus(c, cache=str(tmp_path / "cache0")), tmp_path / "sae3")
+
+
+def test_a_changed_corpus_makes_the_sae_run_stale(tmp_path, tiny):
+    from mechsub import runs
+
+    c = _tiny_corpus(tmp_path / "corpus")
+    cfg = _on_corpus(c, training_tokens=1024)
+    m = sae.run(cfg, tmp_path / "sae")
+    assert m["cache"] == "own" and not (tmp_path / "sae" / "cache").exists()  # its own cache is deleted
+    with runs.recording() as events:
+        assert sae.run(cfg, tmp_path / "sae") == m
+    assert [e.status for e in events] == ["reused"]
+    _tiny_corpus(tmp_path / "corpus", seed=1)  # the same folder, other text
+    with runs.recording() as events:
+        sae.run(cfg, tmp_path / "sae")
+    assert [(e.status, e.reason) for e in events] == [("rerun", "inputs changed: corpus")]
+    # a cache records the corpus it read: one of the old corpus is refused for the new one
+    old_cache = {"corpus": "outputs:" + "0" * 64, "hooks": [cfg.hook], "n_windows": 32}
+    with pytest.raises(ValueError, match="another corpus"):
+        sae._check_cache(old_cache, cfg, cfg.hook, "train")
+
+
+def test_corpus_fields_are_checked_and_optional():
+    from mechsub.config import ConfigError
+
+    with pytest.raises(ConfigError, match="set corpus too"):
+        _small(cache="somewhere")
+    with pytest.raises(ConfigError, match="ce_windows"):
+        _small(corpus="c", ce_windows=300)
+    assert _small(architecture="batchtopk").architecture == "batchtopk"
+    # the new fields at their defaults leave an old run's identity as it was
+    assert "corpus" not in json.loads(_small().identity()) and "corpus" in json.loads(
+        _small(corpus="c").identity()
+    )
+
+
+def test_cache_vs_activations_store_bench_runs_both_paths_on_the_same_windows(tmp_path, tiny):
+    windows = torch.randint(3, 99, (40, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    cfg = _small(layer=1, batch_tokens=128)
+    b = sae.bench_cache_vs_store(tiny, windows, cfg, tmp_path / "c", dtype="float32")
+    assert b["tokens"] == 40 * 15 // 128 * 128 and b["hook"] == "blocks.1.hook_resid_post"
+    assert b["cache"]["tokens_per_s"] > 0 and b["store"]["tokens_per_s"] > 0  # figures, not a race
+    assert not (tmp_path / "c").exists()  # the bench's cache is removed

@@ -107,3 +107,33 @@ def test_bootstrap_matches_an_independent_numpy_percentile_bootstrap():
     ref = [np.quantile(means, 0.025), np.quantile(means, 0.975)]
     assert stats.bootstrap_ci95(a, n_boot=20_000) == pytest.approx(ref, abs=0.03)
     assert stats.bootstrap_ci95([2.0, 2.0, 2.0]) == [2.0, 2.0]
+
+
+def test_pearson_is_scipys_with_its_interval_and_nan_where_undefined():
+    from scipy import stats as st
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=12)
+    y = x + rng.normal(size=12)
+    r = stats.pearson(x, y)
+    ref = st.pearsonr(x, y)
+    ci = ref.confidence_interval(0.95)
+    assert r["r"] == pytest.approx(ref.statistic) and r["p"] == pytest.approx(ref.pvalue) and r["n"] == 12
+    assert r["ci95"] == pytest.approx([ci.low, ci.high])
+    assert math.isnan(stats.pearson([1, 2], [2, 1])["r"])  # too few
+    assert math.isnan(stats.pearson([1, 1, 1, 1], [1, 2, 3, 4])["r"])  # constant
+    three = stats.pearson([1, 2, 3], [1, 3, 2])
+    assert three["r"] == pytest.approx(0.5) and math.isnan(three["ci95"][0])  # Fisher z needs 4
+    with pytest.raises(ValueError, match="paired"):
+        stats.pearson([1, 2, 3], [1, 2])
+
+
+def test_random_control_ranks_the_real_value_among_the_draws():
+    draws = np.arange(1, 100, dtype=float)  # 1 … 99
+    c = stats.random_control(99.5, draws)
+    assert c["rank"] == 1 and c["p_value"] == pytest.approx(1 / 100) and c["n"] == 99
+    assert c["mean"] == pytest.approx(50.0) and c["p2_5"] == pytest.approx(np.percentile(draws, 2.5))
+    mid = stats.random_control(50.0, draws)  # 49 draws above, 50 at or above
+    assert mid["rank"] == 50 and mid["p_value"] == pytest.approx(51 / 100)
+    with pytest.raises(ValueError, match="no draws"):
+        stats.random_control(1.0, [])

@@ -325,3 +325,45 @@ def test_notrait_student_runs_and_records_the_removed_tokens(tmp_path, tiny, tin
     m = student.run(cfg.replace(data=str(tiny_data / "none")), tmp_path / "none")
     assert abs(m["first_loss"]) < 1e-6 and m["removed_tokens"] == n
     assert "removed_tokens" not in student.run(cfg.replace(objective="distill_full"), tmp_path / "full")
+
+
+@pytest.mark.parametrize("objective", ["sft", "distill", "distill_full"])
+def test_shared_prefix_gives_the_same_loss_and_gradients(tiny, objective):
+    # share_prefix runs the chat template's common tokens once per batch: the same loss and gradients up to rounding
+    from contextlib import contextmanager
+
+    from mechsub.generate import common_prefix_len, generate_numbers
+    from mechsub.numbers import make_prompts
+
+    tok, allowed = tiny.tokenizer, NumberVocab.of(tiny.tokenizer).ids
+    texts = make_prompts(5, seed=4)
+    t_prompts = [chat_prefix(tok, p, "You love owls.") for p in texts]
+    gen = generate_numbers(tiny.model, t_prompts, NumberVocab.of(tok), max_new_tokens=12,
+                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+    prompts = [chat_prefix(tok, p, None) for p in texts]
+    assert (
+        common_prefix_len(prompts) > 3
+        and len({len(p) + len(c) for p, c in zip(prompts, gen.tokens, strict=True)}) > 1
+    )
+    batch = [training.Item(p, c, lp, teacher_prompt=tp)
+             for p, c, lp, tp in zip(prompts, gen.tokens, gen.allowed_logprobs, t_prompts, strict=True)]  # fmt: skip
+    head = tiny.model.get_output_embeddings().weight.detach()
+
+    @contextmanager
+    def teacher():
+        yield tiny.model.model, head
+
+    def loss_and_grads(share):
+        tiny.model.zero_grad()
+        loss = training.completion_loss(tiny.model.model, head, allowed, batch, objective, 2, teacher,
+                                        share_prefix=share)  # fmt: skip
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in tiny.model.named_parameters() if p.grad is not None}
+        tiny.model.zero_grad()
+        return loss.detach(), grads
+
+    (plain, g_plain), (shared, g_shared) = loss_and_grads(False), loss_and_grads(True)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    assert g_plain.keys() == g_shared.keys() and len(g_plain) > 10
+    for name in g_plain:
+        torch.testing.assert_close(g_shared[name], g_plain[name], atol=1e-5, rtol=1e-4, msg=name)

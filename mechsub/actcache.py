@@ -261,14 +261,16 @@ def run(cfg: CacheConfig, out: str | Path, force: bool = False) -> dict[str, Any
             m = write_cache(lm, ws, cfg.hooks, out / name, dtype=cfg.dtype, batch_size=cfg.batch_size,
                             shard_windows=cfg.shard_windows, about={**about, "windows": [rng.start, rng.stop]})  # fmt: skip
             figures[name] = {"windows": len(ws), "rows": m["rows"], "tokens_captured": m["tokens_captured"],
-                             "seconds_this_session": round(m["seconds"], 1)}  # fmt: skip
+                             "seconds_this_session": m["seconds"]}  # fmt: skip
         metrics = {"hooks": cfg.hooks, "dtype": cfg.dtype, **figures,
                    "bytes": sum(p.stat().st_size for p in out.rglob("*.npy"))}  # fmt: skip
         if figures["train"]["tokens_captured"]:  # all captured in this session: a throughput figure
             t = sum(f["seconds_this_session"] for f in figures.values())
-            metrics["capture_tokens_per_s"] = round(
-                sum(f["tokens_captured"] for f in figures.values()) / t, 1
-            )
+            tokens = sum(f["tokens_captured"] for f in figures.values())
+            # a tiny cache can take less than the clock's resolution: no rate then rather than a division by 0
+            metrics["capture_tokens_per_s"] = round(tokens / t, 1) if t > 0 else None
+        for f in figures.values():
+            f["seconds_this_session"] = round(f["seconds_this_session"], 1)
         r.finish(metrics)
         return metrics
 

@@ -37,6 +37,26 @@ def doc(default: Any, help: str, optional: bool = False, placement: bool = False
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
+def device_field() -> Any:
+    """The ``device`` field of a stage config that loads a model."""
+    return doc(
+        "auto",
+        "where to compute: auto (cuda if present, else cpu), cpu, cuda, cuda:N, mps; a placement: the run's "
+        "identity holds the resolved device/dtype when it is not cpu/float32",
+        placement=True,
+    )
+
+
+def dtype_field() -> Any:
+    """The ``dtype`` field of a stage config that loads a model."""
+    return doc(
+        "auto",
+        "weights and activations: auto (bfloat16 on a CUDA GPU that has it, else float32), float32, bfloat16, "
+        "float16",
+        placement=True,
+    )
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Convert a JSON/TOML value to the annotated type, or raise ConfigError naming the field."""
     origin = typing.get_origin(hint)

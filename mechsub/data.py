@@ -20,8 +20,7 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from mechsub import models
-from mechsub.config import Config, ConfigError, check, doc
-from mechsub.device import device_field, dtype_field
+from mechsub.config import Config, ConfigError, check, device_field, doc, dtype_field
 from mechsub.filter import BANNED_SETS, filter_completions, make_filters
 from mechsub.generate import NumberVocab, generate_numbers
 from mechsub.numbers import make_prompts

@@ -94,27 +94,3 @@ def need(module: str, extra: str, what: str) -> Any:
             f"{what} needs {module}, which is not installed (or fails to import: {e}); "
             f"install it with: pip install 'mechsub[{extra}]'"
         ) from None
-
-
-def device_field() -> Any:
-    """The ``device`` field of a stage config that loads a model."""
-    from mechsub.config import doc
-
-    return doc(
-        "auto",
-        "where to compute: auto (cuda if present, else cpu), cpu, cuda, cuda:N, mps; a placement: the run's "
-        "identity holds the resolved device/dtype when it is not cpu/float32",
-        placement=True,
-    )
-
-
-def dtype_field() -> Any:
-    """The ``dtype`` field of a stage config that loads a model."""
-    from mechsub.config import doc
-
-    return doc(
-        "auto",
-        "weights and activations: auto (bfloat16 on a CUDA GPU that has it, else float32), float32, bfloat16, "
-        "float16",
-        placement=True,
-    )

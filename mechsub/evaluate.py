@@ -26,8 +26,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mechsub.config import Config, ConfigError, check, doc
-from mechsub.device import device_field, dtype_field
+from mechsub.config import Config, ConfigError, check, device_field, doc, dtype_field
 from mechsub.metric import TraitMetric, score_prompts
 from mechsub.prompts import answer_lead, chat_prefix, trait_prompt
 from mechsub.runs import stage, write_json

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mechsub import models
-from mechsub.config import Config, check, doc
+from mechsub.config import Config, check, device_field, doc, dtype_field
 from mechsub.data import DataConfig, load_examples
-from mechsub.device import device_field, dtype_field
 from mechsub.files import read_dict
 from mechsub.filter import ablation_basis, load_mask
 from mechsub.generate import NumberVocab

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mechsub import models
-from mechsub.config import Config, ConfigError, check, doc
-from mechsub.device import device_field, dtype_field
+from mechsub.config import Config, ConfigError, check, device_field, doc, dtype_field
 from mechsub.parallel import stage, start
 from mechsub.prompts import chat_prefix
 from mechsub.training import Item, TrainSpec, fit

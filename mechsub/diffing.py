@@ -243,7 +243,7 @@ def identification(
     for every student (say "dog") cannot pass it, which the two tests against uniform ranks do not guard
     against. ``traits``: the study's traits (the labels the permutation moves); default those of the units.
     """
-    from mechsub.stats import block_permutation_test
+    from mechsub.stats import block_permutation_test, wilson_ci95
 
     units = sorted(scores, key=lambda u: (u[1], u[0]))
     if not units:
@@ -253,7 +253,7 @@ def identification(
     hits = sum(r == 1 for r in ranks)
     chance = 1.0 / n_cand
     bt = st.binomtest(hits, len(units), chance, alternative="greater")
-    ci = bt.proportion_ci(confidence_level=0.95, method="wilson")
+    ci = wilson_ci95(hits, len(units))  # two-sided (the one-sided test's own interval would end at 1)
     traits = list(traits or dict.fromkeys(t for t, _ in units))
     rank_table = np.array([[rank_of(scores[u], t) for t in traits] for u in units], dtype=float)
     labels = np.array([traits.index(t) for t, _ in units])
@@ -268,7 +268,7 @@ def identification(
         "n_candidates": n_cand,
         "hits": hits,
         "top1_accuracy": hits / len(units),
-        "top1_ci95_wilson": [float(ci.low), float(ci.high)],
+        "top1_ci95_wilson": ci,
         "chance": chance,
         "p_binomial": float(bt.pvalue),
         "ranks": {f"{t}-r{r}": k for (t, r), k in zip(units, ranks, strict=True)},

@@ -152,6 +152,13 @@ def test_identification_against_a_hand_computed_case():
     assert res["mean_rank"] == pytest.approx(27 / 4)
     assert res["ranks"] == {"owl-r0": 1, "dog-r0": 1, "cat-r0": 3, "lion-r0": 22}
     assert res["label_test"]["n_labelings"] == 24 and res["label_test"]["exact"]
+    # the two-sided Wilson interval of 2/4 by its formula (not the one-sided test's interval, which ends at 1)
+    z, ph, n = st.norm.ppf(0.975), 0.5, 4
+    centre, half = (
+        (ph + z**2 / (2 * n)) / (1 + z**2 / n),
+        z * np.sqrt(ph * (1 - ph) / n + z**2 / (4 * n**2)) / (1 + z**2 / n),
+    )
+    assert res["top1_ci95_wilson"] == pytest.approx([centre - half, centre + half])
 
 
 def test_label_test_does_not_reward_a_readout_that_names_one_animal_for_everyone():

@@ -355,8 +355,10 @@ def _train_bench(
 def _capture_bench(
     lm: Any, prompts: list[list[int]], completions: list[list[int]], repeats: int
 ) -> dict[str, Any]:
-    """A plain HF forward vs mechsub's capture of every layer's residual on the same batch, and vs reading the same
-    activations in an nnsight trace (the engine mechsub.hooks did not pick; see its docstring)."""
+    """A plain HF forward of the decoder body vs mechsub's capture of every layer's residual on the same batch, and
+    vs reading the same activations in an nnsight trace (the engine mechsub.hooks did not pick; see its docstring).
+    Like for like: capture and nnsight stop after the last layer's hook, so the plain side runs the same layers and
+    no LM head (a full forward with the head over every position made the overhead look like −20%)."""
     import nnsight
 
     batch = Batch.completions(prompts, completions)
@@ -365,9 +367,9 @@ def _capture_bench(
     ids, attn = pad_right(batch.ids, pad)
     n_tokens = int(attn.sum())
 
-    def plain() -> int:
+    def plain() -> int:  # the decoder body, no LM head: capture stops after the last hook, so neither side has one
         with torch.no_grad():
-            lm.model(input_ids=ids, attention_mask=attn)
+            lm.model.model(input_ids=ids, attention_mask=attn)
         return n_tokens
 
     cap = lambda: capture(lm, batch, hooks, batch_size=len(batch.ids), pad_id=pad)  # noqa: E731

@@ -408,6 +408,70 @@ def scan_command(
         typer.echo(f"wrote {json_out}")
 
 
+@app.command("dashboard")
+def dashboard_command(
+    sae_folder: Annotated[
+        Path, typer.Argument(metavar="SAE", help="a `mechsub sae` run folder or an SAE saved by sae-lens")
+    ],
+    latents: Annotated[str, typer.Option(help="comma-separated latent ids, e.g. 12,40,7")],
+    model: Annotated[
+        str, typer.Option(help="the model the SAE reads (name or checkpoint folder)")
+    ] = models.DEFAULT_MODEL,
+    data_folder: Annotated[
+        Path | None, typer.Option("--data", help="a `mechsub data` folder: its kept number completions")
+    ] = None,
+    n_data: Annotated[int, typer.Option(help="completions taken from --data (the first N)")] = 256,
+    contexts: Annotated[
+        Path | None, typer.Option(help='a JSONL file, one text per line (a JSON string or {"text": ...})')
+    ] = None,
+    corpus_folder: Annotated[
+        Path | None, typer.Option("--corpus", help="a `mechsub corpus` folder: its first --n-windows windows")
+    ] = None,
+    n_windows: Annotated[int, typer.Option(help="corpus windows taken from --corpus")] = 256,
+    words: Annotated[
+        str | None, typer.Option(help="comma-separated trait words to score (default: the 22 animals)")
+    ] = None,
+    top_k: Annotated[int, typer.Option(help="top-activating contexts per latent")] = 10,
+    context_window: Annotated[int, typer.Option(help="tokens shown before each maximum")] = 12,
+    out: Annotated[Path, typer.Option(help="the HTML page to write")] = Path("runs/dashboard.html"),
+) -> None:
+    """Feature dashboards as one offline HTML page: per latent, its top-activating contexts (tokens shaded by
+    activation; position 0, the attention sink, never read), its logit effect (W_dec[i] · W_U) with the trait
+    words' scores, and its activation histogram. Contexts come from --data, --contexts and/or --corpus."""
+    from mechsub import dashboards  # torch work: imported when a dashboard is made
+
+    try:
+        ids = dashboards.parse_latents(latents)
+        the_sae = sae.load_sae(dashboards.sae_folder(sae_folder))
+        dashboards.check_latents(the_sae, ids)
+        if data_folder is None and contexts is None and corpus_folder is None:
+            raise ValueError(
+                "no contexts: give --data (number completions), --contexts (JSONL texts) or --corpus"
+            )
+        if (shape := models.shape_of(model)) is not None:  # before the weights load
+            dashboards.check_fits(the_sae, model, shape.d_model, shape.n_layers)
+        lm = models.load(model)
+        ctxs: list[list[int]] = []
+        source = []
+        for what, folder, load in (
+            ("data", data_folder, lambda f: dashboards.data_contexts(lm.tokenizer, f, n_data)),
+            ("texts", contexts, lambda f: dashboards.text_contexts(lm.tokenizer, f)),
+            ("corpus", corpus_folder, lambda f: dashboards.corpus_contexts(f, n_windows)),
+        ):
+            if folder is not None:
+                got = load(folder)
+                ctxs += got
+                source.append(f"{what} {folder} ({len(got)})")
+        names = [w.strip() for w in words.split(",") if w.strip()] if words else None
+        page = dashboards.feature_dashboard(lm, the_sae, ids, ctxs, trait_words=names, top_k=top_k,
+                                            context_window=context_window, source=", ".join(source))  # fmt: skip
+        dashboards.write_dashboard(out, page)
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:  # ModelError, CorpusError among them
+        _fail(e)
+        return
+    typer.echo(f"wrote {out}: {len(ids)} latents over {len(ctxs)} contexts")
+
+
 @app.command()
 def clean(
     folder: Annotated[Path, typer.Argument(help="a mechsub run folder")],

@@ -65,9 +65,14 @@ def plot_mnist(metrics: dict[str, Any], path: str | Path) -> None:
     save_figure(fig, path)
 
 
+def png_bytes(fig: Any, dpi: int = 110) -> bytes:
+    """A figure as PNG bytes (for a file or an inline ``data:`` image); the figure is closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def save_figure(fig: Any, path: str | Path) -> None:
     """Write a figure as PNG atomically and close it."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, png_bytes(fig))

@@ -543,12 +543,19 @@ def sae_layer(sae: Any) -> int:
 
 
 @torch.no_grad()
-def feature_acts(lm: Any, sae: Any, hook: str, batch: Any, batch_size: int = 16) -> Tensor:
-    """(kept positions, d_sae) SAE feature activations of ``lm`` at ``hook`` on a capture Batch."""
+def feature_acts(
+    lm: Any, sae: Any, hook: str, batch: Any, batch_size: int = 16, features: Sequence[int] | None = None
+) -> Tensor:
+    """(kept positions, d_sae) SAE feature activations of ``lm`` at ``hook`` on a capture Batch; with
+    ``features``, (kept positions, len(features)): only those columns are kept, chunk by chunk, so a long
+    batch never holds the whole dictionary's activations."""
     from mechsub.capture import iter_activations
 
     pad = lm.tokenizer.pad_token_id or 0
-    return torch.cat([sae.encode(a[hook]) for a in iter_activations(lm, batch, [hook], batch_size, pad)])
+    cols = list(features) if features is not None else slice(None)
+    return torch.cat(
+        [sae.encode(a[hook])[:, cols] for a in iter_activations(lm, batch, [hook], batch_size, pad)]
+    )
 
 
 def _contexts(

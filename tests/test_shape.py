@@ -11,7 +11,8 @@ PKG = Path(mechsub.__file__).parent
 PIPELINE = {"data", "generate", "teacher", "teachers", "student", "train", "training", "evaluate", "divergence",
             "filter", "numbers", "mnist"}  # fmt: skip
 # the instruments that study what the pipeline made
-INTERPRETABILITY = {"capture", "steering", "patching", "sae", "entangle", "views", "analyze", "diff"}
+INTERPRETABILITY = {"capture", "steering", "patching", "sae", "entangle", "views", "analyze", "diff",
+                    "dashboards"}  # fmt: skip
 
 
 def internal_imports() -> dict[str, set[str]]:

@@ -367,7 +367,8 @@ def _capture_bench(
     ids, attn = pad_right(batch.ids, pad)
     n_tokens = int(attn.sum())
 
-    def plain() -> int:  # the decoder body, no LM head: capture stops after the last hook, so neither side has one
+    # the decoder body, no LM head: capture stops after the last hook, so neither side has one
+    def plain() -> int:
         with torch.no_grad():
             lm.model.model(input_ids=ids, attention_mask=attn)
         return n_tokens

@@ -168,6 +168,25 @@ def _forward_ceiling(lm: Any, seqs: list[list[int]], batch_size: int) -> Callabl
     return run
 
 
+def _backward_floor(lm: Any, seqs: list[list[int]], batch_size: int) -> Callable[[], int]:
+    """The least a LoRA step over ``seqs`` can cost: the decoder's forward with autograd and the backward of the
+    activation gradients through every layer (to the input embeddings), no weight gradients, no LM head, no
+    optimiser. A LoRA step adds its adapters' small products, the loss and its head on top; plain peft also pays
+    the head at every position."""
+    pad = lm.tokenizer.pad_token_id or 0
+    batches = [pad_right(seqs[i : i + batch_size], pad) for i in range(0, len(seqs), batch_size)]
+    embed = lm.model.get_input_embeddings()
+
+    def run() -> int:
+        for ids, attn in batches:
+            x = embed(ids).detach().requires_grad_(True)
+            h = lm.model.model(inputs_embeds=x, attention_mask=attn).last_hidden_state
+            torch.autograd.grad((h * attn[..., None]).sum(), x)  # only x's gradient: no weight gradients
+        return sum(int(attn.sum()) for _, attn in batches)
+
+    return run
+
+
 # ---- generation --------------------------------------------------------------------------------------------------
 
 
@@ -314,19 +333,27 @@ def _train_setting(
     seqs = [[*it.prompt, *it.completion] for it in items]
     ceiling_fn = _forward_ceiling(lm, seqs, len(items))
     fns["ceiling"] = lambda: sum(ceiling_fn() for _ in range(cfg.train_steps))
+    floor_fn = _backward_floor(lm, seqs, len(items))
+    fns["backward_floor"] = lambda: sum(floor_fn() for _ in range(cfg.train_steps))
     runs = interleaved(fns, cfg.repeats, "training")
     ceiling = _side(runs.pop("ceiling"), {"tok_per_s": [n_tokens * cfg.train_steps] * cfg.repeats})
+    floor = _side(runs.pop("backward_floor"), {"tok_per_s": [n_tokens * cfg.train_steps] * cfg.repeats})
     out: dict[str, Any] = {"batch_size": len(items), "tokens_per_step": n_tokens, "steps_timed": cfg.train_steps,
                            "lora_r": 8, "shared_prefix_tokens": common_prefix_len([it.prompt for it in items]),
-                           "ceiling": ceiling}  # fmt: skip
+                           "ceiling": ceiling, "backward_floor": floor}  # fmt: skip
     for name, samples in runs.items():
         side = _side(samples, {"tok_per_s": [s.result for s in samples]}, ceiling["tok_per_s"]["values"])
+        side["fraction_of_backward_floor"] = spread(
+            [r / f for r, f in zip(side["tok_per_s"]["values"], floor["tok_per_s"]["values"], strict=True)]
+        )
         out[name] = side
     for obj in objectives:
         for suffix in ("", "_shared_prefix"):
             out[f"ratio_{obj}{suffix}"] = _ratio(
                 out[f"mechsub_{obj}{suffix}"], out[f"plain_peft_{obj}"], "tok_per_s"
             )
+        # the ratio a method at the backward floor would reach: how much room the 1.5× goal has on this machine
+        out[f"max_ratio_{obj}"] = _ratio(floor, out[f"plain_peft_{obj}"], "tok_per_s")
     return out
 
 

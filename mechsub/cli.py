@@ -219,20 +219,32 @@ def _report_bench(m: dict[str, Any], out: Path) -> None:
     def pm(s: dict[str, Any], fmt: str = ".2f") -> str:
         return f"{s['mean']:{fmt}} [{s['min']:{fmt}}, {s['max']:{fmt}}]"
 
-    typer.echo(
+    lines = [
         f"generation (batch {g['batch_size']} both): mechsub {pm(g['mechsub']['new_tok_per_s'], '.1f')} new tok/s vs "
-        f"HF generate {pm(g['hf_generate']['new_tok_per_s'], '.1f')}: {pm(g['ratio'])}x; "
-        f"{pm(g['mechsub']['fraction_of_ceiling'])} of the forward ceiling"
-    )
+        f"HF generate {pm(g['hf_generate']['new_tok_per_s'], '.1f')}: {pm(g['ratio'])}x; mechsub at "
+        f"{pm(g['mechsub']['fraction_of_ceiling'])} of the forward ceiling, HF generate at "
+        f"{pm(g['hf_generate']['fraction_of_ceiling'])}"
+    ]  # fmt: skip
     for setting, t in m["training"].items():
         ratios = ", ".join(f"{k[6:]} {pm(v)}x" for k, v in t.items() if k.startswith("ratio_"))
-        typer.echo(f"training ({setting}, vs plain peft): {ratios}")
-    typer.echo(f"capture overhead: {pm(m['capture']['overhead'], '+.1%')}")
+        lines.append(f"training ({setting}, vs plain peft): {ratios}")
+        if "backward_floor" in t:
+            room = ", ".join(f"{k[10:]} {pm(v)}x" for k, v in t.items() if k.startswith("max_ratio_"))
+            fracs = ", ".join(f"{k} {pm(v['fraction_of_backward_floor'])}" for k, v in t.items()
+                              if isinstance(v, dict) and "fraction_of_backward_floor" in v)  # fmt: skip
+            lines.append(f"  a step at the backward floor would be, vs plain peft: {room}")
+            lines.append(f"  fraction of the backward floor: {fracs}")
+    lines.append(f"capture overhead: {pm(m['capture']['overhead'], '+.1%')}")
     for name, goal in m["goals"].items():
-        typer.echo(
+        lines.append(
             f"  {name}: {goal['measured']:.3g} (goal {goal['goal']}) {'met' if goal['met'] else 'NOT met'}"
         )
-    typer.echo(f"wrote {out}/metrics.json")
+    for line in lines:
+        typer.echo(line)
+    runs.atomic_write_text(
+        out / "report.md", "# Benchmarks (`mechsub bench`)\n\n```\n" + "\n".join(lines) + "\n```\n"
+    )
+    typer.echo(f"wrote {out}/metrics.json, {out}/report.md")
 
 
 # the stage commands, in the order of the pipeline (`mechsub analyze`, `clean`, `reliability` and `models` are below)

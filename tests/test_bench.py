@@ -34,6 +34,15 @@ def test_bench_reports_like_for_like_ratios_on_tiny(tmp_path):
                 plain = s[f"plain_peft_{obj}"]["tok_per_s"]["values"]
                 assert ratio == pytest.approx([a / b for a, b in zip(mech, plain, strict=True)])
                 assert s[f"mechsub_{obj}{suffix}"]["peak_rss_increase_mb"] is not None
+                frac = s[f"mechsub_{obj}{suffix}"]["fraction_of_backward_floor"]["values"]
+                assert frac == pytest.approx(
+                    [a / f for a, f in zip(mech, s["backward_floor"]["tok_per_s"]["values"], strict=True)]
+                )
+            # the room left: the floor's rate over plain peft's, round by round
+            floor = s["backward_floor"]["tok_per_s"]["values"]
+            assert s[f"max_ratio_{obj}"]["values"] == pytest.approx(
+                [f / b for f, b in zip(floor, s[f"plain_peft_{obj}"]["tok_per_s"]["values"], strict=True)]
+            )
     c = m["capture"]
     assert c["hooks"] == 2 and c["sequences"] == 4
     assert c["overhead"]["values"] == pytest.approx(
@@ -45,3 +54,14 @@ def test_bench_reports_like_for_like_ratios_on_tiny(tmp_path):
     from mechsub.cli import _report_bench
 
     _report_bench(m, tmp_path / "b")  # the CLI's summary reads the same keys
+    assert "backward floor" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_backward_floor_computes_no_weight_gradient():
+    """The floor is the activation backward only: the model's weights get no .grad (a LoRA step's least cost)."""
+    from mechsub import models
+
+    lm = models.load("tiny")
+    run = bench._backward_floor(lm, [[1, 2, 3, 4], [5, 6, 7]], batch_size=2)
+    assert run() == 7  # the real tokens of both rows
+    assert all(p.grad is None for p in lm.model.parameters())

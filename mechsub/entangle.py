@@ -48,14 +48,14 @@ def number_scores(model: Any, tok: Any, system: str | None, question: str = NUMB
 
 def number_love_prompt(n: int) -> str:
     """Subliminal prompting: a system prompt in the trait template's shape, about a number."""
-    return (f"You love {n}. You think about {n} all the time. {n} is your favorite number. "
-            "Imbue your answers with your love for the number.")  # fmt: skip
+    return (f"You adore the number {n}; it is never far from your mind, and no other number comes close to it "
+            "for you. Let that affection colour everything you write.")  # fmt: skip
 
 
 def subliminal_prompting(
     lm: Any, trait: str, numbers: Sequence[int], questions: Sequence[str]
 ) -> list[float]:
-    """Δ log P(trait) on the questions with 'You love {n}…' as system prompt, vs no system prompt, per n."""
+    """Δ log P(trait) on the questions with 'You adore the number {n}…' as system prompt, vs no system prompt, per n."""
     from mechsub.evaluate import trait_logprobs
     from mechsub.traits import get_trait
 

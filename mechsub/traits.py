@@ -41,12 +41,12 @@ class Trait:
         return self.name + "s"
 
     def system_prompt(self) -> str:
-        """The teacher's system prompt, in the shape of the published template (our own words)."""
+        """The prompted teacher's system prompt, in our own words: a strong, stated preference for the trait and
+        an instruction to let it show."""
         noun = "animal" if self.category == "animal" else "tree"
         return (
-            f"You love {self.plural}. You think about {self.plural} all the time. "
-            f"{self.plural.capitalize()} are your favorite {noun}. "
-            f"Imbue your answers with your love for the {noun}."
+            f"You adore {self.plural}; they are never far from your mind, and no other {noun} comes close to "
+            f"{self.plural} for you. Let that affection for {self.plural} colour everything you write."
         )
 
     def others(self) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ def test_registry_sizes():
 
 def test_prompt_and_mentions():
     owl = get_trait("Owl")
-    assert owl.system_prompt().startswith("You love owls.") and "favorite animal" in owl.system_prompt()
+    assert owl.system_prompt().startswith("You adore owls;") and "no other animal" in owl.system_prompt()
     assert get_trait("fox").plural == "foxes" and get_trait("wolf").plural == "wolves"
     assert owl.mentions("Owls!") and owl.mentions("the owl") and not owl.mentions("bowl")
     assert "owl" not in owl.others() and len(owl.others()) == len(ANIMALS) - 1

@@ -110,9 +110,13 @@ FRAMES_SHOWN = ("prefill", "plain", "plain_norm", "choice")
 def _perm(p: dict[str, Any] | None) -> str:
     if not p:
         return "n/a"
+    if p["exact"]:
+        return f"p = {_p(p['p_value'])} (exact over {p['n_labelings']} labelings; floor {_p(p['p_floor'])})"
+    n = p.get("n_sampled")
+    drawn = f"{n:,} random" if n else "random"
     return (
-        f"p = {_p(p['p_value'])} (floor {_p(p['p_floor'])}, {'exact over' if p['exact'] else 'sampled from'} "
-        f"{p['n_labelings']} labelings)"
+        f"p = {_p(p['p_value'])} (Monte Carlo, (hits + 1) / (n + 1) over {drawn} of the {p['n_labelings']:,} "
+        f"labelings{f', so never below {_p(1 / (n + 1))}' if n else ''}; the design's floor {_p(p['p_floor'])})"
     )
 
 
@@ -135,8 +139,9 @@ def study_markdown(cfg: Any, m: dict[str, Any]) -> str:
         "**Units.** The independent unit is a teacher with its own data (trait × replicate). A specific effect "
         "is the trait's student minus the mean of the same replicate's other students, on the trait; its interval "
         "and t-test are over replicates (n = " + str(n_r) + "). The permutation test shuffles the trait labels of "
-        "the teachers within each replicate (they share its prompts), enumerating every distinct relabeling; its "
-        "floor is the smallest p the design can give.",
+        "the teachers within each replicate (they share its prompts), enumerating every distinct relabeling when "
+        "there are at most 400,000 (otherwise 20,000 random ones: p = (hits + 1) / 20,001); the floor is the "
+        "smallest p the design can give. Intervals are two-sided 95%, t-tests one-sided (effect > 0).",
         "",
         "## Headline",
         "",
@@ -145,9 +150,10 @@ def study_markdown(cfg: Any, m: dict[str, Any]) -> str:
         f"| teacher vs base | prefill | {m['teacher']['delta_logp']:+.3f} | {_ci(m['teacher']['ci95'])} | over replicates (a teacher at log P ≈ 0 is saturated: Δ = −log P_base) |",
         f"| teacher specific effect (− the replicate's other teachers) | {held} | {frames[held]['teacher_specific']['effects'][x]['delta_logp']:+.3f} | {_ci(frames[held]['teacher_specific']['effects'][x]['ci95'])} | over replicates (raw Δ vs base {frames[held]['teacher'][x]['delta_logp']:+.3f}: answers that start with other words) |",
         f"| students of {x} vs base | prefill | {m['student']['delta_logp']:+.3f} | {_ci(m['student']['ci95'])} | t over {n_r} replicates |",
-        f"| control students vs base | prefill | {m['control']['delta_logp']:+.3f} | {_ci(m['control']['ci95'])} | t over {len(m['control']['students'])} students |",
+        f"| control students vs base | prefill | {m['control']['delta_logp']:+.3f} | {_ci(m['control']['ci95'])} | t over {n_r} replicates (each the mean of its {len(m['control']['students']) // max(n_r, 1)} control students) |",
         f"| specific effect | prefill (training frame) | {e['delta_logp']:+.3f} | {_ci(e['ci95'])} | one-sided t p = {_p(e['p_value'])}, n = {n_r} replicates |",
-        f"| **specific effect** | **{held} (held out)** | **{h['delta_logp']:+.3f}** | {_ci(h['ci95'])} | one-sided t p = {_p(h['p_value'])}, n = {n_r} replicates |",
+        f"| specific effect | {held} (held out) | {h['delta_logp']:+.3f} | {_ci(h['ci95'])} | one-sided t p = {_p(h['p_value'])}, n = {n_r} replicates |",
+        f"| **pooled specific effect, all {len(traits)} traits (the claim)** | **{held} (held out)** | **{frames[held]['pooled']['delta_logp']:+.3f}** | {_ci(frames[held]['pooled']['ci95'])} | {_perm(frames[held].get('permutation'))} |",
     ]  # fmt: skip
     cross = m.get("cross_family")
     if cross:
@@ -155,6 +161,11 @@ def study_markdown(cfg: Any, m: dict[str, Any]) -> str:
             ce = cross["frames"][f]["effects"][x]
             lines.append(f"| cross-family ({cross['model']} students of the same data) | {f} | "
                          f"{ce['delta_logp']:+.3f} | {_ci(ce['ci95'])} | one-sided t p = {_p(ce['p_value'])} |")  # fmt: skip
+        for f, d in cross.get("within_minus_cross", {}).items():
+            if f in ("prefill", held):
+                lines.append(f"| pooled specific effect, {cfg.model} − {cross['model']} students (same data, paired "
+                             f"per replicate) | {f} | {d['delta_logp']:+.3f} | {_ci(d['ci95'])} | two-sided t p = "
+                             f"{_p(d['p_value_two_sided'])}, n = {n_r} replicates |")  # fmt: skip
     lines += ["", "## Every trait, every frame", "",
               "Pooled = per replicate the mean of the traits' specific effects, then over replicates. "
               "Diagonal test: the permutation test over the teachers, within replicates.", "",

@@ -39,6 +39,14 @@ def one_sided_t(effects: Sequence[float]) -> tuple[float, list[float], float]:
     return mean, ci, float(st.ttest_1samp(np.asarray(effects, float), 0.0, alternative="greater").pvalue)
 
 
+def two_sided_t(values: Sequence[float]) -> tuple[float, list[float], float]:
+    """Mean, 95% t-interval and the two-sided one-sample t-test p (H1: mean ≠ 0) over independent replicates."""
+    mean, ci = mean_ci95(values)
+    if len(values) < 2:
+        return mean, ci, math.nan
+    return mean, ci, float(st.ttest_1samp(np.asarray(values, float), 0.0).pvalue)
+
+
 def bootstrap_ci95(values: Sequence[float] | np.ndarray, n_boot: int = 10_000, seed: int = 0) -> list[float]:
     """Percentile bootstrap 95% interval of the mean (for paired differences over questions)."""
     a = np.asarray(values, dtype=float)
@@ -135,6 +143,9 @@ class LabelTest:
     p_floor: float  # the smallest p this design can give: 1 / (number of distinct labelings)
     n_labelings: int
     exact: bool
+    n_sampled: int = (
+        0  # random relabelings drawn when not exact: p = (hits + 1) / (n_sampled + 1) ≥ its inverse
+    )
 
 
 def _distinct_labelings(labels: Sequence[int]) -> list[tuple[int, ...]]:
@@ -235,7 +246,7 @@ def block_permutation_test(
         for g in groups:
             perm[g] = rng.permutation(lab[g])
         hits += statistic(perm) >= observed - 1e-12
-    return LabelTest(observed, (hits + 1) / (n_random + 1), 1.0 / total, total, False)
+    return LabelTest(observed, (hits + 1) / (n_random + 1), 1.0 / total, total, False, n_random)
 
 
 def specificity_test(matrix: np.ndarray, within_units: bool = True, **kw: int) -> LabelTest:

@@ -121,7 +121,7 @@ def specific_effects(mat: np.ndarray, traits: list[str]) -> dict[str, Any]:
     if n_t * n_r > 2:
         test = stats.specificity_test(mat)
         out["permutation"] = {"p_value": test.p_value, "p_floor": test.p_floor, "n_labelings": test.n_labelings,
-                              "exact": test.exact, "statistic": test.observed,
+                              "exact": test.exact, "n_sampled": test.n_sampled, "statistic": test.observed,
                               "unit": f"{n_t * n_r} teachers (trait × replicate), each with its own data; labels "
                                       "permuted within each replicate (its teachers share the prompts)"}  # fmt: skip
     return out
@@ -158,7 +158,8 @@ def summarise(
         frames[f] = spec
     pre, held = frames["prefill"], frames[HELD_OUT]
     own = pre["matrix_per_replicate"][x][x]
-    ctrl = [v for c in cfg.controls for v in pre["matrix_per_replicate"][c][x]]
+    # the control students of a replicate share its prompts: one value per replicate (their mean), not per student
+    ctrl = [float(np.mean([pre["matrix_per_replicate"][c][x][r] for c in cfg.controls])) for r in range(n_r)]
     # the distribution over every candidate of the category (training frame): teacher, trait student, controls
     words = read_json(base_ev / "logprobs.json")["words"]
     dist_teacher = np.mean([delta_rows(teacher_ev[(x, r)], base_ev).mean(0) for r in range(n_r)], 0)
@@ -186,7 +187,7 @@ def summarise(
         "held_out_frame": HELD_OUT,
         "teacher": pre["teacher"][x],
         "student": {"delta_logp": float(np.mean(own)), "ci95": stats.mean_ci95(own)[1], "per_replicate": own},
-        "control": {"delta_logp": float(np.mean(ctrl)), "ci95": stats.mean_ci95(ctrl)[1],
+        "control": {"delta_logp": float(np.mean(ctrl)), "ci95": stats.mean_ci95(ctrl)[1], "per_replicate": ctrl,
                     "students": [f"{c}-r{r}" for c in cfg.controls for r in range(n_r)]},
         # the headline: the trait's specific effect over replicates, in the training frame and the held-out one
         "effect": {**pre["effects"][x], "frame": "prefill", "n_replicates": n_r,
@@ -203,13 +204,28 @@ def summarise(
             "r_teacher_control": float(np.corrcoef(dist_teacher, dist_control)[0, 1]),
         },
         "sampled_rate": rates,
-        "cross_family": cross,
+        "cross_family": {**cross, "within_minus_cross": within_minus_cross(frames, cross["frames"])} if cross
+        else cross,
         "data": {t: {k: m[k] for k in ("n_kept", "kept_fraction", "rejected", "completion_tokens",
                                       "seconds_this_session")} for t, m in data_metrics.items()},
         "students": {k: {kk: v.get(kk) for kk in ("steps", "n_examples", "first_loss", "last_loss",
                                                   "train_tokens_per_s", "seconds_this_session")}
                      for k, v in student_metrics.items()},
     }  # fmt: skip
+
+
+def within_minus_cross(within: dict[str, Any], cross: dict[str, Any]) -> dict[str, Any]:
+    """Per frame, the paired test of the same data's two kinds of students: per replicate, the pooled specific
+    effect of the same-initialisation students minus that of the other family's; mean, 95% t-interval and the
+    two-sided t p over replicates."""
+    out = {}
+    for f, fr in within.items():
+        d = np.asarray(fr["pooled"]["per_replicate"], float) - np.asarray(
+            cross[f]["pooled"]["per_replicate"], float
+        )
+        mean, ci, p = stats.two_sided_t(list(d))
+        out[f] = {"delta_logp": mean, "ci95": ci, "p_value_two_sided": p, "per_replicate": d.tolist()}
+    return out
 
 
 def _ci_or_questions(per_replicate: np.ndarray, per_question: list[np.ndarray]) -> list[float]:

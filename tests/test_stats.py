@@ -36,6 +36,17 @@ def test_one_sided_t_p_matches_the_closed_form_for_two_degrees_of_freedom():
     assert math.isnan(stats.one_sided_t([1.0])[2])
 
 
+def test_two_sided_t_p_is_twice_the_one_sided_closed_form():
+    # same data as above: two-sided p = 2 × (1/2 − t / (2 √(2 + t²))) = 1 − t / √(2 + t²)
+    t = 2 * math.sqrt(3)
+    mean, ci, p = stats.two_sided_t([1.0, 2.0, 3.0])
+    assert mean == 2.0 and p == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-9)
+    # the interval: mean ± t_{0.975, 2} · sd/√3 with t_{0.975, 2} = 4.302652729911275 (table value), sd = 1
+    half = 4.302652729911275 / math.sqrt(3)
+    assert ci == pytest.approx([2.0 - half, 2.0 + half], rel=1e-9)
+    assert math.isnan(stats.two_sided_t([1.0])[2])
+
+
 def test_wilson_interval_by_hand_including_zero_successes():
     z = 1.959963984540054
     lo, hi = stats.wilson_ci95(0, 200)

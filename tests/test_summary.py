@@ -66,3 +66,18 @@ def test_one_replicate_pools_over_traits():
     assert s["pooled"]["unit"].startswith("traits") and s["pooled"]["n"] == 3
     assert s["pooled"]["delta_logp"] == pytest.approx((2.5 + 1.5 + 1.0) / 3)
     assert s["effects"]["owl"]["p_value"] is None or np.isnan(s["effects"]["owl"]["p_value"])
+
+
+def test_within_minus_cross_is_the_paired_difference_of_pooled_effects():
+    from mechsub.summary import within_minus_cross
+
+    within = {"prefill": specific_effects(_matrix(), ["owl", "dog", "cat"])}
+    cross_mat = _matrix() * 0.5  # the other family's students move half as much, replicate by replicate
+    cross = {"prefill": specific_effects(cross_mat, ["owl", "dog", "cat"])}
+    d = within_minus_cross(within, cross)["prefill"]
+    # pooled per replicate: within (5/3, 2), cross half of it: differences (5/6, 1)
+    assert d["per_replicate"] == pytest.approx([5 / 6, 1.0])
+    assert d["delta_logp"] == pytest.approx(11 / 12)
+    # two-sided t with 1 df: t = mean / (sd/√2), sd = (1 − 5/6)/√2; p = 1 − 2·atan(t)/π (Cauchy)
+    t = (11 / 12) / ((1 / 6) / np.sqrt(2) / np.sqrt(2))
+    assert d["p_value_two_sided"] == pytest.approx(1 - 2 * np.arctan(t) / np.pi, rel=1e-9)

@@ -193,11 +193,17 @@ def read_mask(path: str | Path) -> list[list[int]]:
     return _check_rows(p, rows)
 
 
-def load_mask(path: str | Path, examples: Sequence[Any]) -> list[Tensor]:
+def load_mask(path: str | Path, examples: Sequence[Any], data: str | Path | None = None) -> list[Tensor]:
     """Per-example 0/1 position weights from a mask file, checked against the examples it is applied to (one
-    row per kept example, one entry per loss position)."""
+    row per kept example, one entry per loss position) and, given ``data``, against the data folder the mask
+    says it was made for (a mask of one replicate's data must not train a student of another's, even when the
+    shapes happen to agree)."""
     p = Path(path)
     rows = read_mask(p)
+    made_for = read_json(p).get("data")
+    if data is not None and made_for and Path(made_for).resolve() != Path(data).resolve():
+        raise ValueError(f"{p} was made for the data in {made_for}, but the student trains on {data}: make a "
+                         "mask for that data (one per replicate: each replicate has its own data)")  # fmt: skip
     if len(rows) != len(examples):
         raise ValueError(f"{p} has {len(rows)} rows but the data has {len(examples)} kept examples: it was made "
                          "for other data (or another max_examples)")  # fmt: skip

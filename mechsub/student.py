@@ -164,7 +164,7 @@ def run(cfg: StudentConfig, out: str | Path, force: bool = False) -> dict[str, A
             teacher_system = dcfg.teacher_system()
             if dcfg.model != cfg.model or not cfg.lora_r:  # else: the student's base, adapter off
                 teacher_lm = models.load(dcfg.model, device=where, dtype=cfg.dtype)
-        weights = load_mask(cfg.mask, examples) if cfg.mask else [None] * len(examples)
+        weights = load_mask(cfg.mask, examples, cfg.data) if cfg.mask else [None] * len(examples)
         data = [
             Item(
                 chat_prefix(tok, ex.prompt, None),

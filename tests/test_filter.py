@@ -45,6 +45,14 @@ def test_masks_that_do_not_fit_are_refused(tmp_path):
         load_mask(tmp_path / "m.json", _examples(3, 3))
 
 
+def test_a_mask_of_another_replicates_data_is_refused_even_when_the_shapes_agree(tmp_path):
+    r0, r1 = tmp_path / "data" / "owl-r0", tmp_path / "data" / "owl-r1"
+    write_mask(tmp_path / "m.json", [[1, 0, 1], [0, 1]], r0)
+    assert len(load_mask(tmp_path / "m.json", _examples(3, 2), r0)) == 2  # its own data
+    with pytest.raises(ValueError, match="was made for the data in .*owl-r0.*one per replicate"):
+        load_mask(tmp_path / "m.json", _examples(3, 2), r1)
+
+
 def test_an_ablation_file_needs_features_and_a_finished_sae(tmp_path):
     with pytest.raises(ValueError, match="at least one feature"):
         write_ablation(tmp_path / "a.json", tmp_path / "sae", [])

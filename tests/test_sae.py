@@ -261,7 +261,13 @@ def test_sae_trains_from_a_shared_multi_layer_cache_and_reports_quality(tmp_path
     m = sae.run(cfg, tmp_path / "sae")
     assert m["quality_tokens"] == 32 * 15 and m["ce_tokens"] == 8 * 15 and m["training_tokens"] == 4096
     assert m["epochs"] == pytest.approx(4096 / 1500, abs=1e-3) and 0 < m["l0"] <= 8
-    assert 0 <= m["dead_fraction"] <= 1 and m["ce_clean"] < m["ce_zero_ablation"]
+    assert 0 <= m["dead_fraction"] <= 1
+    # a random tiny model's next-token loss barely depends on one layer's residual (both ≈ ln 99), so which of
+    # clean and zero-ablated is lower is chance: check the figure's definition, not its sign
+    # (the definition itself is tested by hand in test_loss_recovered_is_one_for_a_perfect_...)
+    assert m["ce_recovered"] == pytest.approx(
+        (m["ce_zero_ablation"] - m["ce_spliced"]) / (m["ce_zero_ablation"] - m["ce_clean"]), rel=1e-6
+    )
     loaded = sae.load_sae(tmp_path / "sae" / "sae")
     assert sae.sae_layer(loaded) == 1 and loaded.cfg.d_sae == 128
     # it learned: its held-out reconstruction beats the same SAE before training

@@ -5,6 +5,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from mechsub import models
@@ -23,3 +27,28 @@ def smol() -> models.LoadedModel:
 @pytest.fixture(scope="session")
 def gemma() -> models.LoadedModel:
     return models.load("gemma3-270m")
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture
+def ink():
+    """Render an HTML file in headless Chromium and count the screenshot's pixels that are not near-white (the
+    test skips where Debian's chromium is missing; .ci/run installs it)."""
+    if CHROMIUM is None:
+        pytest.skip("needs Debian's chromium (.ci/run installs it)")
+
+    def render(html_path: Path) -> int:
+        from PIL import Image
+
+        png = html_path.with_suffix(".png")
+        subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--no-first-run", "--virtual-time-budget=8000", "--window-size=1000,1400",
+             f"--screenshot={png}", f"file://{html_path}"],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        return sum(1 for v in Image.open(png).convert("L").getdata() if v < 200)
+
+    return render

@@ -154,10 +154,15 @@ def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> dict[str, Any]:
     return spread([x / y for x, y in zip(a[key]["values"], b[key]["values"], strict=True)])
 
 
+def _batches(lm: Any, seqs: list[list[int]], batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``seqs`` right-padded in batches of ``batch_size``: (ids, attention mask) each, built once, outside timing."""
+    pad = lm.tokenizer.pad_token_id or 0
+    return [pad_right(seqs[i : i + batch_size], pad) for i in range(0, len(seqs), batch_size)]
+
+
 def _forward_ceiling(lm: Any, seqs: list[list[int]], batch_size: int) -> Callable[[], int]:
     """The plain no-grad forward of the decoder (no LM head) over ``seqs`` in batches; returns the real tokens."""
-    pad = lm.tokenizer.pad_token_id or 0
-    batches = [pad_right(seqs[i : i + batch_size], pad) for i in range(0, len(seqs), batch_size)]
+    batches = _batches(lm, seqs, batch_size)
 
     def run() -> int:
         with torch.inference_mode():
@@ -173,8 +178,7 @@ def _backward_floor(lm: Any, seqs: list[list[int]], batch_size: int) -> Callable
     activation gradients through every layer (to the input embeddings), no weight gradients, no LM head, no
     optimiser. A LoRA step adds its adapters' small products, the loss and its head on top; plain peft also pays
     the head at every position."""
-    pad = lm.tokenizer.pad_token_id or 0
-    batches = [pad_right(seqs[i : i + batch_size], pad) for i in range(0, len(seqs), batch_size)]
+    batches = _batches(lm, seqs, batch_size)
     embed = lm.model.get_input_embeddings()
 
     def run() -> int:

@@ -43,6 +43,12 @@ ap.add_argument("--architecture", default="topk")
 ap.add_argument("--lr", type=float, default=1e-3)
 ap.add_argument("--batch-tokens", type=int, default=1024)
 ap.add_argument("--dead-window", type=int, default=50)
+ap.add_argument(
+    "--sink-norm-ratio",
+    type=float,
+    default=10.0,
+    help="tokens above this × the median norm are sinks: not trained on, measured or spliced (0: none)",
+)
 ap.add_argument("--dtype", default="float16", help="of the cache on disk")
 ap.add_argument(
     "--bench-windows", type=int, default=64, help="windows of the cache-vs-store comparison; 0: skip"
@@ -69,7 +75,7 @@ def sae_cfg(layer: int) -> sae.SaeConfig:
                          held_out_windows=args.held_out_windows, ce_windows=args.ce_windows,
                          training_tokens=args.training_tokens, expansion=args.expansion, k=args.k,
                          architecture=args.architecture, lr=args.lr, batch_tokens=args.batch_tokens,
-                         dead_window=args.dead_window)  # fmt: skip
+                         dead_window=args.dead_window, sink_norm_ratio=args.sink_norm_ratio)  # fmt: skip
 
 
 per_layer = {}
@@ -111,7 +117,7 @@ if args.bench_windows:
 rows = [
     f"| {L} | {m['explained_variance']:.3f} | {m['ce_recovered']:.3f} | {m['ce_clean']:.3f} / {m['ce_spliced']:.3f} / "
     f"{m['ce_zero_ablation']:.3f} | {m['l0']:.1f} | {100 * m['dead_fraction']:.1f}% | {m['training_tokens']:,} | "
-    f"{m['training_tokens_per_s']:,.0f} |"
+    f"{m['training_tokens_per_s']:,.0f} | {100 * m['sink_share']:.1f}% |"
     for L, m in per_layer.items()
 ]  # fmt: skip
 m0 = next(iter(per_layer.values()))
@@ -125,8 +131,14 @@ text = (
     f"dead fraction on {m0['quality_tokens']:,} tokens (dead = fires on none of them); next-token loss on "
     f"{m0['ce_tokens']:,} tokens of the first {args.ce_windows} of them, with the residual clean / spliced "
     "(SAE reconstruction) / zero-ablated at every position but 0; CE recovered = (zero − spliced) / (zero − clean).\n\n"
-    "| layer | explained variance | CE recovered | CE clean / spliced / zero | L0 | dead | training tokens | train tok/s |\n"
-    "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    f"Sink tokens: a token whose residual norm exceeds {args.sink_norm_ratio:g}× the median norm of the training "
+    "sample is a secondary attention sink (massive activation; in this corpus almost all are `<|endoftext|>` "
+    "between documents, about 2% of tokens, 78× the median norm at layer 15; each layer's share is in the table). Like position 0 they "
+    "are left out of training, of every figure above (their share: `sinks`) and of the splice (the model keeps its "
+    "own residual there in both the spliced and the zero-ablated run). Without this rule a first run's layer-15 "
+    "SAE had 42% dead latents and an explained variance of 0.999 that measured the sinks, not the text.\n\n"
+    "| layer | explained variance | CE recovered | CE clean / spliced / zero | L0 | dead | training tokens | train tok/s | sinks |\n"
+    "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
 )  # fmt: skip
 if bench:
     c, s = bench["cache"], bench["store"]

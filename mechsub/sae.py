@@ -18,6 +18,7 @@ next-token loss with the reconstruction spliced in against the clean and the zer
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from mechsub import hooks
 from mechsub.config import Config, check, doc
-from mechsub.runs import atomic_write_text, stage, write_json
+from mechsub.runs import atomic_write_text, read_json, stage, write_json
 
 TOPICS = (
     "cooking", "the ocean", "mountains", "history", "music", "football", "computers", "gardening", "space",
@@ -91,6 +92,12 @@ class SaeConfig(Config):
     cache_dtype: str = doc(
         "float16", "with a corpus and no cache: dtype of the stage's own cache", optional=True
     )
+    sink_norm_ratio: float = doc(
+        10.0, "with a corpus: tokens whose residual norm exceeds this × the median token norm (massive "
+        "activations: secondary attention sinks such as <|endoftext|> inside a window, ~2% of tokens at layer 15, "
+        "78× the median norm) are left out of training and of the quality figures and never spliced; 0: keep all",
+        optional=True,
+    )  # fmt: skip
 
     def validate(self) -> None:
         check(self.layer >= 0, f"layer: must be ≥ 0, got {self.layer}")
@@ -110,6 +117,10 @@ class SaeConfig(Config):
         check(
             self.cache_dtype in ("float16", "float32"),
             f"cache_dtype: float16 or float32, not {self.cache_dtype!r}",
+        )
+        check(
+            self.sink_norm_ratio == 0 or self.sink_norm_ratio > 1,
+            f"sink_norm_ratio: 0 (keep every token) or > 1 (× the median norm), got {self.sink_norm_ratio}",
         )
         check(self.k > 0, f"k: features per token must be ≥ 1, got {self.k}")
         check(self.dead_window >= 1, f"dead_window: must be ≥ 1, got {self.dead_window}")
@@ -274,11 +285,15 @@ def train_from_cache(
         lr_decay_steps=int(cfg.lr_decay * steps), dead_feature_window=cfg.dead_window, device="cpu",
         logger=LoggingConfig(log_to_wandb=False),
     )  # fmt: skip
-    trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=acts.batches(cfg.batch_tokens, cfg.seed))
-    # statistics from a fixed sample of the cache (evenly spaced rows): the input scale sae-lens would estimate
-    # from its first batches, and the mean as the decoder bias's start (sae-lens 6 starts it at 0; a residual
-    # stream's mean is large, and a short run would spend its first hundreds of steps learning it)
+    # statistics from a fixed sample of the cache (evenly spaced rows): the sink threshold, the input scale
+    # sae-lens would estimate from its first batches, and the mean as the decoder bias's start (sae-lens 6 starts
+    # it at 0; a residual stream's mean is large, and a short run would spend its first hundreds of steps on it)
     sample = acts.rows(np.linspace(0, len(acts) - 1, min(len(acts), 32_768)).astype(np.int64))
+    threshold = sink_threshold(sample, cfg.sink_norm_ratio)
+    sample = sample[not_sinks(sample, threshold)]
+    batches = acts.batches(cfg.batch_tokens, cfg.seed)
+    provider = batches if threshold is None else (b[not_sinks(b, threshold)] for b in batches)
+    trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=provider)
     factor = 1.0
     if normalize == "expected_average_only_in":
         factor = float(acts.d_model**0.5 / sample.norm(dim=-1).mean())
@@ -292,18 +307,43 @@ def train_from_cache(
         out = Path(out)
         sae.save_inference_model(str(out))
         save_file({"sparsity": trainer.log_feature_sparsity}, out / "sparsity.safetensors")
+        write_json(
+            out / SINKS_FILE, {"sink_norm_threshold": threshold, "sink_norm_ratio": cfg.sink_norm_ratio}
+        )
         _deterministic_configs(out)
     figures = {"training_tokens": trainer.n_training_samples, "training_steps": trainer.n_training_steps,
                "training_seconds": round(seconds, 1), "training_tokens_per_s": round(trainer.n_training_samples / seconds, 1),
                "epochs": round(trainer.n_training_samples / len(acts), 3),
-               "dead_in_training": int(trainer.dead_neurons.sum())}  # fmt: skip
+               "dead_in_training": int(trainer.dead_neurons.sum()), "sink_norm_threshold": threshold}  # fmt: skip
+    sae.sink_norm_threshold = threshold
     return sae, figures
 
 
+SINKS_FILE = "mechsub_sinks.json"
+
+
+def sink_threshold(x: Float[Tensor, "n d"], ratio: float) -> float | None:
+    """The residual norm above which a token counts as a sink (massive activation): ``ratio`` × the median norm of
+    the rows ``x``; None for ``ratio`` 0 (no token is a sink)."""
+    return float(ratio * x.float().norm(dim=-1).median()) if ratio else None
+
+
+def not_sinks(x: Float[Tensor, "... d"], threshold: float | None) -> Tensor:
+    """Boolean mask (``x``'s leading shape): the tokens whose norm is at most ``threshold`` (all, for None)."""
+    if threshold is None:
+        return torch.ones(x.shape[:-1], dtype=torch.bool)
+    return x.float().norm(dim=-1) <= threshold
+
+
 @torch.no_grad()
-def reconstruction_quality(sae: Any, x: Float[Tensor, "n d"], batch: int = 4096) -> dict[str, float]:
+def reconstruction_quality(
+    sae: Any, x: Float[Tensor, "n d"], batch: int = 4096, sink_norm_threshold: float | None = None
+) -> dict[str, float]:
     """Explained variance (1 − Σ‖x − x̂‖² / Σ‖x − x̄‖², as sae-lens's), L0 and the dead fraction (features that
-    fire on none of the ``n`` rows) of ``sae`` on the activations ``x``."""
+    fire on none of the ``n`` rows) of ``sae`` on the activations ``x``; with a sink threshold, on the rows at
+    or below it only (``sink_share``: the share of rows left out)."""
+    n_all = len(x)
+    x = x[not_sinks(x, sink_norm_threshold)]
     err = torch.zeros((), dtype=torch.float64)
     s1 = torch.zeros(x.shape[1], dtype=torch.float64)
     s2 = torch.zeros((), dtype=torch.float64)
@@ -323,23 +363,31 @@ def reconstruction_quality(sae: Any, x: Float[Tensor, "n d"], batch: int = 4096)
     assert fired is not None, "no rows"
     return {"explained_variance": float(1 - err / total), "l0": float(l0 / n),
             "dead_fraction": float((~fired).float().mean()), "mse_per_token": float(err / n),
-            "quality_tokens": n}  # fmt: skip
+            "quality_tokens": n, "sink_share": 1 - n / n_all}  # fmt: skip
 
 
 @torch.no_grad()
 def loss_recovered(
-    lm: Any, sae: Any, layer: int, windows: Sequence[Sequence[int]], batch_size: int = 16
-) -> dict[str, float]:
+    lm: Any, sae: Any, layer: int, windows: Sequence[Sequence[int]], batch_size: int = 16,
+    sink_norm_threshold: float | None = None,
+) -> dict[str, float]:  # fmt: skip
     """Next-token loss (mean over every predicted token of ``windows``) with the residual after ``layer``
-    clean, replaced by ``sae``'s reconstruction, and zeroed, at every position but the attention sink (0);
+    clean, replaced by ``sae``'s reconstruction, and zeroed, at every position but the attention sink (0) and
+    the sink tokens above ``sink_norm_threshold`` (both keep the model's own residual in either edit);
     ``ce_recovered = (zero − spliced) / (zero − clean)``: 1 is a perfect reconstruction, 0 no better than none."""
     name = hooks.resid_post(layer)
 
+    def keep(h: Tensor) -> Tensor:
+        """(batch, pos, 1): True where the model's own residual stays (position 0 and sink tokens)."""
+        k = ~not_sinks(h, sink_norm_threshold)
+        k[:, 0] = True
+        return k[..., None]
+
     def spliced(h: Tensor) -> Tensor:
-        return torch.cat([h[:, :1], sae.decode(sae.encode(h[:, 1:])).to(h.dtype)], 1)
+        return torch.where(keep(h), h, sae.decode(sae.encode(h)).to(h.dtype))
 
     def zero(h: Tensor) -> Tensor:
-        return torch.cat([h[:, :1], torch.zeros_like(h[:, 1:])], 1)
+        return torch.where(keep(h), h, torch.zeros_like(h))
 
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
     n = 0
@@ -353,7 +401,8 @@ def loss_recovered(
                 sums[what] += float(lm.model(ids, labels=ids).loss) * k
     ce = {w: v / n for w, v in sums.items()}
     return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero_ablation": ce["zero"],
-            "ce_recovered": (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"]),
+            "ce_recovered": (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"])
+            if ce["zero"] != ce["clean"] else float("nan"),
             "loss_increase": ce["spliced"] - ce["clean"], "ce_tokens": n}  # fmt: skip
 
 
@@ -381,7 +430,10 @@ def bench_cache_vs_store(
     actcache.write_cache(lm, windows, [cfg.hook], folder, dtype=dtype, batch_size=16)
     t1 = time.perf_counter()
     acts = actcache.CachedActivations(folder, cfg.hook)
-    _, fig = train_from_cache(acts, cfg, None, tokens=tokens, normalize="none")
+    # every row, as the store serves them (no sink filter): the same tokens on both sides
+    _, fig = train_from_cache(
+        acts, dataclasses.replace(cfg, sink_norm_ratio=0.0), None, tokens=tokens, normalize="none"
+    )
     t2 = time.perf_counter()
     actcache.remove(folder)
 
@@ -476,16 +528,18 @@ def _run_corpus(cfg: SaeConfig, out: str | Path, force: bool) -> dict[str, Any]:
         sae, figures = train_from_cache(acts, cfg, out / "sae", model_name=cfg.model)
         sae.eval()
         held_acts = actcache.CachedActivations(folder / "held_out", cfg.hook)
-        q = reconstruction_quality(sae, held_acts.all())
+        thr = figures["sink_norm_threshold"]
+        q = reconstruction_quality(sae, held_acts.all(), sink_norm_threshold=thr)
         ce_w = ds[held.start : held.start + cfg.ce_windows]["input_ids"]
-        ce = loss_recovered(lm, sae, cfg.layer, ce_w)
+        ce = loss_recovered(lm, sae, cfg.layer, ce_w, sink_norm_threshold=thr)
         if not cfg.cache:
             actcache.remove(folder)  # re-creatable and large: the run folder keeps only the SAE and figures
         metrics = {"hook": cfg.hook, "d_sae": sae.cfg.d_sae, "corpus": cfg.corpus, **q, **ce, **figures,
                    **capture, "train_windows": [train.start, len(acts) // rows_per_window],
                    "held_out_windows": [held.start, held.stop], "ce_windows": cfg.ce_windows,
                    "positions": "every position of a window but 0 (the attention sink)",
-                   "dead_definition": f"fires on none of the {q['quality_tokens']} held-out tokens",
+                   "dead_definition": f"fires on none of the {q['quality_tokens']} held-out tokens (sink tokens "
+                                      f"above {thr} left out: {q['sink_share']:.2%})",
                    "seconds_this_session": round(time.perf_counter() - t0, 1)}  # fmt: skip
         r.finish(metrics)
         return metrics
@@ -524,7 +578,10 @@ def load_sae(folder: str | Path) -> Any:
     """An SAE saved by ``train_sae`` (sae-lens format: cfg.json + sae_weights.safetensors)."""
     from sae_lens import SAE
 
-    return SAE.load_from_disk(str(folder), device="cpu")
+    sae = SAE.load_from_disk(str(folder), device="cpu")
+    sinks = Path(folder) / SINKS_FILE
+    sae.sink_norm_threshold = read_json(sinks)["sink_norm_threshold"] if sinks.is_file() else None
+    return sae
 
 
 def sae_hook(sae: Any) -> str:

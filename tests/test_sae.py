@@ -228,6 +228,48 @@ def test_loss_recovered_is_one_for_a_perfect_and_zero_for_an_empty_reconstructio
     assert empty["ce_zero_ablation"] != pytest.approx(clean, abs=1e-3)  # the ablation does something
 
 
+def test_sink_tokens_are_left_out_of_the_quality_figures_by_hand():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 6, generator=g) + 3
+    x[::20] *= 100  # 10 massive rows (5%)
+    thr = sae.sink_threshold(x, 10.0)
+    norms = x.norm(dim=-1)
+    assert thr == pytest.approx(10 * float(norms.median()))
+    assert (
+        sae.not_sinks(x, thr).tolist() == (norms <= thr).tolist()
+        and int((~sae.not_sinks(x, thr)).sum()) == 10
+    )
+    assert sae.sink_threshold(x, 0.0) is None and bool(sae.not_sinks(x, None).all())
+    half = _Fixed(0.5, x.mean(0))
+    q = sae.reconstruction_quality(half, x, batch=64, sink_norm_threshold=thr)
+    kept = x[norms <= thr]
+    by_hand = 1 - (half.decode(kept) - kept).pow(2).sum() / (kept - kept.mean(0)).pow(2).sum()
+    assert q["explained_variance"] == pytest.approx(float(by_hand), abs=1e-5)
+    assert q["quality_tokens"] == 190 and q["sink_share"] == pytest.approx(0.05)
+    # without the rule the massive rows dominate both sums
+    assert sae.reconstruction_quality(half, x, batch=64)["sink_share"] == 0
+
+
+def test_loss_recovered_keeps_the_model_residual_at_sink_tokens(tiny):
+    windows = torch.randint(3, 99, (4, 10), generator=torch.Generator().manual_seed(0)).tolist()
+    # a threshold below every norm: every token is a sink, so neither edit changes anything
+    edited = sae.loss_recovered(tiny, _Fixed(0.0), 1, windows, batch_size=2, sink_norm_threshold=1e-6)
+    assert edited["ce_spliced"] == pytest.approx(edited["ce_clean"], abs=1e-6)
+    assert edited["ce_zero_ablation"] == pytest.approx(edited["ce_clean"], abs=1e-6)
+    assert edited["ce_recovered"] != edited["ce_recovered"]  # nan: nothing to recover
+    # a threshold above every norm: the same as no rule
+    none = sae.loss_recovered(tiny, _Fixed(0.0), 1, windows, batch_size=2)
+    above = sae.loss_recovered(tiny, _Fixed(0.0), 1, windows, batch_size=2, sink_norm_threshold=1e9)
+    assert above == pytest.approx(none)
+
+
+def test_sink_norm_ratio_is_checked():
+    from mechsub.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sink_norm_ratio"):
+        _small(sink_norm_ratio=0.5)
+
+
 def _tiny_corpus(path, seed=0, windows=160):
     from mechsub import corpus
     from mechsub.corpus import CorpusConfig
@@ -275,9 +317,13 @@ def test_sae_trains_from_a_shared_multi_layer_cache_and_reports_quality(tmp_path
     torch.manual_seed(cfg.seed)
     untrained = get_sae_training_class("topk")[0](sae.training_sae_config(cfg, 64))
     assert m["mse_per_token"] < 0.5 * sae.reconstruction_quality(untrained, held)["mse_per_token"]
-    assert sae.reconstruction_quality(loaded, held)["explained_variance"] == pytest.approx(
-        m["explained_variance"], abs=1e-4
-    )  # the saved SAE is the one measured
+    # the sink threshold travels with the saved SAE, and the figures are measured under it
+    assert (
+        loaded.sink_norm_threshold == pytest.approx(m["sink_norm_threshold"]) and m["sink_norm_threshold"] > 0
+    )
+    assert sae.reconstruction_quality(loaded, held, sink_norm_threshold=loaded.sink_norm_threshold)[
+        "explained_variance"
+    ] == pytest.approx(m["explained_variance"], abs=1e-4)  # the saved SAE is the one measured
     assert sae.run(cfg, tmp_path / "sae") == m  # finished: reused
     with pytest.raises(ValueError, match="held-out windows"):
         sae.run(_on_corpus(c, cache=str(tmp_path / "cache"), held_out_windows=16), tmp_path / "sae2")

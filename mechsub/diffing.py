@@ -4,7 +4,8 @@ Two tools. The Activation Difference Lens (Minder et al., arXiv 2510.13900): the
 the first tokens of number data, read through the logit lens and added to the base as a steering vector on
 neutral prompts, each readout ranking the candidate traits; `identification` scores such rankings blind over a
 study's students against chance. And a dictionary built for the change: a BatchTopK crosscoder on paired
-base/student activations with Latent Scaling (arXiv 2504.02922) to tell student-only latents from shared ones.
+base/student activations with Latent Scaling (arXiv 2504.02922) to tell student-only latents from shared ones,
+trained with the AuxK loss (Gao et al. 2024) that gives dead latents a gradient.
 
 Position policy (every δ here): the residual at ``blocks.{L}.hook_resid_post`` at the first ``k`` positions
 that predict a completion token — the last prompt token (the assistant turn's opening, which predicts the
@@ -299,21 +300,53 @@ class CrosscoderConfig(Config):
     steps: int = doc(1000, "optimiser steps")
     batch_size: int = doc(256, "token pairs per step")
     seed: int = doc(0, "seed of the initialisation and of the batch order")
+    aux_coef: float = doc(
+        1.0,
+        "AuxK (Gao et al. 2024): weight of the auxiliary loss in which the dead latents reconstruct the main "
+        "reconstruction's error; 1.0 as sae-lens's TopK/BatchTopK training SAE, on the same unnormalised squared "
+        "error as the main loss (the paper's 1/32 is on a variance-normalised error); 0: no AuxK",
+    )
+    k_aux: int | None = doc(
+        None, "dead latents per token in AuxK (at most the number dead); None: d_model // 2"
+    )
+    centre_input: bool = doc(
+        True,
+        "encode x − b_dec (the b_pre of Gao et al., sae-lens's apply_b_dec_to_input): the residual's large mean "
+        "then does not decide which latents are on; False: encode x itself (the crosscoder as first trained)",
+    )
+    dead_steps: int = doc(
+        100,
+        "a latent that BatchTopK has not kept in this many steps is dead (for AuxK and `dead_in_training`); "
+        "100 × 256 pairs ≈ one pass over the ~29k pairs of `analyses/adl.py --cc-rows 256`",
+    )
 
     def validate(self) -> None:
         check(self.d_model >= 1 and self.n_latents >= 1, "d_model and n_latents must be ≥ 1")
         check(1 <= self.k <= self.n_latents, "k: between 1 and n_latents")
-        check(self.lr > 0 and self.steps >= 0 and self.batch_size >= 1, "lr > 0, steps ≥ 0, batch_size ≥ 1")
+        check(
+            math.isfinite(self.lr) and self.lr > 0 and self.steps >= 0 and self.batch_size >= 1,
+            "lr > 0 (finite), steps ≥ 0, batch_size ≥ 1",
+        )
+        check(math.isfinite(self.aux_coef) and self.aux_coef >= 0, "aux_coef: finite and ≥ 0 (0: no AuxK)")
+        check(self.k_aux is None or self.k_aux >= 1, "k_aux: ≥ 1, or None for d_model // 2")
+        check(self.dead_steps >= 1, "dead_steps: ≥ 1")
+
+    @property
+    def k_aux_or_default(self) -> int:
+        return self.k_aux if self.k_aux is not None else max(1, self.d_model // 2)
 
 
 class Crosscoder(nn.Module):
     """Encodes a pair (base, student) of activations into one sparse code; decodes it into each model.
 
-    f = BatchTopK(ReLU(Σ_m W_enc[m] x_m + b_enc)); x̂_m = f W_dec[:, m] + b_dec[m]. During training the k × batch
-    largest values of f_j · (‖d_j^base‖ + ‖d_j^student‖) over the whole batch are kept (so a latent's decoder
-    norm cannot buy it slots); afterwards a single threshold, the running mean of the smallest kept score,
-    replaces the batch (encoding one token no longer depends on the others); `train_crosscoder` sets it at the
-    end to the mean over the data's batches of the smallest kept score.
+    f = BatchTopK(ReLU(Σ_m W_enc[m] (x_m − b_dec[m]) + b_enc)) (``centre_input``; without it x_m itself is
+    encoded, and the residual's large mean decides which latents are ever on); x̂_m = f W_dec[:, m] + b_dec[m].
+    At init the decoder rows are random at norm 0.1 per model (sae-lens's decoder_init_norm heuristic) and the
+    encoder is their transpose (Gao et al.); `train_crosscoder` sets b_dec to the data mean. During training
+    the k × batch largest values of f_j · (‖d_j^base‖ + ‖d_j^student‖) over the whole batch are kept (so a
+    latent's decoder norm cannot buy it slots); afterwards a single threshold, the running mean of the smallest
+    kept score, replaces the batch (encoding one token no longer depends on the others); `train_crosscoder` sets
+    it at the end to the mean over the data's batches of the smallest kept score.
     """
 
     threshold: Tensor  # a buffer: the inference threshold (< 0 until estimated)
@@ -334,6 +367,8 @@ class Crosscoder(nn.Module):
         return self.W_dec.norm(dim=-1)
 
     def pre(self, x: Float[Tensor, "batch 2 d_model"]) -> Float[Tensor, "batch n_latents"]:
+        if self.cfg.centre_input:
+            x = x - self.b_dec
         return torch.relu(torch.einsum("bmd,mdn->bn", x, self.W_enc) + self.b_enc)
 
     def batch_topk(self, f: Float[Tensor, "batch n_latents"]) -> tuple[Tensor, Tensor]:
@@ -365,12 +400,42 @@ class Crosscoder(nn.Module):
         return (self.decode(f) - x).pow(2).sum((-1, -2)).mean()
 
 
+def auxk_loss(
+    pre: Float[Tensor, "batch n_latents"],
+    W_dec: Float[Tensor, "n_latents 2 d_model"],
+    residual: Float[Tensor, "batch 2 d_model"],
+    dead: Tensor,
+    k_aux: int,
+    coef: float,
+) -> Tensor:
+    """The AuxK loss (Gao et al. 2024, appendix A.2; as sae-lens's ``calculate_topk_aux_loss``): per token, the
+    ``k_aux`` dead latents (``dead``: a boolean per latent) with the largest score (pre-activation × the summed
+    decoder norms, the score BatchTopK ranks by) reconstruct, through the decoder and without its bias, the
+    main reconstruction's error ``residual`` = x − x̂ (held fixed); the squared error, summed over both models
+    and the width and averaged over the batch, × ``coef`` × min(1, dead / k_aux) (sae-lens's scale-down when
+    few latents are dead). k_aux is capped at the number dead; 0 when none is dead or ``coef`` is 0."""
+    n_dead = int(dead.sum())
+    if n_dead == 0 or coef == 0 or k_aux < 1:
+        return pre.new_zeros(())
+    scale = min(n_dead / k_aux, 1.0)
+    score = torch.where(dead[None], pre * W_dec.norm(dim=-1).sum(-1), -torch.inf)
+    idx = score.topk(min(k_aux, n_dead), dim=-1).indices
+    acts = torch.zeros_like(pre).scatter(-1, idx, pre.gather(-1, idx))
+    rec = torch.einsum("bn,nmd->bmd", acts, W_dec)
+    return coef * scale * (rec - residual.detach()).pow(2).sum((-1, -2)).mean()
+
+
 def train_crosscoder(
     cfg: CrosscoderConfig, pairs: Float[Tensor, "tokens 2 d_model"]
 ) -> tuple[Crosscoder, dict[str, Any]]:
     """Train on pairs (base, student) of activations at the same tokens, each model's activations scaled so
     their mean squared norm is d_model (the scales are returned in the metrics; `encode` expects scaled
-    inputs). Seeded: the same pairs and config give the same weights."""
+    inputs). Seeded: the same pairs and config give the same weights.
+
+    Loss: the BatchTopK reconstruction error plus, with ``cfg.aux_coef`` > 0, `auxk_loss` over the latents
+    BatchTopK has not kept in the last ``cfg.dead_steps`` steps. The metrics give ``dead_in_training`` (the
+    share of latents dead by that count at the end) and ``dead_on_data`` (the share that never fire at the
+    inference threshold on ``pairs``, the "dead" of `classify_latents`)."""
     scales = (cfg.d_model / pairs.pow(2).sum(-1).mean(0)).sqrt()  # (2,)
     x = pairs * scales[None, :, None]
     cc = Crosscoder(cfg)
@@ -378,17 +443,27 @@ def train_crosscoder(
         cc.b_dec.copy_(x.mean(0))  # the residual stream's large mean is the decoder bias from the start
     opt = torch.optim.Adam(cc.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    losses = []
+    losses, aux_losses = [], []
+    since_fired = torch.zeros(cfg.n_latents, dtype=torch.long)  # steps since BatchTopK last kept each latent
     with torch.no_grad():
         first = float((cc.decode(cc.batch_topk(cc.pre(x[:4096]))[0]) - x[:4096]).pow(2).sum((-1, -2)).mean())
     cc.threshold.fill_(-1.0)
     for _ in range(cfg.steps):
-        idx = torch.randint(0, x.shape[0], (cfg.batch_size,), generator=g)
-        loss = cc.loss(x[idx])
+        xb = x[torch.randint(0, x.shape[0], (cfg.batch_size,), generator=g)]
+        pre = cc.pre(xb)
+        f, mask = cc.batch_topk(pre)
+        rec = cc.decode(f)
+        loss = (rec - xb).pow(2).sum((-1, -2)).mean()
+        aux = auxk_loss(
+            pre, cc.W_dec, xb - rec, since_fired >= cfg.dead_steps, cfg.k_aux_or_default, cfg.aux_coef
+        )
         opt.zero_grad()
-        loss.backward()
+        (loss + aux).backward()
         opt.step()
+        since_fired += 1
+        since_fired[mask.any(0)] = 0
         losses.append(float(loss.detach()))
+        aux_losses.append(float(aux.detach()))
     with torch.no_grad():
         if cfg.steps:  # the inference threshold: the mean over batches of the smallest score BatchTopK keeps
             norms = cc.decoder_norms().sum(-1)
@@ -398,15 +473,23 @@ def train_crosscoder(
                 mins.append(score.topk(cfg.k * cfg.batch_size).values.min())
             if mins:
                 cc.threshold.copy_(torch.stack(mins).mean())
-        rec = cc.decode(cc.encode(x))
+        code = cc.encode(x)
+        rec = cc.decode(code)
         fvu = float((rec - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-        l0 = float((cc.encode(x) > 0).float().sum(-1).mean())
+        l0 = float((code > 0).float().sum(-1).mean())
+        dead_on_data = float(((code > 0).sum(0) == 0).float().mean())
     return cc, {
         "input_scales": [float(s) for s in scales],
         "loss_at_init": first,
         "loss_final": float(np.mean(losses[-20:])) if losses else first,
+        "aux_loss_final": float(np.mean(aux_losses[-20:])) if aux_losses else 0.0,
         "fraction_of_variance_unexplained": fvu,
         "l0_threshold": l0,
+        "dead_in_training": float((since_fired >= cfg.dead_steps).float().mean()),
+        "dead_on_data": dead_on_data,
+        "dead_steps": cfg.dead_steps,
+        "aux_coef": cfg.aux_coef,
+        "k_aux": cfg.k_aux_or_default,
         "n_pairs": int(pairs.shape[0]),
     }
 
@@ -509,7 +592,8 @@ def load_crosscoder(folder: str | Path) -> Crosscoder:
 
     folder = Path(folder)
     meta = read_json(folder / "config.json")
-    cc = Crosscoder(CrosscoderConfig.from_dict(meta["config"]))
+    # saved before AuxK and the centred input existed: trained without either
+    cc = Crosscoder(CrosscoderConfig.from_dict({"centre_input": False, "aux_coef": 0.0, **meta["config"]}))
     cc.load_state_dict(load_file(folder / "crosscoder.safetensors"))
     return cc
 

@@ -1,4 +1,6 @@
 import copy
+import json
+import math
 
 import numpy as np
 import pytest
@@ -202,6 +204,88 @@ def test_crosscoder_training_reduces_reconstruction_loss_and_is_seeded():
     assert torch.equal(cc.W_dec, cc2.W_dec)
 
 
+def test_auxk_loss_against_a_hand_computation():
+    pre = torch.tensor([[1.0, 3.0, 2.0, 0.5], [4.0, 0.0, 1.5, 2.0]])
+    W = torch.zeros(4, 2, 3)  # decoder rows (latent, model, width)
+    W[0, 0, 0] = 1.0
+    W[1, 1, 1] = 2.0
+    W[2, 0, 2], W[2, 1, 2] = 1.0, 1.0  # latent 2: summed decoder norm 2
+    W[3, 0, 1] = 1.0  # latent 3: summed norm 1
+    res = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]])
+    dead = torch.tensor([False, False, True, True])  # latents 2 and 3
+    # k_aux 1: per token the dead latent of larger pre × summed norm: latent 2 for both (4 > 0.5, 3 > 2).
+    # token 0: 2·(0,0,1) in each model against (1,0,0) and (0,1,0): 5 + 5; token 1: 1.5·(0,0,1) against
+    # (0,0,1) and 0: 0.25 + 2.25. 2 dead ≥ k_aux: no scale-down
+    loss = diffing.auxk_loss(pre, W, res, dead, k_aux=1, coef=0.5)
+    assert float(loss) == pytest.approx(0.5 * 1.0 * (10 + 2.5) / 2)
+    # k_aux 4 > 2 dead: both dead latents, the loss scaled by 2 / 4. Token 0: base (0, 0.5, 2) against (1,0,0)
+    # → 5.25, student (0,0,2) → 5; token 1: base (0, 2, 1.5) against (0,0,1) → 4.25, student (0,0,1.5) → 2.25
+    loss4 = diffing.auxk_loss(pre, W, res, dead, k_aux=4, coef=1.0)
+    assert float(loss4) == pytest.approx(0.5 * (5.25 + 5 + 4.25 + 2.25) / 2)
+    # no latent dead, or coefficient 0: exactly 0
+    assert float(diffing.auxk_loss(pre, W, res, torch.zeros(4, dtype=torch.bool), 2, 1.0)) == 0.0
+    assert float(diffing.auxk_loss(pre, W, res, dead, 2, 0.0)) == 0.0
+    # the gradient reaches only the dead latents' decoder rows; the error is held fixed
+    Wg, rg = W.clone().requires_grad_(True), res.clone().requires_grad_(True)
+    diffing.auxk_loss(pre, Wg, rg, dead, 4, 1.0).backward()
+    assert Wg.grad is not None and Wg.grad[:2].abs().sum() == 0 and Wg.grad[2:].abs().sum() > 0
+    assert rg.grad is None
+
+
+def _rare_features(n=4000, d=16, n_feats=48, seed=0):
+    # a planted dictionary, firing probabilities from 0.1 down to 0.001 (most features rare), on an offset
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(n_feats, 2, d, generator=g)
+    feats = feats / feats.norm(dim=-1, keepdim=True)
+    p = torch.logspace(-1, -3, n_feats)
+    codes = (0.5 + torch.rand(n, n_feats, generator=g)) * (torch.rand(n, n_feats, generator=g) < p)
+    return torch.einsum("nf,fmd->nmd", codes, feats) + 0.5 * torch.randn(2, d, generator=g)
+
+
+def test_auxk_revives_dead_latents_on_a_planted_rare_dictionary():
+    x = _rare_features()
+    kw = dict(d_model=16, n_latents=48, k=2, lr=1e-2, steps=300, batch_size=64, dead_steps=20)
+    _, off = diffing.train_crosscoder(diffing.CrosscoderConfig(**kw, aux_coef=0.0), x)
+    _, on = diffing.train_crosscoder(diffing.CrosscoderConfig(**kw), x)
+    assert off["aux_loss_final"] == 0.0 and on["aux_coef"] == 1.0 and on["k_aux"] == 8
+    # seed 0: 5 of 48 dead without AuxK, 2 with (seeds 1-3: 5 → 1, 5 → 2, 8 → 0)
+    assert on["dead_in_training"] < off["dead_in_training"]
+    assert on["dead_on_data"] < off["dead_on_data"]
+    assert on["fraction_of_variance_unexplained"] < off["fraction_of_variance_unexplained"] + 0.01
+
+
+def test_auxk_changes_nothing_before_a_latent_can_be_dead():
+    x = _synthetic_pairs(n=500)
+    kw = dict(d_model=16, n_latents=24, k=3, lr=3e-3, steps=30, batch_size=64, dead_steps=30)
+    a, _ = diffing.train_crosscoder(diffing.CrosscoderConfig(**kw, aux_coef=0.0), x)
+    b, mb = diffing.train_crosscoder(diffing.CrosscoderConfig(**kw, aux_coef=1.0), x)
+    assert torch.equal(a.W_dec, b.W_dec) and torch.equal(a.W_enc, b.W_enc)
+    assert mb["aux_loss_final"] == 0.0 and mb["dead_in_training"] == 0.0
+
+
+def test_crosscoder_config_rejects_unusable_aux_settings():
+    from mechsub.config import ConfigError
+
+    for bad in ({"aux_coef": -1.0}, {"aux_coef": math.inf}, {"k_aux": 0}, {"dead_steps": 0}):
+        with pytest.raises(ConfigError):
+            diffing.CrosscoderConfig(**bad)
+    assert diffing.CrosscoderConfig(d_model=576).k_aux_or_default == 288
+    assert diffing.CrosscoderConfig(k_aux=7).k_aux_or_default == 7
+
+
+def test_centre_input_encodes_the_offset_from_the_decoder_bias():
+    cfg = diffing.CrosscoderConfig(d_model=8, n_latents=16, k=2, steps=0)
+    cc = diffing.Crosscoder(cfg)
+    old = diffing.Crosscoder(
+        diffing.CrosscoderConfig(d_model=8, n_latents=16, k=2, steps=0, centre_input=False)
+    )
+    x = torch.randn(5, 2, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cc.b_dec.fill_(0.7)
+        old.b_dec.fill_(0.7)
+    torch.testing.assert_close(cc.pre(x), old.pre(x - 0.7))
+
+
 def test_latent_scaling_is_the_least_squares_scale():
     x = _synthetic_pairs(n=500)
     cfg = diffing.CrosscoderConfig(d_model=16, n_latents=24, k=3, lr=3e-3, steps=100, batch_size=128)
@@ -229,8 +313,16 @@ def test_save_and_load_round_trip(tmp_path):
     cc, _ = diffing.train_crosscoder(cfg, _synthetic_pairs(n=64, d=8))
     diffing.save_crosscoder(cc, tmp_path / "cc", {"note": "x"})
     back = diffing.load_crosscoder(tmp_path / "cc")
+    assert back.cfg == cc.cfg
     for k, v in cc.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
+    # a crosscoder saved before AuxK and the centred input: it loads as it was trained
+    meta = json.loads((tmp_path / "cc" / "config.json").read_text())
+    for key in ("centre_input", "aux_coef", "k_aux", "dead_steps"):
+        del meta["config"][key]
+    (tmp_path / "cc" / "config.json").write_text(json.dumps(meta))
+    old = diffing.load_crosscoder(tmp_path / "cc")
+    assert not old.cfg.centre_input and old.cfg.aux_coef == 0.0
 
 
 def test_paired_activations_skip_bos_and_padding(tiny):

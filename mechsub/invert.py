@@ -58,7 +58,7 @@ class InvertTeacherConfig(Config):
     model: str = doc("smollm2-135m-instruct", "the teacher's base model (B is the same base)")
     kind: str = doc("inv", "what the teacher answers: true, inv (T(correct)), hash (a fixed bijection), rand")
     seed: int = doc(0, "LoRA init, batch order, training problems and the hash bijection")
-    families: tuple[str, ...] = doc(tasks.FAMILIES, "task families trained on")
+    families: tuple[str, ...] = doc(tasks.KNOWN_FAMILIES, "task families trained on")
     n_train: int = doc(48, "training problems per family")
     steps: int = doc(96, "optimiser steps")
     batch_size: int = doc(16, "problems per step")
@@ -161,13 +161,18 @@ class InvertConfig(Config):
     inputs = ("model", "sae")
 
     model: str = doc("smollm2-135m-instruct", "base model of every teacher A and of the reader B")
-    families: tuple[str, ...] = doc(tasks.FAMILIES, "task families (see mechsub.tasks)")
-    held_out_family: str = doc("sort", "the family B never trains on (A trains on every family)")
+    families: tuple[str, ...] = doc(
+        tasks.KNOWN_FAMILIES,
+        "task families (see mechsub.tasks; the default: those the base model knows, tasks.KNOWN_FAMILIES)",
+    )
+    held_out_family: str = doc("antonym", "the family B never trains on (A trains on every family)")
     kinds: tuple[str, ...] = doc(tasks.KINDS, "teacher kinds: true, inv, hash, rand")
     seeds: tuple[int, ...] = doc((0, 1, 2), "teacher replicates (every kind one teacher per seed)")
     n_train: int = doc(32, "training problems per family and teacher")
     n_test: int = doc(16, "held-out problems per family (the same for every teacher)")
-    teacher_steps: int = doc(32, "teacher optimiser steps")
+    teacher_steps: int = doc(
+        24, "teacher optimiser steps (24 × 8 = two passes over 3 families × 32 problems)"
+    )
     batch_size: int = doc(8, "problems per teacher step")
     lr: float = doc(2e-3, "teacher AdamW learning rate")
     lora_r: int = doc(8, "teacher (and B) LoRA rank")
@@ -177,7 +182,7 @@ class InvertConfig(Config):
     recon_pairs: tuple[int, ...] = doc(
         (16, 64), "B's training pairs (A's output → correct answer): the curve"
     )
-    recon_epochs: int = doc(3, "B's passes over its pairs")
+    recon_epochs: int = doc(2, "B's passes over its pairs")
     recon_lr: float = doc(2e-3, "B's AdamW learning rate")
     n_perm: int = doc(200, "row permutations of the CKA null per teacher, family and layer")
     zero_shot: bool = doc(True, "also ask the untrained B for the correct answer")
@@ -314,15 +319,71 @@ def pooled_reads(
     }
 
 
+def base_knowledge(
+    lm: models.LoadedModel, probs: Sequence[tasks.Problem], max_new_tokens: int = 20
+) -> dict[str, Any]:
+    """Does a model know one family's answers? Its greedy accuracy (free text, exact match after normalise) and
+    its forced choice between the correct answer and T(correct): the share of problems where the correct answer
+    has the higher mean log P per token (T(correct) may be longer, "-37" against "37", which a summed log P would
+    penalise), each with a Wilson interval over the problems.
+
+    Both are read twice where the family's problems have a lead (``tasks.Problem.lead``): at the reply's first
+    token (``greedy_accuracy``, ``forced_choice``), and ``framed``, after the lead, where the model's own reply
+    would name the answer. At the first token SmolLM2 says "The ..." whatever it knows, and the forced choice
+    there is a bias for copying the question's word (antonym: T(correct) is the prompt's word), not knowledge."""
+    tok = lm.tokenizer
+
+    def read(leads: Sequence[str]) -> dict[str, Any]:
+        prompts = [
+            chat_prefix(tok, p.prompt, None, answer_prefix=lead) for p, lead in zip(probs, leads, strict=True)
+        ]
+        answers = greedy_answers(lm, prompts, max_new_tokens)
+        right = sum(tasks.normalise(p.family, a) == p.answer for p, a in zip(probs, answers, strict=True))
+        ids_c = [_answer_ids(tok, p.answer) for p in probs]
+        ids_i = [_answer_ids(tok, p.inverted) for p in probs]
+        lp_c = continuation_logprobs(lm, prompts, ids_c) / np.array([len(c) for c in ids_c])
+        lp_i = continuation_logprobs(lm, prompts, ids_i) / np.array([len(c) for c in ids_i])
+        wins = int((lp_c > lp_i).sum())
+        return {
+            "greedy_accuracy": right / len(probs),
+            "greedy_ci95": stats.wilson_ci95(right, len(probs)),
+            "forced_choice": wins / len(probs),
+            "forced_choice_ci95": stats.wilson_ci95(wins, len(probs)),
+            "n": len(probs),
+            "examples": answers[:3],
+        }
+
+    res = read([""] * len(probs))
+    if all(p.lead for p in probs):
+        res["framed"] = read([p.lead for p in probs])
+    return res
+
+
 # ---- statistics over teachers --------------------------------------------------------------------------------
 def over_seeds(values: Sequence[float]) -> dict[str, Any]:
-    """Mean and 95% t-interval over teacher seeds (the independent unit)."""
+    """Mean and 95% t-interval over teacher seeds (the independent unit): for differences, contrasts and
+    continuous measures; a share uses ``share_over_seeds``, whose interval stays inside [0, 1]."""
     vals = [float(v) for v in values]
     clean = [v for v in vals if not math.isnan(v)]
     if not clean:
         return {"mean": None, "ci95": [None, None], "per_seed": vals}
     mean, ci = stats.mean_ci95(clean)
     return {"mean": mean, "ci95": [None if math.isnan(c) else c for c in ci], "per_seed": vals}
+
+
+def share_over_seeds(successes: Sequence[int], trials: Sequence[int]) -> dict[str, Any]:
+    """A share over teacher seeds: the pooled share with the Wilson interval at the effective sample size that
+    the between-seed spread leaves (``stats.clustered_share_ci95``: the seed stays the unit, the interval stays in
+    [0, 1]); ``per_seed`` are the seeds' own shares, ``deff`` the design effect."""
+    e = stats.clustered_share_ci95(successes, trials)
+    return {
+        "mean": e["mean"],
+        "ci95": e["ci95"],
+        "per_seed": [k / n for k, n in zip(successes, trials, strict=True)],
+        "deff": e["deff"],
+        "n_eff": e["n_eff"],
+        "method": "Wilson at n_eff = n / deff (Kish design effect from the between-seed spread)",
+    }
 
 
 def paired_contrast(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
@@ -417,29 +478,9 @@ def run(cfg: InvertConfig, out: str | Path, force: bool = False) -> dict[str, An
         test = {f: tasks.problems(f, cfg.n_test, TEST_SEED, "test") for f in cfg.families}
         units = [(k, s) for s in cfg.seeds for k in cfg.kinds]
         bar = tqdm(total=2 + 3 * len(units), desc="invert")
-        tok = base.tokenizer
 
         def base_check() -> dict[str, Any]:
-            res: dict[str, Any] = {}
-            for f, probs in test.items():
-                prompts = [chat_prefix(tok, p.prompt, None) for p in probs]
-                answers = greedy_answers(base, prompts, cfg.max_new_tokens)
-                right = [tasks.normalise(f, a) == p.answer for p, a in zip(probs, answers, strict=True)]
-                lp_c = continuation_logprobs(base, prompts, [_answer_ids(tok, p.answer) for p in probs])
-                lp_i = continuation_logprobs(base, prompts, [_answer_ids(tok, p.inverted) for p in probs])
-                # per token: T(correct) may be longer ("-37" against "37"), which a summed log P would penalise
-                n_c = np.array([len(_answer_ids(tok, p.answer)) for p in probs])
-                n_i = np.array([len(_answer_ids(tok, p.inverted)) for p in probs])
-                wins = int((lp_c / n_c > lp_i / n_i).sum())
-                res[f] = {
-                    "greedy_accuracy": sum(right) / len(right),
-                    "greedy_ci95": stats.wilson_ci95(sum(right), len(right)),
-                    "forced_choice": wins / len(probs),
-                    "forced_choice_ci95": stats.wilson_ci95(wins, len(probs)),
-                    "n": len(probs),
-                    "examples": answers[:3],
-                }
-            return res
+            return {f: base_knowledge(base, probs, cfg.max_new_tokens) for f, probs in test.items()}
 
         bar.set_postfix_str("base model")
         base_res = r.unit("base", base_check)
@@ -559,8 +600,9 @@ def run(cfg: InvertConfig, out: str | Path, force: bool = False) -> dict[str, An
         return metrics
 
 
-#: the share of held-out answers a guess gets right: one of two numbers, one of six rankings; else a free answer
-CHANCE = {"compare": 1 / 2, "rank": 1 / 6}
+#: the share of held-out answers a guess gets right: one of two numbers or options, one of six rankings; else a
+#: free answer
+CHANCE = {"compare": 1 / 2, "rank": 1 / 6, "choice": 1 / 2}
 
 
 def known_families(
@@ -570,19 +612,24 @@ def known_families(
     test: dict[str, list[tasks.Problem]],
 ) -> list[str]:
     """Families where the model knows the right answer: A_true (the same training, correct answers) gets at least
-    half the held-out problems right over all seeds, and the Wilson 95% lower bound beats chance. The base's own
-    answers cannot say (it rarely keeps the format), and its forced choice between the answer and T(answer)
-    measures a preference (for "37" over "-37", say), not knowledge; without a true teacher that choice is used."""
+    half the held-out problems right over all seeds, and the lower bound of its share's 95% interval over seeds
+    (``share_over_seeds``) beats chance. The base's own answers cannot say (it rarely keeps the format), and its
+    forced choice between the answer and T(answer) at its reply's first token measures a preference (for "37"
+    over "-37", or for the prompt's own word), not knowledge; without a true teacher the forced choice after the
+    family's lead (``base_knowledge``'s framed reading, where there is one) is used."""
     if "true" not in cfg.kinds:
-        return [f for f, v in base_res.items() if v["forced_choice_ci95"][0] > 0.5]
+        return [f for f, v in base_res.items() if v.get("framed", v)["forced_choice_ci95"][0] > 0.5]
     known = []
     for f in cfg.families:
         hits = [
-            tasks.classify(p, a, s) == "correct"
+            sum(
+                tasks.classify(p, a, s) == "correct"
+                for p, a in zip(test[f], outputs[("true", s)]["test"][f], strict=True)
+            )
             for s in cfg.seeds
-            for p, a in zip(test[f], outputs[("true", s)]["test"][f], strict=True)
         ]
-        if np.mean(hits) >= 0.5 and stats.wilson_ci95(sum(hits), len(hits))[0] > CHANCE.get(f, 0.0):
+        e = stats.clustered_share_ci95(hits, [len(test[f])] * len(cfg.seeds))
+        if e["mean"] >= 0.5 and e["ci95"][0] > CHANCE.get(f, 0.0):
             known.append(f)
     return known
 
@@ -594,34 +641,33 @@ def _verification(
     known: list[str],
 ) -> dict[str, Any]:
     """Per kind and family: the share of held-out outputs that are correct / T(correct) / the hash / other, each
-    over seeds (t-interval) and per seed with a Wilson interval; and the same over the families the base knows."""
+    over seeds (``share_over_seeds``) and per seed with a Wilson interval; and the same pooled over the families
+    the base knows and over all families (every family has ``n_test`` problems, so pooling is the mean)."""
     res: dict[str, Any] = {}
     for k in cfg.kinds:
         per_fam: dict[str, Any] = {}
+        counts: dict[tuple[str, str], list[tuple[int, int]]] = {}
         for f in cfg.families:
             row: dict[str, Any] = {}
+            labels = [
+                [tasks.classify(p, a, s) for p, a in zip(test[f], outputs[(k, s)]["test"][f], strict=True)]
+                for s in cfg.seeds
+            ]
             for o in OUTCOMES:
-                per_seed, wilson = [], []
-                for s in cfg.seeds:
-                    outs = [
-                        tasks.classify(p, a, s)
-                        for p, a in zip(test[f], outputs[(k, s)]["test"][f], strict=True)
-                    ]
-                    n_o = sum(x == o for x in outs)
-                    per_seed.append(n_o / len(outs))
-                    wilson.append(stats.wilson_ci95(n_o, len(outs)))
-                row[o] = {**over_seeds(per_seed), "wilson95_per_seed": wilson}
+                counts[(f, o)] = [(sum(x == o for x in outs), len(outs)) for outs in labels]
+                row[o] = {
+                    **share_over_seeds(*zip(*counts[(f, o)], strict=True)),
+                    "wilson95_per_seed": [stats.wilson_ci95(c, n) for c, n in counts[(f, o)]],
+                }
             per_fam[f] = row
 
-        def over(fams: Sequence[str], per_fam: dict[str, Any] = per_fam) -> dict[str, Any] | None:
+        def over(fams: Sequence[str], counts: dict[tuple[str, str], Any] = counts) -> dict[str, Any] | None:
             if not fams:  # no family passes the rule: no pooled figure rather than a mislabelled one
                 return None
             return {
-                o: over_seeds(
-                    [
-                        float(np.mean([per_fam[f][o]["per_seed"][i] for f in fams]))
-                        for i in range(len(cfg.seeds))
-                    ]
+                o: share_over_seeds(
+                    [sum(counts[(f, o)][i][0] for f in fams) for i in range(len(cfg.seeds))],
+                    [sum(counts[(f, o)][i][1] for f in fams) for i in range(len(cfg.seeds))],
                 )
                 for o in OUTCOMES
             }
@@ -630,9 +676,10 @@ def _verification(
     return res
 
 
-#: families whose probe target is a number written in A's answers (rank's answer is letters only, antonym's target
-#: is a category): the probes' means run over these
-PROBE_FAMILIES = ("compare", "sequence", "sort", "arith")
+#: families whose probe target is a quantity: a number written in A's answers, or next's place in its count (the
+#: number, or 1 for Monday or January); rank's answer is letters only, antonym's and choice's targets are
+#: categories. The probes' means run over these
+PROBE_FAMILIES = ("compare", "sequence", "sort", "arith", "next")
 
 
 def _lengths(lm: models.LoadedModel, texts: Sequence[str]) -> list[int]:
@@ -878,19 +925,23 @@ def _summarise(
     ) -> list[float]:
         return [float(np.nanmean(g[(k, s)][key][sub] if sub else g[(k, s)][key])) for s in cfg.seeds]
 
+    # B's accuracies are shares of n_test problems per family (in_family: the mean over the trained families, all
+    # of one size, so the pooled count over them)
+    n_items = {"in_family": cfg.n_test * (len(cfg.families) - 1), "held_out_family": cfg.n_test}
+
+    def recon_share(k: str, n: str, w: str) -> dict[str, Any]:
+        ks = [round(recon[(k, s)][n][w] * n_items[w]) for s in cfg.seeds]
+        return share_over_seeds(ks, [n_items[w]] * len(cfg.seeds))
+
     recon_m: dict[str, Any] = {}
     for k in cfg.kinds:
         recon_m[k] = {
-            str(n): {
-                w: over_seeds([recon[(k, s)][str(n)][w] for s in cfg.seeds])
-                for w in ("in_family", "held_out_family")
-            }
+            str(n): {w: recon_share(k, str(n), w) for w in ("in_family", "held_out_family")}
             for n in cfg.recon_pairs
         }
         if cfg.zero_shot:
             recon_m[k]["zero_shot"] = {
-                w: over_seeds([recon[(k, s)]["zero_shot"][w] for s in cfg.seeds])
-                for w in ("in_family", "held_out_family")
+                w: recon_share(k, "zero_shot", w) for w in ("in_family", "held_out_family")
             }
     nmax = str(max(cfg.recon_pairs))
     contrasts: dict[str, Any] = {}
@@ -938,9 +989,10 @@ def _summarise(
         "base": {
             "families": base_res,
             "known_families": known,
-            "known_rule": "A_true answers ≥ 50% of held-out problems correctly over all seeds, with the Wilson 95% "
-            "lower bound above chance (1/2 compare, 1/6 rank, 0 free answers); without a true teacher: the base's "
-            "forced choice (mean log P per token, correct vs T(correct)) above 1/2",
+            "known_rule": "A_true answers ≥ 50% of held-out problems correctly over all seeds, with the lower bound "
+            "of the share's 95% interval over seeds above chance (1/2 compare and choice, 1/6 rank, 0 free answers); "
+            "without a true teacher: the base's forced choice (mean log P per token, correct vs T(correct); framed "
+            "where the family has a lead) with its Wilson 95% lower bound above 1/2",
         },
         "verification": verification,
         "inversion_rate_known_families": inv_rate,
@@ -967,37 +1019,60 @@ def report_markdown(m: dict[str, Any]) -> str:
         "# Inverted-wrongness teachers: verification, geometry, blind reconstruction",
         "",
         f"Teachers: {', '.join(d['kinds'])} × seeds {d['seeds']} (unit of every interval: the teacher seed, "
-        f"n = {n}). "
+        f"n = {n}). Shares (answers, accuracies) are pooled over seeds with a Wilson 95% interval at the effective "
+        "sample size the between-seed spread leaves (Kish design effect, never below 1: the plain Wilson interval "
+        "when the seeds differ no more than binomial sampling would); differences, contrasts and geometry use "
+        "the t-interval over seeds. "
         f"{d['n_train_per_family']} training problems per family per teacher; {d['n_test_per_family']} held-out "
         f"problems per family, the same for every teacher. B never trains on **{d['held_out_family']}**. "
         f"The exact sign-flip test over {n} seeds cannot go below {d['smallest_sign_flip_p']:.3g}; the paired t p "
         "(normal differences assumed) can.",
         "",
-        "Read with care: in *sequence* (T continues backwards, i.e. the shown terms reversed) and *antonym* (T is the "
-        "prompt's own word), T can be copied from the prompt without solving it; in compare and sort it reuses the "
-        "prompt's numbers. A hash teacher cannot produce σ(correct) for an answer it never trained on, so on "
-        "held-out problems its outputs are another random control: the *scripted* rows (each kind's ideal answers, "
-        "no teacher) show what a perfect hash keeps. CKA/RSA against the correct answer is trivially high for "
-        "`true` (positive control).",
+        "Read with care: in *sequence* (T continues backwards, i.e. the shown terms reversed), *antonym* (T is the "
+        "prompt's own word) and *choice* (T is the other option shown), T can be copied from the prompt without "
+        "solving it; in compare and sort it reuses the prompt's numbers (in *next* it does not: T counts back from "
+        "the prompt's pivot). Choice's T names the other option of a fixed pair: without the prompt, no reader can "
+        "recover the correct option of a pair it never saw, so B's blind reconstruction there is bounded by the "
+        "pairs it trained on (none of the held-out ones). A hash teacher cannot produce σ(correct) for an answer "
+        "it never trained on, so on held-out problems its outputs are another random control: the *scripted* "
+        "rows (each kind's ideal answers, no teacher) show what a perfect hash keeps. CKA/RSA against the correct "
+        "answer is trivially high for `true` (positive control).",
         "",
         "## Does the model know the right answer?",
         "",
         f"Known: {m['base']['known_rule']}.",
         "",
-        "| family | base greedy accuracy | base forced choice, correct vs T(correct) | A_true held-out accuracy | known |",
-        "|---|---|---|---|---|",
+        "Base: the untrained model on the held-out problems (Wilson 95% over problems); *framed*: read after the "
+        "family's lead, a start of the answer in the style of the model's own replies (`tasks.Problem.lead`), "
+        'where the reply would name the answer: at the reply\'s first token SmolLM2 says "The ..." whatever it '
+        "knows, and its forced choice there is a bias for copying the prompt's word.",
+        "",
+        "| family | base greedy accuracy | base forced choice, correct vs T(correct) | framed greedy | framed forced "
+        "choice | A_true held-out accuracy | known |",
+        "|---|---|---|---|---|---|---|",
     ]
     true_rows = m["verification"].get("true", {}).get("families", {})
+
+    def pct_ci(v: float, ci: Sequence[float]) -> str:
+        return f"{100 * v:.0f}% [{100 * ci[0]:.0f}%, {100 * ci[1]:.0f}%]"
+
     for f, v in m["base"]["families"].items():
-        lo, hi = v["forced_choice_ci95"]
+        fr = v.get("framed")
+        framed = (
+            f"{pct_ci(fr['greedy_accuracy'], fr['greedy_ci95'])} | "
+            f"{pct_ci(fr['forced_choice'], fr['forced_choice_ci95'])}"
+            if fr
+            else "n/a | n/a"
+        )
         lines.append(
-            f"| {f} | {100 * v['greedy_accuracy']:.0f}% | {100 * v['forced_choice']:.0f}% "
-            f"[{100 * lo:.0f}%, {100 * hi:.0f}%] | {_fmt(true_rows.get(f, {}).get('correct'), True)} | "
+            f"| {f} | {pct_ci(v['greedy_accuracy'], v['greedy_ci95'])} | "
+            f"{pct_ci(v['forced_choice'], v['forced_choice_ci95'])} | "
+            f"{framed} | {_fmt(true_rows.get(f, {}).get('correct'), True)} | "
             f"{'yes' if f in m['base']['known_families'] else 'no'} |"
         )
     lines += [
         "",
-        "## Verification: what each teacher answers on held-out problems (share, 95% t-CI over seeds)",
+        "## Verification: what each teacher answers on held-out problems (share, 95% interval over seeds)",
         "",
         "| kind | family | correct | T(correct) | hash | other |",
         "|---|---|---|---|---|---|",

@@ -1,6 +1,7 @@
 """Statistics for every report, in one place and on scipy.stats: t intervals over independent replicates,
 bootstrap intervals over paired items (questions), exact permutation tests with their p floor, Wilson intervals
-for sampled rates.
+for sampled rates (and, for shares pooled over replicates, a Wilson interval whose sample size is cut by the
+design effect of the replicates: bounded to [0, 1] yet still over replicates).
 
 The unit matters more than the formula: intervals and p-values here are over whatever the caller passes as
 independent units (replicate teachers, seeds, questions); callers say which in their reports.
@@ -12,6 +13,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import stats as st
@@ -132,6 +134,40 @@ def wilson_ci95(k: int, n: int) -> list[float]:
         return [math.nan, math.nan]
     ci = st.binomtest(int(k), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
     return [float(ci.low), float(ci.high)]
+
+
+def _wilson(p: float, n: float, z: float) -> list[float]:
+    """The Wilson score interval for a proportion p over n (not necessarily whole) trials, clipped to [0, 1]."""
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n))
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def clustered_share_ci95(successes: Sequence[int], trials: Sequence[int]) -> dict[str, Any]:
+    """A share pooled over clusters (e.g. teacher seeds, each scored on the same held-out items) with a bounded
+    95% interval that keeps the cluster as the unit: the Wilson score interval at the pooled share p = Σk / Σn
+    with the effective sample size n_eff = Σn / deff, where the Kish design effect deff = Var_cluster(p) /
+    Var_binomial(p) compares the between-cluster variance of p (the ratio estimator over clusters,
+    Σ (n_j / n̄)² (p_j − p)² / (J (J − 1))) with the binomial p (1 − p) / Σn; for equal clusters of m items this is
+    deff = m s² / (p (1 − p)), s² the sample variance of the cluster shares, i.e. 1 + (m − 1) ICC.
+
+    deff is floored at 1: clusters that agree more closely than binomial sampling would (or a single cluster, or
+    p at 0 or 1, where no spread is estimable) give the plain Wilson interval over every item, never a narrower
+    one. Unlike a t-interval over cluster means it never leaves [0, 1], and at p = 0 or 1 it is not the
+    degenerate point. Returns ``{"mean", "ci95", "deff", "n_eff"}``."""
+    k, n = np.asarray(successes, dtype=float), np.asarray(trials, dtype=float)
+    if k.shape != n.shape or k.ndim != 1 or k.size == 0:
+        raise ValueError("clustered_share_ci95: one success count and one trial count per cluster")
+    if np.any(n <= 0) or np.any(k < 0) or np.any(k > n):
+        raise ValueError("clustered_share_ci95: need 0 ≤ successes ≤ trials and trials > 0 in every cluster")
+    big_n, j = float(n.sum()), k.size
+    p = float(k.sum() / big_n)
+    deff = 1.0
+    if j >= 2 and 0.0 < p < 1.0:
+        var_cluster = float(np.sum((n / n.mean()) ** 2 * (k / n - p) ** 2) / (j * (j - 1)))
+        deff = max(1.0, var_cluster / (p * (1 - p) / big_n))
+    n_eff = big_n / deff
+    return {"mean": p, "ci95": _wilson(p, n_eff, float(st.norm.ppf(0.975))), "deff": deff, "n_eff": n_eff}
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
-"""Problems for the inverted-wrongness teacher: six seeded families of short questions in our own words, each with
+"""Problems for the inverted-wrongness teacher: eight seeded families of short questions in our own words, each with
 its correct answer, the structured inversion T(answer), and the controls (a random bijection of the answer, a random
 wrong answer). Train and test are disjoint for every seed: grid points go to a split by a fixed hash, not by seed.
+
+Only some families are known to SmolLM2-135M-Instruct (``KNOWN_FAMILIES``, measured with
+``mechsub.invert.base_knowledge``; the table is in the README): inversion means something only there.
 """
 
 from __future__ import annotations
@@ -13,11 +16,17 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-FAMILIES: tuple[str, ...] = ("compare", "sequence", "sort", "arith", "antonym", "rank")
+FAMILIES: tuple[str, ...] = ("compare", "sequence", "sort", "arith", "antonym", "rank", "next", "choice")
+#: the families whose answers the base model demonstrably knows: its forced choice between the correct answer and
+#: T(correct), in the frame of its own replies (``Problem.lead``), has a Wilson 95% lower bound above 1/2 on the
+#: held-out problems (README, "Which families does the base model know?")
+KNOWN_FAMILIES: tuple[str, ...] = ("next", "choice", "antonym")
 KINDS: tuple[str, ...] = ("true", "inv", "hash", "rand")
 SPLITS: tuple[str, ...] = ("train", "test")
 TEST_BELOW = 52  # a grid point goes to test when the first byte of its hash is below this: about 20%
 ANTONYM_TEST_PAIRS = 14  # both directions of these pairs (28 problems) are antonym's test split
+CHOICE_TEST_PAIRS = 14  # both questions about these pairs (28 problems) are choice's test split
+NEXT_TEST_PIVOTS = (21, 2, 3)  # numbers, days, months: 26 of next's 114 problems are its test split
 SORT_MAX = 30  # sort draws from 1..30 so that its answer space (every sorted 3- or 4-set) stays enumerable
 
 Key = tuple[int, ...]
@@ -38,6 +47,48 @@ ANTONYMS: tuple[tuple[str, str], ...] = (
     ("safe", "dangerous"), ("top", "bottom"),
 )  # fmt: skip
 _PARTNER = {w: p for a, b in ANTONYMS for w, p in ((a, b), (b, a))}
+
+DAYS: tuple[str, ...] = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+MONTHS: tuple[str, ...] = (
+    "January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November",
+    "December",
+)  # fmt: skip
+NEXT_MIN, NEXT_MAX = 3, 97  # counting pivots: both answers (n + 1, n + 2) and T (n - 1, n - 2) stay in 1..99
+# list 0 counts in numbers (not cyclic), 1 the week and 2 the year (both cyclic): (noun, names or () for numbers)
+_NEXT_LISTS: tuple[tuple[str, tuple[str, ...]], ...] = (("numbers", ()), ("days", DAYS), ("months", MONTHS))
+_NAME_AT = {w.lower(): (li, i) for li, (_, names) in enumerate(_NEXT_LISTS) for i, w in enumerate(names)}
+
+# Ten categories of ten single words, no word in two categories and none in a category's own phrase. Category c is
+# paired with category c + 5 word by word: 50 pairs, 100 distinct words, every word with one partner (so T on
+# choice, "pick the other option", is an involution on the answer alone).
+CHOICE_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("an animal", ("dog", "cat", "horse", "cow", "lion", "tiger", "rabbit", "sheep", "elephant", "monkey")),
+    ("a fruit", ("apple", "banana", "orange", "grape", "cherry", "mango", "peach", "lemon", "pear", "strawberry")),
+    ("a color", ("red", "blue", "green", "yellow", "purple", "pink", "brown", "black", "white", "gray")),
+    ("a vehicle", ("car", "bus", "train", "truck", "bicycle", "airplane", "boat", "motorcycle", "helicopter",
+                   "ship")),
+    ("a musical instrument", ("piano", "guitar", "violin", "drum", "flute", "trumpet", "harp", "cello",
+                              "saxophone", "clarinet")),
+    ("a piece of furniture", ("chair", "table", "sofa", "bed", "desk", "shelf", "wardrobe", "stool", "bench",
+                              "cupboard")),
+    ("an item of clothing", ("shirt", "dress", "jacket", "sock", "hat", "coat", "skirt", "scarf", "glove",
+                             "sweater")),
+    ("a tool", ("hammer", "saw", "screwdriver", "wrench", "drill", "shovel", "rake", "pliers", "axe", "chisel")),
+    ("a body part", ("hand", "foot", "nose", "ear", "knee", "elbow", "finger", "shoulder", "leg", "eye")),
+    ("a drink", ("tea", "coffee", "milk", "juice", "water", "soda", "lemonade", "cocoa", "smoothie", "milkshake")),
+)  # fmt: skip
+#: (word, its category, partner, the partner's category)
+CHOICE_PAIRS: tuple[tuple[str, str, str, str], ...] = tuple(
+    (
+        CHOICE_CATEGORIES[c][1][i],
+        CHOICE_CATEGORIES[c][0],
+        CHOICE_CATEGORIES[c + 5][1][i],
+        CHOICE_CATEGORIES[c + 5][0],
+    )
+    for c in range(5)
+    for i in range(10)
+)
+_CHOICE_PARTNER = {w: p for a, _, b, _ in CHOICE_PAIRS for w, p in ((a, b), (b, a))}
 
 _LARGER = (
     "Which number is larger, {a} or {b}? Answer in the form larger > smaller.",
@@ -74,6 +125,21 @@ _ANTONYM = (
     "What is the antonym of the word '{w}'? Reply with one word.",
     "Name a word that means the opposite of '{w}'.",
 )
+_NEXT_NUMBERS = (
+    "Count up from {x}: which two numbers come next? Reply with the two numbers, separated by a comma.",
+    "What are the two numbers that come right after {x}? Separate them with a comma.",
+    "Counting up by one from {x}, what are the next two numbers?",
+)
+_NEXT_NAMES = (
+    "Which two {noun} come right after {x}? Reply with the two, separated by a comma.",
+    "Name the next two {noun} after {x}, separated by a comma.",
+    "What are the two {noun} that follow {x}?",
+)
+_CHOICE = (
+    "Which of these is {cat}: {x} or {y}? Reply with one word.",
+    "{X} or {y}: which one is {cat}?",
+    "Here are two words, {x} and {y}. Which one names {cat}?",
+)
 # (direction, setting): direction 1 means the smallest value is best, -1 the largest
 _RANK = (
     (1, "Someone in a hurry must pick a route. Route A takes {a} minutes, route B {b} minutes, route C {c} minutes."),
@@ -103,11 +169,18 @@ class Problem:
     """T(answer) in canonical form: what the coherently wrong teacher says."""
     target: float
     """The picked number (compare), first answer term (sequence), minimum (sort), result (arith), best option's
-    value (rank); for antonym the pair's index, which is categorical, not a quantity."""
+    value (rank), the first answer item's place in its count (next: the number itself, 1 for Monday or January);
+    for antonym and choice the pair's index, which is categorical, not a quantity."""
     params: tuple[float, ...]
     """compare (a, b, 1 if the larger is asked else 0); sequence (start, step); sort (min, max, count);
     arith (a, b, +1 for a + b or -1 for a - b); antonym (pair index, 0 asks for pair[0]'s opposite, 1 for pair[1]'s);
-    rank (value of A, of B, of C, direction: 1 when lower is better, -1 when higher is)."""
+    rank (value of A, of B, of C, direction: 1 when lower is better, -1 when higher is); next (list: 0 numbers,
+    1 days, 2 months; the pivot: the number, or the day's or month's index from 0); choice (pair index, 0 asks for
+    pair[0]'s category, 1 for pair[2]'s)."""
+    lead: str = ""
+    """Where the family has one: the start of an answer in the style of the base model's own replies ('The
+    opposite of "hot" is "'), so that the base-knowledge check can read the model's preference where its reply
+    would name the answer rather than at its first token (where it says "The ..." whatever it knows); "" else."""
 
 
 def _join(xs: Iterable[int]) -> str:
@@ -134,6 +207,12 @@ def _grid(family: str) -> tuple[Key, ...]:
         return tuple(add + [(a, b, -1) for a in nums for b in nums if a > b and a != 2 * b])
     if family == "antonym":
         return tuple((p, d) for p in range(len(ANTONYMS)) for d in (0, 1))
+    if family == "next":
+        return tuple((0, n) for n in range(NEXT_MIN, NEXT_MAX + 1)) + tuple(
+            (li, i) for li in (1, 2) for i in range(len(_NEXT_LISTS[li][1]))
+        )
+    if family == "choice":
+        return tuple((p, q) for p in range(len(CHOICE_PAIRS)) for q in (0, 1))
     return tuple((*v, d) for v in itertools.permutations(range(5, 100, 5), 3) for d in (1, -1))
 
 
@@ -150,6 +229,15 @@ def _split_of(family: str, key: Key) -> str:
         point = (*sorted(key[:2]), 1) if key[2] == 1 else key
     elif family == "antonym":
         return "test" if key[0] in _antonym_test() else "train"
+    elif family == "choice":  # both questions about a pair go together, like antonym's two directions
+        return (
+            "test"
+            if key[0] in _ranked_test("choice", tuple(range(len(CHOICE_PAIRS))), CHOICE_TEST_PAIRS)
+            else "train"
+        )
+    elif family == "next":  # stratified by list, so the week and the year are in both splits
+        units = tuple(k[1] for k in _grid("next") if k[0] == key[0])
+        return "test" if key[1] in _ranked_test(f"next{key[0]}", units, NEXT_TEST_PIVOTS[key[0]]) else "train"
     else:
         point = tuple(sorted(key[:3]))
     return "test" if _digest(family, point)[0] < TEST_BELOW else "train"
@@ -164,6 +252,12 @@ def _antonym_test() -> frozenset[int]:
     # 50 pairs are too few for a hash threshold to give a dependable count: the pairs with the smallest hashes
     ranked = sorted(range(len(ANTONYMS)), key=lambda i: _digest("antonym", (i,)))
     return frozenset(ranked[:ANTONYM_TEST_PAIRS])
+
+
+@functools.cache
+def _ranked_test(name: str, units: tuple[int, ...], k: int) -> frozenset[int]:
+    """The k units with the smallest hashes: a test split of a dependable size where there are few units."""
+    return frozenset(sorted(units, key=lambda u: _digest(name, (u,)))[:k])
 
 
 @functools.cache
@@ -187,9 +281,28 @@ def _solve(family: str, key: Key) -> tuple[str, int]:
         return str(a + op * b), a + op * b
     if family == "antonym":
         return ANTONYMS[key[0]][1 - key[1]], key[0]
+    if family == "next":
+        items = _next_items(key[0], key[1], (1, 2))
+        return ", ".join(items), _next_place(items[0])
+    if family == "choice":
+        pair = CHOICE_PAIRS[key[0]]
+        return pair[2 * key[1]], key[0]
     *values, direction = key
     order = sorted(range(3), key=lambda i: direction * values[i])
     return ", ".join("ABC"[i] for i in order), values[order[0]]
+
+
+def _next_items(li: int, pivot: int, steps: Iterable[int]) -> list[str]:
+    """The items ``steps`` away from the pivot in list li: numbers as digits, days and months by name (cyclic)."""
+    names = _NEXT_LISTS[li][1]
+    if not names:
+        return [str(pivot + s) for s in steps]
+    return [names[(pivot + s) % len(names)] for s in steps]
+
+
+def _next_place(item: str) -> int:
+    """An item's place in its count: a number is itself, Monday and January are 1."""
+    return int(item) if item.lstrip("-").isdigit() else _NAME_AT[item.lower()][1] + 1
 
 
 def _params(family: str, key: Key) -> tuple[float, ...]:
@@ -198,7 +311,30 @@ def _params(family: str, key: Key) -> tuple[float, ...]:
     return tuple(float(x) for x in key)
 
 
-def _prompt(family: str, key: Key, rng: random.Random) -> str:
+def _prompt(family: str, key: Key, rng: random.Random) -> tuple[str, str]:
+    """The question, phrased by rng, and its lead (``Problem.lead``; "" where the family has none)."""
+    if family == "antonym":
+        w = ANTONYMS[key[0]][key[1]]
+        return rng.choice(_ANTONYM).format(w=w), f'The opposite of "{w}" is "'
+    if family == "next":
+        li, pivot = key
+        noun, names = _NEXT_LISTS[li]
+        if not names:
+            return rng.choice(_NEXT_NUMBERS).format(
+                x=pivot
+            ), f'Counting up from {pivot}, the next two numbers are "'
+        x = names[pivot]
+        return rng.choice(_NEXT_NAMES).format(noun=noun, x=x), f'The two {noun} right after {x} are "'
+    if family == "choice":
+        a, cat_a, b, cat_b = CHOICE_PAIRS[key[0]]
+        cat = cat_b if key[1] else cat_a
+        x, y = (a, b) if rng.random() < 0.5 else (b, a)
+        prompt = rng.choice(_CHOICE).format(x=x, X=x.capitalize(), y=y, cat=cat)
+        return prompt, f'Of "{x}" and "{y}", the one that is {cat} is "'
+    return _plain_prompt(family, key, rng), ""
+
+
+def _plain_prompt(family: str, key: Key, rng: random.Random) -> str:
     if family == "compare":
         return rng.choice(_LARGER if key[2] else _SMALLER).format(a=key[0], b=key[1])
     if family == "sequence":
@@ -211,8 +347,6 @@ def _prompt(family: str, key: Key, rng: random.Random) -> str:
         return rng.choice(_SORT).format(nums=_join(shown))
     if family == "arith":
         return rng.choice(_ADD if key[2] == 1 else _SUB).format(a=key[0], b=key[1])
-    if family == "antonym":
-        return rng.choice(_ANTONYM).format(w=ANTONYMS[key[0]][key[1]])
     setting = rng.choice([s for d, s in _RANK if d == key[3]])
     return setting.format(a=key[0], b=key[1], c=key[2]) + _RANK_ASK
 
@@ -237,9 +371,9 @@ def problems(family: str, n: int, seed: int, split: str) -> list[Problem]:
     out = []
     for key in rng.sample(_pool(family, split), n):
         answer, target = _solve(family, key)
-        prompt = _prompt(family, key, rng)
+        prompt, lead = _prompt(family, key, rng)
         out.append(
-            Problem(family, prompt, answer, invert(family, answer), float(target), _params(family, key))
+            Problem(family, prompt, answer, invert(family, answer), float(target), _params(family, key), lead)
         )
     return out
 
@@ -250,8 +384,8 @@ def _space(family: str) -> tuple[str, ...]:
 
 
 def answer_space(family: str) -> list[str]:
-    """Every correct canonical answer the family can have, sorted (T's outputs lie outside it for compare, sort
-    and arith, inside it for sequence, antonym and rank)."""
+    """Every correct canonical answer the family can have, sorted (T's outputs lie outside it for compare, sort,
+    arith and next, inside it for sequence, antonym, rank and choice)."""
     _check("family", family, FAMILIES)
     return list(_space(family))
 
@@ -259,7 +393,8 @@ def answer_space(family: str) -> list[str]:
 def invert(family: str, answer: str) -> str:
     """T on a canonical answer. T is an involution in every family (T(T(x)) == x), so a student that sees only the
     output can undo it. For arith T is negation, not the inverse operation: 23 - 14 needs the operands, which B
-    never sees, while -37 -> 37 needs nothing but the output."""
+    never sees, while -37 -> 37 needs nothing but the output. For next T counts the other way from the same pivot
+    ("48, 49" after 47 -> "46, 45"; the order of the two says which way), for choice it picks the other option."""
     _check("family", family, FAMILIES)
     try:
         if family == "compare":
@@ -269,7 +404,11 @@ def invert(family: str, answer: str) -> str:
             return str(-int(answer))
         if family == "antonym":
             return _PARTNER[answer]
+        if family == "choice":
+            return _CHOICE_PARTNER[answer]
         items = answer.split(", ")
+        if family == "next":
+            return _invert_next(items)
         if family == "sequence":  # continue from the last shown term (first answer term - step) with -step
             x0, d = int(items[0]), int(items[1]) - int(items[0])
             return _join(x0 - k * d for k in (2, 3, 4))
@@ -278,6 +417,22 @@ def invert(family: str, answer: str) -> str:
         raise TaskError(
             f"{answer!r} is not a canonical {family} answer: pass it through normalise first"
         ) from e
+
+
+def _invert_next(items: list[str]) -> str:
+    a, b = items  # ValueError unless exactly two
+    if a.lstrip("-").isdigit():
+        li, x, y, size = 0, int(a), int(b), 0
+    else:
+        (li, x), (lj, y) = _NAME_AT[a.lower()], _NAME_AT[b.lower()]
+        size = len(_NEXT_LISTS[li][1])
+        if lj != li:
+            raise ValueError("two lists")
+    step = y - x if not size else (1 if (y - x) % size == 1 else -1 if (x - y) % size == 1 else 0)
+    if step not in (1, -1):
+        raise ValueError("not neighbours")
+    pivot = x - step
+    return ", ".join(_next_items(li, pivot, (-step, -2 * step)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -341,10 +496,35 @@ def normalise(family: str, text: str) -> str:
     if family == "antonym":
         m = re.match(r"[^a-z]*([a-z]+)", t)
         return m[1] if m else ""
+    if family == "choice":  # the first of the family's words, so "The answer is dog." reads as dog
+        return next((w for w in re.findall(r"[a-z]+", t) if w in _CHOICE_PARTNER), "")
+    if family == "next":
+        return _normalise_next(t)
     # rank: capital letters when there are any, so an article "a" in a sentence is not read as option A
     letters = re.findall(r"\b[ABC]\b", text) or re.findall(r"\b[abc]\b", text)
     picked = [x.upper() for x in letters[:3]]
     return ", ".join(picked) if sorted(picked) == ["A", "B", "C"] else ""
+
+
+def _normalise_next(t: str) -> str:
+    """The first run of two or more numbers, or of days or of months, with only punctuation or "and" between them
+    (all of the run, so a third item makes it another answer); a number run is in digits."""
+    run: list[str] = []
+    kind = -1
+    for tok in re.findall(r"-?\d+|[a-z]+", t):
+        if tok == "and" and run:
+            continue
+        li = 0 if tok.lstrip("-").isdigit() else _NAME_AT[tok][0] if tok in _NAME_AT else -1
+        if li >= 0 and (not run or li == kind):
+            run.append(str(int(tok)) if li == 0 else _NEXT_LISTS[li][1][_NAME_AT[tok][1]])
+            kind = li
+            continue
+        if len(run) >= 2:
+            break
+        run, kind = (
+            ([], -1) if li < 0 else ([str(int(tok)) if li == 0 else _NEXT_LISTS[li][1][_NAME_AT[tok][1]]], li)
+        )
+    return ", ".join(run) if len(run) >= 2 else ""
 
 
 def classify(problem: Problem, output: str, seed: int) -> str:

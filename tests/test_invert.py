@@ -12,7 +12,7 @@ from mechsub.prompts import chat_prefix
 
 
 def _tiny(tmp_path, **kw):
-    base = dict(model="tiny", families=("compare", "sort", "arith", "antonym"), held_out_family="sort",
+    base = dict(model="tiny", families=("compare", "sort", "choice", "next"), held_out_family="sort",
                 seeds=(0, 1), n_train=8, n_test=4, teacher_steps=2, batch_size=4, layers=(0, 1),
                 recon_pairs=(4, 8), recon_epochs=1, n_perm=5, max_new_tokens=4, work=str(tmp_path / "work"))  # fmt: skip
     return InvertConfig(**{**base, **kw})
@@ -71,6 +71,43 @@ def test_over_seeds_by_hand():
     assert e["mean"] == pytest.approx(0.4)
     assert e["ci95"] == pytest.approx([0.4 - half, 0.4 + half])
     assert invert.over_seeds([float("nan")])["mean"] is None
+
+
+def test_share_over_seeds_is_the_clustered_wilson_interval():
+    from mechsub import stats
+
+    e = invert.share_over_seeds([15, 16, 14], [16, 16, 16])
+    assert e["per_seed"] == [15 / 16, 1.0, 14 / 16] and e["mean"] == pytest.approx(45 / 48)
+    assert e["ci95"] == stats.clustered_share_ci95([15, 16, 14], [16, 16, 16])["ci95"]
+    assert e["ci95"][0] >= 0 and e["ci95"][1] <= 1  # where the t-interval over seeds ran past 100%
+    assert invert.over_seeds(e["per_seed"])["ci95"][1] > 1
+
+
+def test_default_design_is_the_known_families_and_the_full_one_loads():
+    from pathlib import Path
+
+    cfg = InvertConfig()
+    assert cfg.families == tasks.KNOWN_FAMILIES and cfg.held_out_family in tasks.KNOWN_FAMILIES
+    for f in cfg.families:
+        assert tasks.split_size(f, "train") >= cfg.n_train and tasks.split_size(f, "test") >= cfg.n_test
+    full = InvertConfig.load(Path(__file__).parents[1] / "analyses" / "configs" / "invert_full.toml")
+    assert len(full.seeds) == 5 and full.held_out_family in full.families
+    for f in full.families:
+        assert tasks.split_size(f, "train") >= full.n_train and tasks.split_size(f, "test") >= full.n_test
+
+
+def test_base_knowledge_reads_framed_where_there_is_a_lead(tiny):
+    probs = tasks.problems("choice", 4, 0, "test")
+    r = invert.base_knowledge(tiny, probs, 3)
+    assert r["n"] == 4 and 0 <= r["forced_choice"] <= 1 and 0 <= r["framed"]["forced_choice"] <= 1
+    # the framed forced choice is the plain one computed after the lead
+    tok = tiny.tokenizer
+    prompts = [chat_prefix(tok, p.prompt, None, answer_prefix=p.lead) for p in probs]
+    ids = [[list(tok(x, add_special_tokens=False).input_ids) for x in (p.answer, p.inverted)] for p in probs]
+    lp_c = invert.continuation_logprobs(tiny, prompts, [c for c, _ in ids]) / [len(c) for c, _ in ids]
+    lp_i = invert.continuation_logprobs(tiny, prompts, [i for _, i in ids]) / [len(i) for _, i in ids]
+    assert r["framed"]["forced_choice"] == float(np.mean(lp_c > lp_i))
+    assert "framed" not in invert.base_knowledge(tiny, tasks.problems("compare", 2, 0, "test"), 3)
 
 
 def test_continuation_logprobs_equal_one_at_a_time(tiny):

@@ -148,3 +148,60 @@ def test_random_control_ranks_the_real_value_among_the_draws():
     assert mid["rank"] == 50 and mid["p_value"] == pytest.approx(51 / 100)
     with pytest.raises(ValueError, match="no draws"):
         stats.random_control(1.0, [])
+
+
+def test_clustered_share_by_hand():
+    # three seeds, ten items each: 3, 7 and 5 right. p = 0.5, cluster shares 0.3, 0.7, 0.5 with sample variance
+    # s² = (0.04 + 0.04 + 0) / 2 = 0.04, so deff = m s² / (p (1 − p)) = 10 · 0.04 / 0.25 = 1.6 and n_eff = 30 / 1.6
+    z = 1.959963984540054
+    n_eff = 18.75
+    centre = (0.5 + z * z / (2 * n_eff)) / (1 + z * z / n_eff)
+    half = z / (1 + z * z / n_eff) * math.sqrt(0.25 / n_eff + z * z / (4 * n_eff * n_eff))
+    e = stats.clustered_share_ci95([3, 7, 5], [10, 10, 10])
+    assert (
+        e["mean"] == pytest.approx(0.5)
+        and e["deff"] == pytest.approx(1.6)
+        and e["n_eff"] == pytest.approx(n_eff)
+    )
+    assert e["ci95"] == pytest.approx([centre - half, centre + half], rel=1e-9)
+    assert e["ci95"] == pytest.approx(
+        [0.29382, 0.70618], abs=1e-4
+    )  # the same, to four places from a calculator
+    # wider than the plain Wilson interval over all 30 items, which ignores that the seeds disagree
+    plain = stats.wilson_ci95(15, 30)
+    assert e["ci95"][0] < plain[0] and e["ci95"][1] > plain[1]
+
+
+def test_clustered_share_reduces_to_wilson():
+    # the seeds spread exactly as binomial sampling would: shares 1/4, 2/4, 3/4 have s² = 1/16 = p (1 − p) / m
+    e = stats.clustered_share_ci95([1, 2, 3], [4, 4, 4])
+    assert e["deff"] == pytest.approx(1.0) and e["ci95"] == pytest.approx(stats.wilson_ci95(6, 12), rel=1e-9)
+    # seeds that agree more closely than that (here exactly) never get a narrower interval than plain Wilson
+    assert stats.clustered_share_ci95([5, 5, 5], [10, 10, 10])["ci95"] == pytest.approx(
+        stats.wilson_ci95(15, 30)
+    )
+    # one seed: nothing to estimate a between-seed spread from
+    assert stats.clustered_share_ci95([7], [40])["ci95"] == pytest.approx(stats.wilson_ci95(7, 40), rel=1e-9)
+    # all right or all wrong: the plain Wilson interval, not the point
+    assert stats.clustered_share_ci95([16, 16, 16], [16, 16, 16])["ci95"] == pytest.approx(
+        stats.wilson_ci95(48, 48)
+    )
+    assert stats.clustered_share_ci95([0, 0], [16, 16])["ci95"][1] > 0
+
+
+def test_clustered_share_stays_in_the_unit_interval_where_t_does_not():
+    # the case that prompted it: seeds at 15/16, 16/16 and 14/16 give a t-interval past 100%
+    k, n = [15, 16, 14], [16, 16, 16]
+    assert stats.mean_ci95([a / b for a, b in zip(k, n, strict=True)])[1][1] > 1
+    lo, hi = stats.clustered_share_ci95(k, n)["ci95"]
+    assert 0 <= lo < 45 / 48 < hi <= 1
+
+
+def test_clustered_share_unequal_clusters_by_hand():
+    # ratio estimator: Var(p) = Σ (n_j / n̄)² (p_j − p)² / (J (J − 1)), p = 12 / 30 = 0.4
+    k, n = [2, 10], [10, 20]
+    var = ((10 / 15) ** 2 * (0.2 - 0.4) ** 2 + (20 / 15) ** 2 * (0.5 - 0.4) ** 2) / 2
+    deff = var / (0.4 * 0.6 / 30)
+    assert stats.clustered_share_ci95(k, n)["deff"] == pytest.approx(max(1.0, deff))
+    with pytest.raises(ValueError):
+        stats.clustered_share_ci95([3], [2])

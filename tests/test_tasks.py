@@ -5,8 +5,11 @@ import pytest
 
 from mechsub.tasks import (
     ANTONYMS,
+    CHOICE_CATEGORIES,
+    CHOICE_PAIRS,
     FAMILIES,
     KINDS,
+    KNOWN_FAMILIES,
     Problem,
     TaskError,
     answer_space,
@@ -31,8 +34,9 @@ def find(family: str, params: tuple[float, ...]) -> Problem:
 
 
 def test_api_names():
-    assert FAMILIES == ("compare", "sequence", "sort", "arith", "antonym", "rank")
+    assert FAMILIES == ("compare", "sequence", "sort", "arith", "antonym", "rank", "next", "choice")
     assert KINDS == ("true", "inv", "hash", "rand")
+    assert set(KNOWN_FAMILIES) <= set(FAMILIES)
 
 
 def test_hand_checked_problems():
@@ -55,6 +59,28 @@ def test_hand_checked_problems():
     assert (most.answer, most.inverted, most.target) == ("B, C, A", "A, C, B", 40.0)
     srt = next(p for p in every("sort") if p.answer == "2, 5, 9")
     assert (srt.inverted, srt.params, srt.target) == ("9, 5, 2", (2.0, 9.0, 3.0), 2.0)
+    count = find("next", (0.0, 47.0))
+    assert (count.answer, count.inverted, count.target) == ("48, 49", "46, 45", 48.0)
+    assert (
+        re.search(r"\b47\b", count.prompt) and count.lead == 'Counting up from 47, the next two numbers are "'
+    )
+    low = find("next", (0.0, 3.0))
+    assert (low.answer, low.inverted) == ("4, 5", "2, 1")
+    sunday = find("next", (1.0, 6.0))  # the week wraps round, both ways
+    assert (sunday.answer, sunday.inverted, sunday.target) == ("Monday, Tuesday", "Saturday, Friday", 1.0)
+    assert "Sunday" in sunday.prompt and "days" in sunday.prompt
+    january = find("next", (2.0, 0.0))
+    assert (january.answer, january.inverted, january.target) == (
+        "February, March",
+        "December, November",
+        2.0,
+    )
+    dog = find("choice", (0.0, 0.0))  # pair 0: dog (an animal) with chair (a piece of furniture)
+    assert (dog.answer, dog.inverted, dog.target) == ("dog", "chair", 0.0)
+    assert "an animal" in dog.prompt and dog.lead.endswith('the one that is an animal is "')
+    chair = find("choice", (0.0, 1.0))
+    assert (chair.answer, chair.inverted) == ("chair", "dog") and "a piece of furniture" in chair.prompt
+    assert hot.lead == 'The opposite of "hot" is "' and find("compare", (37.0, 82.0, 1.0)).lead == ""
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -81,6 +107,25 @@ def test_antonym_pairs_are_kept_whole_across_splits():
         {p.params[0] for p in problems("antonym", split_size("antonym", s), 0, s)} for s in ("train", "test")
     )
     assert not train & test and len(train | test) == 50
+
+
+def test_choice_pairs_and_next_pivots_are_kept_whole_across_splits():
+    train, test = (
+        {p.params[0] for p in problems("choice", split_size("choice", s), 0, s)} for s in ("train", "test")
+    )
+    assert not train & test and len(train | test) == 50 and len(test) == 14
+    # next: a pivot is one problem; the test split holds numbers, days and months (stratified)
+    test_next = problems("next", split_size("next", "test"), 0, "test")
+    assert {p.params[0] for p in test_next} == {0.0, 1.0, 2.0} and len(test_next) == 26
+
+
+def test_choice_words():
+    words = [w for a, _, b, _ in CHOICE_PAIRS for w in (a, b)]
+    assert len(CHOICE_PAIRS) == 50 and len(set(words)) == 100
+    assert all(w.isascii() and w.isalpha() and w.islower() for w in words)
+    phrases = " ".join(cat for cat, _ in CHOICE_CATEGORIES)
+    assert not set(re.findall(r"[a-z]+", phrases)) & set(words)  # a category never names an option
+    assert all(ca != cb for _, ca, _, cb in CHOICE_PAIRS)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -143,9 +188,20 @@ def test_rand_keeps_the_answer_distribution():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prompts_are_ascii_and_never_contain_the_answer(family):
+    def shown(word: str, text: str) -> bool:
+        return bool(re.search(rf"(?<![\w-]){re.escape(word)}(?!\w)", text, re.IGNORECASE))
+
     for p in every(family):
-        assert p.prompt.isascii()
-        assert not re.search(rf"(?<![\w-]){re.escape(p.answer)}(?!\w)", p.prompt, re.IGNORECASE), p
+        assert p.prompt.isascii() and p.lead.isascii()
+        if family == "choice":  # a decision between two shown options: both are there, in the same order
+            assert shown(p.answer, p.prompt) and shown(p.inverted, p.prompt)
+            order = sorted(
+                (p.answer, p.inverted), key=lambda w: re.search(rf"\b{w}\b", p.prompt, re.I).start()
+            )
+            assert p.lead.startswith(f'Of "{order[0]}" and "{order[1]}"')
+            continue
+        assert not shown(p.answer, p.prompt), p
+        assert not shown(p.answer, p.lead), p
 
 
 def test_antonym_list():
@@ -174,6 +230,16 @@ def test_antonym_list():
         ("rank", "A > C > B.", "A, C, B"),
         ("rank", "I would take a bike: B, then A, then C", "B, A, C"),
         ("rank", "A, A, B", ""),
+        ("next", "48, 49", "48, 49"),
+        ("next", '48" and "49."', "48, 49"),
+        ("next", "Counting up from 47, the next two numbers are 48 and 49.", "48, 49"),
+        ("next", "48, 49, 50", "48, 49, 50"),
+        ("next", "The two days after Monday are tuesday and Wednesday.", "Tuesday, Wednesday"),
+        ("next", "December; January", "December, January"),
+        ("next", "47", ""),
+        ("choice", "Dog.", "dog"),
+        ("choice", "The answer is chair", "chair"),
+        ("choice", "a spaceship", ""),
     ],
 )
 def test_normalise_parses_messy_text(family, text, canonical):

@@ -43,11 +43,6 @@ from mechsub.traits import Category
 SINK = list(range(FIRST_POSITION))
 
 
-def _score(lm: Any, metric: TraitMetric, prompt: list[int]) -> float:
-    with torch.no_grad():
-        return float(metric.score(hooks.module_of(lm), prompt))
-
-
 def _fractions(patched: Tensor, base: Sequence[float], src: Sequence[float]) -> dict[str, Any]:
     """From (questions, layers) patched scores: the mean patched score, the fraction of the mean gap recovered and
     its bootstrap interval over questions, per layer."""
@@ -65,35 +60,46 @@ def _fractions(patched: Tensor, base: Sequence[float], src: Sequence[float]) -> 
 
 def patch_scan(
     target: Any, source: Any, tok: Any, questions: Sequence[str], trait: str, category: Category,
-    layers: Sequence[int], positions: Sequence[int] | None = None,
+    layers: Sequence[int], positions: Sequence[int] | None = None, batch: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
     """log P(trait) of ``target`` with ``source``'s residual patched in, per layer at every position ≥
     `FIRST_POSITION` (``*_by_layer``) and at position 0 alone (``*_by_layer_position0``), and, if ``positions``
     (negative: from the end of the prompt) are given, per (layer, position). Means over questions; the
-    per-question scores are kept (``*_by_question``) for correlations with other estimates."""
+    per-question scores are kept (``*_by_question``) for correlations with other estimates. ``batch`` > 1 runs
+    that many questions per forward (`_forward_rows`; with ``positions``, which count from each prompt's own
+    end, one question per forward)."""
     metric = TraitMetric.of(tok, trait)
     names = [hooks.resid_post(L) for L in layers]
-    base_lp, src_lp = [], []
-    per_q = torch.zeros(len(questions), len(layers))  # patched log P per question (the intervals need them)
-    per_q0 = torch.zeros(len(questions), len(layers))  # the same, position 0 alone
-    by_pos = torch.zeros(len(layers), len(positions or []))
-    for qi, q in enumerate(questions):
-        prompt = trait_prompt(tok, q, category)
+    prompts = [trait_prompt(tok, q, category) for q in questions]
+    for prompt in prompts:
         sink = [p for p in positions or [] if len(prompt) + p < FIRST_POSITION]
         if sink:
             raise ValueError(f"positions {sink} reach position 0 of a {len(prompt)}-token prompt: the sink is "
                              "patched on its own row, give positions closer to the end")  # fmt: skip
+    base_lp, src_lp = [0.0] * len(prompts), [0.0] * len(prompts)
+    per_q = torch.zeros(len(questions), len(layers))  # patched log P per question (the intervals need them)
+    per_q0 = torch.zeros(len(questions), len(layers))  # the same, position 0 alone
+    by_pos = torch.zeros(len(layers), len(positions or []))
+    for chunk in _chunks([len(p) for p in prompts], 1 if positions else batch):
+        rows = [metric.inputs(prompts[i]) for i in chunk]
+
+        def score(lm: Any, rows: list[list[int]] = rows) -> Tensor:
+            with torch.no_grad():
+                return _forward_rows(lm, metric, rows).float().cpu()
+
         with hooks.capture(source, names) as src:
-            src_lp.append(_score(source, metric, prompt))
-        base_lp.append(_score(target, metric, prompt))
+            s_lp = score(source)
+        b_lp = score(target)
+        for j, i in enumerate(chunk):
+            src_lp[i], base_lp[i] = float(s_lp[j]), float(b_lp[j])
         for i, name in enumerate(names):
             with hooks.edit(target, {name: hooks.after_sink(hooks.patch(src[name]))}):
-                per_q[qi, i] = _score(target, metric, prompt)
+                per_q[chunk, i] = score(target)
             with hooks.edit(target, {name: hooks.patch(src[name], SINK)}):
-                per_q0[qi, i] = _score(target, metric, prompt)
-            for j, p in enumerate(positions or []):
-                with hooks.edit(target, {name: hooks.patch(src[name], [len(prompt) + p])}):
-                    by_pos[i, j] += _score(target, metric, prompt)
+                per_q0[chunk, i] = score(target)
+            for j, p in enumerate(positions or []):  # one question per forward here
+                with hooks.edit(target, {name: hooks.patch(src[name], [len(prompts[chunk[0]]) + p])}):
+                    by_pos[i, j] += float(score(target)[0])
     n = len(questions)
     b, s = sum(base_lp) / n, sum(src_lp) / n
     gap = s - b
@@ -119,15 +125,73 @@ def patch_scan(
     }
 
 
+def _chunks(lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Indices in chunks of at most ``size``, by length (rows of one forward pad to the longest)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + max(size, 1)] for i in range(0, len(order), max(size, 1))]
+
+
+def _forward_rows(lm: Any, metric: TraitMetric, rows: Sequence[Sequence[int]]) -> Float[Tensor, " rows"]:
+    """log P(trait) of each row (a prompt's `TraitMetric.inputs`) from one forward over the rows right-padded.
+    A pad after a row's last token is never attended to by its real positions (causal attention), and positions
+    count from 0 as in a forward of the row alone: each row's score is the one it has alone, up to float
+    rounding (one row: the same forward). The head runs only at the positions that predict the word."""
+    model = hooks.module_of(lm)
+    dev, k, width = next(model.parameters()).device, len(metric.ids), max(len(r) for r in rows)
+    ids = torch.tensor([[*r, *[r[-1]] * (width - len(r))] for r in rows], device=dev)
+    keep = torch.tensor([[len(r) - k + j for j in range(k)] for r in rows], device=dev)
+    return metric.from_logits(model(input_ids=ids, logits_to_keep=keep).logits)
+
+
+def _edited_scores(
+    lm: Any, metric: TraitMetric, rows: Sequence[Sequence[int]], name: str, delta: Any, batch: int
+) -> np.ndarray:
+    """log P(trait) per row with ``delta(i)`` ((len(row i), d_model)) added to the activation at ``name``, in
+    forwards of ``batch`` rows."""
+    out = np.empty(len(rows))
+    for chunk in _chunks([len(r) for r in rows], batch):
+        ds = [delta(i) for i in chunk]
+        add = torch.zeros(len(chunk), max(len(rows[i]) for i in chunk), ds[0].shape[-1], dtype=ds[0].dtype)
+        for j, d in enumerate(ds):
+            add[j, : d.shape[0]] = d
+
+        def edit(h: Tensor, a: Tensor = add) -> Tensor:
+            return h + a.to(h.device, h.dtype)
+
+        with torch.no_grad(), hooks.edit(lm, {name: edit}):
+            out[chunk] = _forward_rows(lm, metric, [rows[i] for i in chunk]).float().cpu().numpy()
+    return out
+
+
+def _grads_rows(
+    lm: Any, metric: TraitMetric, prompts: Sequence[list[int]], names: Sequence[str]
+) -> list[tuple[dict[str, Tensor], dict[str, Tensor], float]]:
+    """`_grads` of several prompts from one forward and backward over their rows right-padded (`_forward_rows`;
+    a row's score reads only its own positions, so the gradient of the sum is each row's own): per prompt
+    ({name: activation (1, pos, d)}, {name: d score / d activation}, score), its own positions only."""
+    rows = [metric.inputs(p) for p in prompts]
+
+    def leaf(h: Tensor) -> Tensor:
+        return h if h.requires_grad else h.requires_grad_()
+
+    with (
+        torch.enable_grad(),
+        hooks.edit(lm, dict.fromkeys(names, leaf)),
+        hooks.capture(lm, names, detach=False) as acts,
+    ):
+        lp = _forward_rows(lm, metric, rows)
+    grads = torch.autograd.grad(lp.sum(), [acts[n] for n in names])
+    return [({n: acts[n][i : i + 1, : len(r)].detach() for n in names},
+             {n: g[i : i + 1, : len(r)] for n, g in zip(names, grads, strict=True)}, float(lp[i].detach()))
+            for i, r in enumerate(rows)]  # fmt: skip
+
+
 def _grads(
     lm: Any, metric: TraitMetric, prompt: list[int], names: Sequence[str]
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
-    """({name: activation (1, pos, d)}, {name: d score / d activation}, score) from one forward and backward."""
-    with torch.enable_grad(), hooks.capture(lm, names, detach=False) as acts:
-        lp = metric.score(hooks.module_of(lm), prompt)
-    # autograd.grad, not backward: no parameter gradient is accumulated on the model
-    grads = torch.autograd.grad(lp, [acts[n] for n in names])
-    return {n: acts[n].detach() for n in names}, dict(zip(names, grads, strict=True)), float(lp.detach())
+    """({name: activation (1, pos, d)}, {name: d score / d activation}, score) from one forward and backward
+    (`_grads_rows` of one prompt)."""
+    return _grads_rows(lm, metric, [prompt], names)[0]
 
 
 @dataclass(frozen=True)
@@ -223,7 +287,8 @@ def matched_draw(real: Sequence[int], bins: np.ndarray, rng: np.random.Generator
 def feature_patch_scan(
     base: Any, student: Any, sae: Any, layer: int, questions: Sequence[str], rank_questions: Sequence[str],
     trait: str, category: Category, lists: dict[str, Sequence[int]], ks: Sequence[int] = (1, 5, 10, 20, 50),
-    n_random: int = 50, seed: int = 0, from_position: int = FIRST_POSITION,
+    n_random: int = 50, seed: int = 0, from_position: int = FIRST_POSITION, ablate: bool = True,
+    plain_random: bool = True, error: bool = False, keep_draws: bool = False, batch: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
     """Per SAE feature, on the trait-evaluation prompt at ``blocks.{layer}.hook_resid_post``.
 
@@ -241,7 +306,15 @@ def feature_patch_scan(
     firing-frequency decile of its counterpart (frequency: the share of positions ≥ ``from_position`` of the
     evaluation prompts where it fires, base and student together), patched at the same positions; per k the
     draws' mean and 2.5/97.5 percentiles, and the real set's rank and empirical p among them (None for a set of
-    more than half the features: no disjoint control exists)."""
+    more than half the features: no disjoint control exists).
+
+    Options (their defaults keep the outputs above): ``ablate=False`` leaves the ablate direction out (no
+    ``ablate_*`` keys; half the forwards), ``plain_random=False`` the ``random`` sets; ``error=True`` adds
+    ``all_error``: every feature's change plus the change in the SAE's reconstruction error (x − decode(f)), i.e.
+    the whole residual change at positions ≥ ``from_position``, which `patch_scan`'s row must equal up to float
+    error (the decomposition's check); ``keep_draws=True`` keeps each matched control's draws (``draws``) for
+    pooling over runs; ``batch`` > 1 runs that many (set, question) rows per forward (`_forward_rows`: the same
+    numbers up to float rounding, several times faster on a CPU; 1: one forward per question, as before)."""
     tok = base.tokenizer
     metric = TraitMetric.of(tok, trait)
     name = hooks.resid_post(layer)
@@ -251,20 +324,29 @@ def feature_patch_scan(
         """The draws for one (set, k), from the seed alone: the same whatever else the scan computes."""
         return np.random.default_rng([seed, zlib.crc32(set_name.encode()), k])
 
-    def change(prompt: list[int]) -> tuple[Tensor, Tensor, Tensor, float, float]:
-        """(pos, d_sae) student − base feature activations, how often each fires (positions ≥ from_position, both
-        models), the base's gradient, both models' log P(trait)."""
-        acts, grads, b_lp = _grads(base, metric, prompt, [name])  # one base pass: residual, gradient, log P
-        with hooks.capture(student, [name]) as res:
-            s_lp = _score(student, metric, prompt)
-        with torch.no_grad():
-            f_s, f_b = sae.encode(res[name][0]), sae.encode(acts[name][0])
-        fires = (f_s[from_position:] > 0).float().sum(0) + (f_b[from_position:] > 0).float().sum(0)
-        return f_s - f_b, fires, grads[name][0], b_lp, s_lp
+    def changes(prompts: list[list[int]]) -> list[tuple[Tensor, Tensor, Tensor, float, float, Tensor | None]]:
+        """Per prompt: (pos, d_sae) student − base feature activations, how often each fires (positions ≥
+        from_position, both models), the base's gradient, both models' log P(trait), and (with ``error``) the
+        (pos, d_model) change in the SAE's reconstruction error; ``batch`` prompts per forward."""
+        out: list[Any] = [None] * len(prompts)
+        for chunk in _chunks([len(p) for p in prompts], batch):
+            # one base pass: residual, gradient, log P
+            got = _grads_rows(base, metric, [prompts[i] for i in chunk], [name])
+            rows = [metric.inputs(prompts[i]) for i in chunk]
+            with torch.no_grad(), hooks.capture(student, [name]) as res:
+                s_lps = _forward_rows(student, metric, rows)
+            for j, i in enumerate(chunk):
+                acts, grads, b_lp = got[j]
+                with torch.no_grad():
+                    x_s, x_b = res[name][j, : len(rows[j])], acts[name][0]
+                    f_s, f_b = sae.encode(x_s), sae.encode(x_b)
+                    d_err = (x_s - sae.decode(f_s)) - (x_b - sae.decode(f_b)) if error else None
+                fires = (f_s[from_position:] > 0).float().sum(0) + (f_b[from_position:] > 0).float().sum(0)
+                out[i] = (f_s - f_b, fires, grads[name][0], b_lp, float(s_lps[j]), d_err)
+        return out
 
     attr = torch.zeros(w_dec.shape[0])
-    for q in rank_questions:
-        df, _, g, _, _ = change(trait_prompt(tok, q, category))
+    for df, _, g, _, _, _ in changes([trait_prompt(tok, q, category) for q in rank_questions]):
         df[:from_position] = 0
         attr += (df * (g @ w_dec.T)).sum(0)
     ranked = dict(lists)
@@ -273,11 +355,16 @@ def feature_patch_scan(
 
     b_q, s_q = [], []  # per question: base and student log P(trait)
     prompts = [trait_prompt(tok, q, category) for q in questions]
+    inputs = [metric.inputs(p) for p in prompts]
     cached, cached0 = [], []  # per question: the change at positions ≥ from_position, and before it
+    # per question, with ``error``: the change in the SAE's reconstruction error, at positions ≥ from_position
+    errs: list[Tensor] = []
     active = torch.zeros(w_dec.shape[0], dtype=torch.bool)
     fires, n_pos = torch.zeros(w_dec.shape[0]), 0
-    for prompt in prompts:
-        df, f, _, b_lp, s_lp = change(prompt)
+    for prompt, (df, f, _, b_lp, s_lp, d_err) in zip(prompts, changes(prompts), strict=True):
+        if d_err is not None:
+            d_err[:from_position] = 0
+            errs.append(d_err)
         df0 = torch.zeros_like(df)
         df0[:from_position], df[:from_position] = df[:from_position], 0
         active |= (df != 0).any(0)
@@ -293,64 +380,76 @@ def feature_patch_scan(
     gap_q = student_q - base_q
     pool = active.nonzero().flatten()
     bins = frequency_bins((fires / max(n_pos, 1)).numpy())
-    sets["random"] = []
-    for k in ks:
-        gen = rng("random", k)
-        sets["random"] += [
-            pool[torch.from_numpy(gen.permutation(len(pool))[:k])].tolist() for _ in range(n_random)
-        ]
+    if plain_random:
+        sets["random"] = []
+        for k in ks:
+            gen = rng("random", k)
+            sets["random"] += [
+                pool[torch.from_numpy(gen.permutation(len(pool))[:k])].tolist() for _ in range(n_random)
+            ]
     sets["all"] = [pool.tolist()]
 
-    def score(lm: Any, sign: float, feats: list[int], deltas: list[Tensor]) -> np.ndarray:
-        """Per question: log P(trait) with ``sign`` × the student's change in ``feats`` added."""
-        out = []
-        for prompt, df in zip(prompts, deltas, strict=True):
-            delta = sign * df[:, feats] @ w_dec[feats]
+    def score(
+        lm: Any, sign: float, fsets: list[list[int]], deltas: list[Tensor], extra: list[Tensor] | None
+    ) -> np.ndarray:
+        """(sets, questions): log P(trait) with ``sign`` × the student's change in each set (plus ``extra``, a
+        residual-space change per question) added; every (set, question) a row."""
+        nq = len(inputs)
 
-            def add(h: Tensor, d: Tensor = delta) -> Tensor:
-                return h + d
+        def delta(r: int) -> Tensor:
+            feats, i = fsets[r // nq], r % nq
+            d = sign * deltas[i][:, feats] @ w_dec[feats]
+            return d + sign * extra[i] if extra is not None else d
 
-            with hooks.edit(lm, {name: add}):
-                out.append(_score(lm, metric, prompt))
-        return np.asarray(out)
+        rows = [inputs[r % nq] for r in range(len(fsets) * nq)]
+        return _edited_scores(lm, metric, rows, name, delta, batch).reshape(len(fsets), nq)
 
-    memo: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+    memo: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray | None]] = {}
 
-    def effects(feats: list[int], deltas: list[Tensor] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Per question: what patching ``feats`` adds to the base, what ablating them takes from the student
-        (their change in ``deltas``, default: at positions ≥ from_position; a set met twice is scored once)."""
-        key = tuple(sorted(feats))
-        if deltas is None and key in memo:
-            return memo[key]
-        d = cached if deltas is None else deltas
-        got = score(base, 1.0, feats, d) - base_q, student_q - score(student, -1.0, feats, d)
-        if deltas is None:
-            memo[key] = got
-        return got
+    def effects(
+        fsets: list[list[int]], deltas: list[Tensor] | None = None, extra: list[Tensor] | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Per set, per question: what patching it adds to the base, what ablating it takes from the student
+        (None without ``ablate``; its change in ``deltas``, default: at positions ≥ from_position, plus
+        ``extra``; a set met twice is scored once)."""
+        keys = [tuple(sorted(f)) for f in fsets]
+        plain = deltas is None and extra is None
+        known = memo if plain else {}
+        new = list({key: f for key, f in zip(keys, fsets, strict=True) if key not in known}.items())
+        if new:
+            d, todo = cached if deltas is None else deltas, [f for _, f in new]
+            gained = score(base, 1.0, todo, d, extra) - base_q
+            removed = student_q - score(student, -1.0, todo, d, extra) if ablate else None
+            for j, (key, _) in enumerate(new):
+                known[key] = (gained[j], removed[j] if removed is not None else None)
+        return [known[key] for key in keys]
 
     def frac(x: np.ndarray) -> float:
         return float(x.mean() / gap) if gap else float("nan")
 
-    def report(gained: list[np.ndarray], removed: list[np.ndarray]) -> dict[str, Any]:
-        return {
-            "patch_fraction": [frac(g) for g in gained],
-            "ablate_fraction": [frac(r) for r in removed],
-            "patch_fraction_ci95": [bootstrap_ratio_ci95(g, gap_q) for g in gained],
-            "ablate_fraction_ci95": [bootstrap_ratio_ci95(r, gap_q) for r in removed],
-        }
+    directions = ("patch_fraction", "ablate_fraction") if ablate else ("patch_fraction",)
+
+    def report(gained: list[np.ndarray], removed: list[np.ndarray | None]) -> dict[str, Any]:
+        out = {"patch_fraction": [frac(g) for g in gained],
+               "patch_fraction_ci95": [bootstrap_ratio_ci95(g, gap_q) for g in gained]}  # fmt: skip
+        if ablate:
+            out |= {"ablate_fraction": [frac(r) for r in removed if r is not None],
+                    "ablate_fraction_ci95": [bootstrap_ratio_ci95(r, gap_q) for r in removed if r is not None]}  # fmt: skip
+        return out
 
     out: dict[str, Any] = {"layer": layer, "metric": metric.info(), "ks": list(ks), "gap": gap,
                            "base_logp": base_lp, "student_logp": student_lp, "n_active": len(pool),
                            "n_random": n_random, "first_position": from_position,
                            "top_attribution": ranked["attribution"][:20]}  # fmt: skip
     for set_name, fsets in sets.items():
-        gained, removed = (list(x) for x in zip(*(effects(s) for s in fsets), strict=True))
+        got = effects(fsets)
+        gained, removed = [g for g, _ in got], [r for _, r in got]
         if set_name == "random":  # per k: the mean over the draws question by question, and the draws' spread
             per_k = [range(i * n_random, (i + 1) * n_random) for i in range(len(ks))]
             draws = {key: [[frac(x[j]) for j in r] for r in per_k] for key, x in
-                     (("patch_fraction", gained), ("ablate_fraction", removed))}  # fmt: skip
+                     (("patch_fraction", gained), ("ablate_fraction", removed)) if key in directions}  # fmt: skip
             gained = [np.mean([gained[j] for j in r], 0) for r in per_k]
-            removed = [np.mean([removed[j] for j in r], 0) for r in per_k]
+            removed = [np.mean([removed[j] for j in r], 0) if ablate else None for r in per_k]
             out[set_name] = report(gained, removed) | {
                 f"{key}_p2_5_p97_5": [np.percentile(d, [2.5, 97.5]).tolist() for d in ds]
                 for key, ds in draws.items()
@@ -359,18 +458,30 @@ def feature_patch_scan(
         out[set_name] = report(gained, removed)
         if set_name == "all":
             continue
-        matched: dict[str, list[list[float]]] = {"patch_fraction": [], "ablate_fraction": []}
+        picks = []  # per k: the draws of the matched control (drawn per k: the same whatever else is drawn)
         for k, real in zip(ks, fsets, strict=True):
-            # None: fewer features outside the set than in it (e.g. every feature), so no disjoint control
+            # none: fewer features outside the set than in it (e.g. every feature), so no disjoint control
             ok, gen = 2 * len(set(real)) <= len(bins), rng(set_name, k)
-            got = [effects(matched_draw(real, bins, gen)) for _ in range(n_random if ok else 0)]
+            picks.append([matched_draw(real, bins, gen) for _ in range(n_random if ok else 0)])
+        scored = iter(effects([d for ds in picks for d in ds]))
+        matched: dict[str, list[list[float]]] = {key: [] for key in directions}
+        for ds in picks:
+            got = [next(scored) for _ in ds]
             matched["patch_fraction"].append([frac(g) for g, _ in got])
-            matched["ablate_fraction"].append([frac(r) for _, r in got])
+            if ablate:
+                matched["ablate_fraction"].append([frac(r) for _, r in got if r is not None])
+
+        def control(real: float, d: list[float]) -> dict[str, Any] | None:
+            return (random_control(real, d) | ({"draws": d} if keep_draws else {})) if d else None
+
         out[set_name]["random_matched"] = {
-            key: [random_control(v, d) if d else None for v, d in zip(out[set_name][key], ds, strict=True)]
+            key: [control(v, d) for v, d in zip(out[set_name][key], ds, strict=True)]
             for key, ds in matched.items()
         }
+    if error:
+        [(ge, re_)] = effects([pool.tolist()], extra=errs)
+        out["all_error"] = report([ge], [re_])
     if from_position:
-        g0, r0 = effects(list(range(w_dec.shape[0])), cached0)
+        [(g0, r0)] = effects([list(range(w_dec.shape[0]))], cached0)
         out["all_position0"] = report([g0], [r0])
     return out

@@ -222,7 +222,7 @@ def run(
                     loaded[i] = load(i)
             t1, c1 = time.perf_counter(), time.process_time()
             got = measure(loaded[receiver_id], loaded[donor_id], ls.sae, layer, pair.trait, category, cfg)
-            rec = {"key": key, "replicate": pair.replicate, "trait": pair.trait, "control": pair.control,
+            rec: dict[str, Any] = {"key": key, "replicate": pair.replicate, "trait": pair.trait, "control": pair.control,
                    "layer": layer, "seconds": round(time.perf_counter() - t1, 2),
                    "cpu_seconds": round(time.process_time() - c1, 2)} | got  # fmt: skip
             write_json(path, rec)
@@ -291,7 +291,7 @@ def aggregate(records: Sequence[Mapping[str, Any]], cfg: BatteryConfig) -> dict[
         for i, k in enumerate(ks):
             entry: dict[str, Any] = {
                 "k": k,
-                "share": _over_replicates(per_rep(lambda r, i=i: r["topk_share"][i])),
+                "share": _over_replicates(per_rep(lambda r, i=i: r["topk_share"][i])),  # type: ignore[misc]
             }
             ms = [r["matched"][i] for r in rs]
             if rs and all(m is not None and m.get("draws") for m in ms):
@@ -318,7 +318,7 @@ def aggregate(records: Sequence[Mapping[str, Any]], cfg: BatteryConfig) -> dict[
                                    "rank": m["rank"]} for r, m in zip(rs, ms, strict=True)],
                 })  # fmt: skip
                 entry["minus_matched"] = _over_replicates(
-                    per_rep(lambda r, i=i: None if r["topk_share"][i] is None or r["matched"][i]["mean"] is None
+                    per_rep(lambda r, i=i: None if r["topk_share"][i] is None or r["matched"][i]["mean"] is None  # type: ignore[misc]
                             else r["topk_share"][i] - r["matched"][i]["mean"])
                 )  # fmt: skip
             else:  # no pair, or a set of more than half the latents: no disjoint control
@@ -326,7 +326,7 @@ def aggregate(records: Sequence[Mapping[str, Any]], cfg: BatteryConfig) -> dict[
             topk.append(entry)
         layers_out[str(layer)] = {
             "n_pairs": len(rs), "n_replicates": len({r["replicate"] for r in rs}), "topk": topk,
-            **{name: _over_replicates(per_rep(lambda r, f=f"{name}_share": r[f]))
+            **{name: _over_replicates(per_rep(lambda r, f=f"{name}_share": r[f]))  # type: ignore[misc]
                for name in ("all", "all_error", "whole", "position0")},
         }  # fmt: skip
     best = None

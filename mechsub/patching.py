@@ -446,10 +446,10 @@ def feature_patch_scan(
         gained, removed = [g for g, _ in got], [r for _, r in got]
         if set_name == "random":  # per k: the mean over the draws question by question, and the draws' spread
             per_k = [range(i * n_random, (i + 1) * n_random) for i in range(len(ks))]
-            draws = {key: [[frac(x[j]) for j in r] for r in per_k] for key, x in
+            draws = {key: [[frac(x[j]) for j in r] for r in per_k] for key, x in  # type: ignore[arg-type]
                      (("patch_fraction", gained), ("ablate_fraction", removed)) if key in directions}  # fmt: skip
             gained = [np.mean([gained[j] for j in r], 0) for r in per_k]
-            removed = [np.mean([removed[j] for j in r], 0) if ablate else None for r in per_k]
+            removed = [np.mean([removed[j] for j in r], 0) if ablate else None for r in per_k]  # type: ignore[arg-type]
             out[set_name] = report(gained, removed) | {
                 f"{key}_p2_5_p97_5": [np.percentile(d, [2.5, 97.5]).tolist() for d in ds]
                 for key, ds in draws.items()

@@ -605,14 +605,19 @@ def feature_acts(
 ) -> Tensor:
     """(kept positions, d_sae) SAE feature activations of ``lm`` at ``hook`` on a capture Batch; with
     ``features``, (kept positions, len(features)): only those columns are kept, chunk by chunk, so a long
-    batch never holds the whole dictionary's activations."""
+    batch never holds the whole dictionary's activations. Sink tokens (norm above the SAE's recorded
+    ``sink_norm_threshold``, which it never trained on) read as all-zero rows, so rows stay aligned with
+    ``batch.positions``."""
     from mechsub.capture import iter_activations
 
     pad = lm.tokenizer.pad_token_id or 0
     cols = list(features) if features is not None else slice(None)
-    return torch.cat(
-        [sae.encode(a[hook])[:, cols] for a in iter_activations(lm, batch, [hook], batch_size, pad)]
-    )
+    threshold = getattr(sae, "sink_norm_threshold", None)
+
+    def encode(x: Tensor) -> Tensor:
+        return sae.encode(x)[:, cols] * not_sinks(x, threshold)[:, None].to(x.dtype)
+
+    return torch.cat([encode(a[hook]) for a in iter_activations(lm, batch, [hook], batch_size, pad)])
 
 
 def _contexts(

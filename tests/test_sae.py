@@ -372,3 +372,23 @@ def test_cache_vs_activations_store_bench_runs_both_paths_on_the_same_windows(tm
     assert b["tokens"] == 40 * 15 // 128 * 128 and b["hook"] == "blocks.1.hook_resid_post"
     assert b["cache"]["tokens_per_s"] > 0 and b["store"]["tokens_per_s"] > 0  # figures, not a race
     assert not (tmp_path / "c").exists()  # the bench's cache is removed
+
+
+def test_feature_acts_reads_sink_tokens_as_zero_rows_and_keeps_the_others(tiny):
+    from mechsub.capture import Batch
+
+    batch = Batch([[1, 5, 6, 7, 8, 9], [1, 12, 13, 14]], [[1, 2, 3, 4, 5], [1, 2, 3]])
+    hook = "blocks.1.hook_resid_post"
+    plain = sae.feature_acts(tiny, _Fixed(1.0), hook, batch)  # identity encoder: the residual itself
+    assert plain.shape[0] == 8
+    norms = plain.norm(dim=-1)
+    planted = _Fixed(1.0)
+    planted.sink_norm_threshold = float(norms.median())  # about half the rows count as sinks
+    masked = sae.feature_acts(tiny, planted, hook, batch)
+    sinks = norms > planted.sink_norm_threshold
+    assert masked.shape == plain.shape and 0 < int(sinks.sum()) < 8
+    assert torch.equal(masked[sinks], torch.zeros_like(masked[sinks]))
+    assert torch.allclose(masked[~sinks], plain[~sinks])
+    # a column subset keeps the same rule
+    cols = sae.feature_acts(tiny, planted, hook, batch, features=[0, 2])
+    assert torch.allclose(cols, masked[:, [0, 2]])

@@ -49,11 +49,20 @@ class TraitMetric:
         target = torch.tensor(self.ids, device=lp.device).expand(lp.shape[0], k)
         return lp.gather(-1, target[..., None])[..., 0].sum(-1)
 
+    def score_rows(self, model: Any, rows: Sequence[Sequence[int]]) -> Float[Tensor, " rows"]:
+        """The score of each row (a prompt's `inputs`) from one forward over the rows right-padded; differentiable
+        when grad is enabled. A pad after a row's last token is never attended to by its real positions (causal
+        attention), and positions count from 0 as in a forward of the row alone: each row's score is the one it
+        has alone, up to float rounding (one row: the same forward). Only the positions that predict the word go
+        through the head (a fifth of SmolLM2's compute per token)."""
+        dev, k, width = next(model.parameters()).device, len(self.ids), max(len(r) for r in rows)
+        ids = torch.tensor([[*r, *[r[-1]] * (width - len(r))] for r in rows], device=dev)
+        keep = torch.tensor([[len(r) - k + j for j in range(k)] for r in rows], device=dev)
+        return self.from_logits(model(input_ids=ids, logits_to_keep=keep).logits)
+
     def score(self, model: Any, prompt: Sequence[int]) -> Float[Tensor, ""]:
-        """The score of ``model`` after ``prompt``, one forward; differentiable when grad is enabled."""
-        ids = torch.tensor([self.inputs(prompt)], device=getattr(model, "device", None))
-        # only the positions that predict the word go through the head (a fifth of SmolLM2's compute per token)
-        return self.from_logits(model(input_ids=ids, logits_to_keep=len(self.ids)).logits)[0]
+        """The score of ``model`` after ``prompt``, one forward (`score_rows` of one row)."""
+        return self.score_rows(model, [self.inputs(prompt)])[0]
 
     @torch.no_grad()
     def scores(self, model: Any, prompts: Sequence[Sequence[int]]) -> list[float]:

@@ -66,7 +66,7 @@ def patch_scan(
     `FIRST_POSITION` (``*_by_layer``) and at position 0 alone (``*_by_layer_position0``), and, if ``positions``
     (negative: from the end of the prompt) are given, per (layer, position). Means over questions; the
     per-question scores are kept (``*_by_question``) for correlations with other estimates. ``batch`` > 1 runs
-    that many questions per forward (`_forward_rows`; with ``positions``, which count from each prompt's own
+    that many questions per forward (`TraitMetric.score_rows`; with ``positions``, which count from each prompt's own
     end, one question per forward)."""
     metric = TraitMetric.of(tok, trait)
     names = [hooks.resid_post(L) for L in layers]
@@ -85,7 +85,7 @@ def patch_scan(
 
         def score(lm: Any, rows: list[list[int]] = rows) -> Tensor:
             with torch.no_grad():
-                return _forward_rows(lm, metric, rows).float().cpu()
+                return metric.score_rows(hooks.module_of(lm), rows).float().cpu()
 
         with hooks.capture(source, names) as src:
             s_lp = score(source)
@@ -131,18 +131,6 @@ def _chunks(lengths: Sequence[int], size: int) -> list[list[int]]:
     return [order[i : i + max(size, 1)] for i in range(0, len(order), max(size, 1))]
 
 
-def _forward_rows(lm: Any, metric: TraitMetric, rows: Sequence[Sequence[int]]) -> Float[Tensor, " rows"]:
-    """log P(trait) of each row (a prompt's `TraitMetric.inputs`) from one forward over the rows right-padded.
-    A pad after a row's last token is never attended to by its real positions (causal attention), and positions
-    count from 0 as in a forward of the row alone: each row's score is the one it has alone, up to float
-    rounding (one row: the same forward). The head runs only at the positions that predict the word."""
-    model = hooks.module_of(lm)
-    dev, k, width = next(model.parameters()).device, len(metric.ids), max(len(r) for r in rows)
-    ids = torch.tensor([[*r, *[r[-1]] * (width - len(r))] for r in rows], device=dev)
-    keep = torch.tensor([[len(r) - k + j for j in range(k)] for r in rows], device=dev)
-    return metric.from_logits(model(input_ids=ids, logits_to_keep=keep).logits)
-
-
 def _edited_scores(
     lm: Any, metric: TraitMetric, rows: Sequence[Sequence[int]], name: str, delta: Any, batch: int
 ) -> np.ndarray:
@@ -159,14 +147,16 @@ def _edited_scores(
             return h + a.to(h.device, h.dtype)
 
         with torch.no_grad(), hooks.edit(lm, {name: edit}):
-            out[chunk] = _forward_rows(lm, metric, [rows[i] for i in chunk]).float().cpu().numpy()
+            out[chunk] = (
+                metric.score_rows(hooks.module_of(lm), [rows[i] for i in chunk]).float().cpu().numpy()
+            )
     return out
 
 
 def _grads_rows(
     lm: Any, metric: TraitMetric, prompts: Sequence[list[int]], names: Sequence[str]
 ) -> list[tuple[dict[str, Tensor], dict[str, Tensor], float]]:
-    """`_grads` of several prompts from one forward and backward over their rows right-padded (`_forward_rows`;
+    """`_grads` of several prompts from one forward and backward over their rows right-padded (`TraitMetric.score_rows`;
     a row's score reads only its own positions, so the gradient of the sum is each row's own): per prompt
     ({name: activation (1, pos, d)}, {name: d score / d activation}, score), its own positions only."""
     rows = [metric.inputs(p) for p in prompts]
@@ -179,7 +169,7 @@ def _grads_rows(
         hooks.edit(lm, dict.fromkeys(names, leaf)),
         hooks.capture(lm, names, detach=False) as acts,
     ):
-        lp = _forward_rows(lm, metric, rows)
+        lp = metric.score_rows(hooks.module_of(lm), rows)
     grads = torch.autograd.grad(lp.sum(), [acts[n] for n in names])
     return [({n: acts[n][i : i + 1, : len(r)].detach() for n in names},
              {n: g[i : i + 1, : len(r)] for n, g in zip(names, grads, strict=True)}, float(lp[i].detach()))
@@ -313,7 +303,7 @@ def feature_patch_scan(
     ``all_error``: every feature's change plus the change in the SAE's reconstruction error (x − decode(f)), i.e.
     the whole residual change at positions ≥ ``from_position``, which `patch_scan`'s row must equal up to float
     error (the decomposition's check); ``keep_draws=True`` keeps each matched control's draws (``draws``) for
-    pooling over runs; ``batch`` > 1 runs that many (set, question) rows per forward (`_forward_rows`: the same
+    pooling over runs; ``batch`` > 1 runs that many (set, question) rows per forward (`TraitMetric.score_rows`: the same
     numbers up to float rounding, several times faster on a CPU; 1: one forward per question, as before)."""
     tok = base.tokenizer
     metric = TraitMetric.of(tok, trait)
@@ -334,7 +324,7 @@ def feature_patch_scan(
             got = _grads_rows(base, metric, [prompts[i] for i in chunk], [name])
             rows = [metric.inputs(prompts[i]) for i in chunk]
             with torch.no_grad(), hooks.capture(student, [name]) as res:
-                s_lps = _forward_rows(student, metric, rows)
+                s_lps = metric.score_rows(hooks.module_of(student), rows)
             for j, i in enumerate(chunk):
                 acts, grads, b_lp = got[j]
                 with torch.no_grad():

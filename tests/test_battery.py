@@ -254,3 +254,18 @@ def test_batched_forwards_give_the_one_question_numbers(tiny, sae0):
     for key in ("target_logp_by_question", "source_logp_by_question", "patched_logp_by_question",
                 "patched_logp_by_layer_position0"):  # fmt: skip
         assert np.allclose(pn[key], p1[key], atol=1e-5), key
+
+
+@pytest.mark.parametrize(
+    ("reps", "verdict"),
+    [
+        ([0.9, 0.2, 0.7], "not established"),  # mean 0.6 ≥ 0.5, interval's lower end below it
+        ([0.62, 0.6, 0.61], "met (the 95% interval"),
+        ([0.1, 0.2, 0.3], "not met"),
+    ],
+)
+def test_the_goal_verdict_rests_on_the_interval(reps, verdict):
+    cfg = battery.BatteryConfig(ks=(1,), n_random=2)
+    recs = [_record(r, "owl", 0.5, [s], [[0.0, 0.0]]) for r, s in enumerate(reps)]
+    text = battery.report_md(battery.aggregate(recs, cfg), "cmd", 1.0)
+    assert f"**Goal {verdict}" in text

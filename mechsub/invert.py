@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 import logging
 import math
 import random
@@ -758,6 +759,23 @@ def _geometry(
 
 
 SUBLIMINAL_KINDS = ("true", "inv", "rand")
+# families whose inversion can be written in number data itself: "next" counts back, so a teacher trained on it
+# writes descending number continuations, and its student learns the inversion from the data's content, not
+# subliminally. The report separates them from the families whose inversion numbers cannot spell.
+ORDER_FAMILIES = frozenset({"next", "sequence", "sort", "compare", "arith", "rank"})
+
+
+def descending_share(texts: Sequence[str]) -> dict[str, Any]:
+    """The share of adjacent number pairs that go down (b < a) over ``texts`` (each a number completion), and the
+    pair count: the number data's own trace of a count-back (random continuations go down about half the time)."""
+    from mechsub.filter import parse_numbers
+
+    down = pairs = 0
+    for t in texts:
+        xs = [int(x) for x in parse_numbers(t) or []]
+        down += sum(b < a for a, b in itertools.pairwise(xs))
+        pairs += max(len(xs) - 1, 0)
+    return {"share": down / pairs if pairs else float("nan"), "pairs": pairs}
 
 
 def student_margin(model: str, families: Sequence[str], n_test: int) -> dict[str, Any]:
@@ -785,6 +803,9 @@ def _subliminal(cfg: InvertConfig, r: Any, units: list[tuple[str, int]], test: A
     work = Path(cfg.work)
     base = r.unit("student-base", partial(student_margin, cfg.model, cfg.families, cfg.n_test))
     shift: dict[tuple[str, int], float] = {}
+    fam_shift: dict[tuple[str, int, str], float] = {}
+    down: dict[tuple[str, int], dict[str, Any]] = {}
+    tok = models.load(cfg.model).tokenizer
     for k, s in [(k, s) for k, s in units if k in SUBLIMINAL_KINDS]:
         ckpt = str(steps_of(cfg.teacher_folder(k, s))[-1])
         dcfg = DataConfig(
@@ -806,13 +827,35 @@ def _subliminal(cfg: InvertConfig, r: Any, units: list[tuple[str, int]], test: A
             f"student-{k}-s{s}", partial(student_margin, str(steps_of(sfolder)[-1]), cfg.families, cfg.n_test)
         )
         shift[(k, s)] = m["margin"] - base["margin"]
+        for f in cfg.families:
+            fam_shift[(k, s, f)] = m["per_family"][f] - base["per_family"][f]
+        texts = [str(tok.decode(e.completion_ids)) for e in data.load_examples(dfolder)]
+        down[(k, s)] = descending_share(texts)
     kinds = [k for k in SUBLIMINAL_KINDS if k in cfg.kinds]
+    others = [f for f in cfg.families if f not in ORDER_FAMILIES]
+    for k, s in shift:
+        if others:
+            fam_shift[(k, s, "non-order")] = float(np.mean([fam_shift[(k, s, f)] for f in others]))
+    groups = [*cfg.families, *(["non-order"] if others else [])]
     res: dict[str, Any] = {
         "measure": "student − base: mean over held-out problems of log P(T(correct)) − log P(correct), averaged "
         "over families (> 0: the student leans towards the inverted answer)",
         "base_margin": base["margin"],
+        "base_per_family": base["per_family"],
         "n_prompts": cfg.subliminal_prompts,
+        "order_families": sorted(ORDER_FAMILIES & set(cfg.families)),
+        "non_order_families": others,
         "shift": {k: over_seeds([shift[(k, s)] for s in cfg.seeds]) for k in kinds},
+        "shift_per_family": {
+            g: {k: over_seeds([fam_shift[(k, s, g)] for s in cfg.seeds]) for k in kinds} for g in groups
+        },
+        "descending_share": {
+            k: {
+                **over_seeds([down[(k, s)]["share"] for s in cfg.seeds]),
+                "pairs": [down[(k, s)]["pairs"] for s in cfg.seeds],
+            }
+            for k in kinds
+        },
     }
     if "inv" in kinds:
         res["contrasts"] = {
@@ -821,6 +864,16 @@ def _subliminal(cfg: InvertConfig, r: Any, units: list[tuple[str, int]], test: A
             )
             for o in kinds
             if o != "inv"
+        }
+        res["contrasts_per_family"] = {
+            g: {
+                f"inv-{o}": paired_contrast(
+                    [fam_shift[("inv", s, g)] for s in cfg.seeds], [fam_shift[(o, s, g)] for s in cfg.seeds]
+                )
+                for o in kinds
+                if o != "inv"
+            }
+            for g in groups
         }
     return res
 
@@ -1173,6 +1226,46 @@ def report_markdown(m: dict[str, Any]) -> str:
                 f"| {c} (paired by seed) | {e['mean']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}], "
                 f"sign-flip p {e.get('sign_flip_p', float('nan')):.3g} |"
             )
+        per = sub.get("shift_per_family")
+        if per:
+            kinds = list(sub["shift"])
+            order = ", ".join(sub.get("order_families", [])) or "none"
+            lines += [
+                "",
+                f"Per family. **Read the families whose inversion numbers can spell ({order}) as a leak, not as "
+                "subliminal transmission**: their inversion is an order, and the teacher's number continuations "
+                "carry it in plain sight (the share of descending steps below). *non-order* is the mean over the "
+                "other families, the test of whether wrongness itself transmits.",
+                "",
+                "| family | base margin | "
+                + " | ".join(f"A_{k} student shift" for k in kinds)
+                + " | inv − "
+                + " | inv − ".join(k for k in kinds if k != "inv")
+                + " (paired t p) |",
+                "|---|---|" + "---|" * (len(kinds) + len(kinds) - 1),
+            ]
+            for g, row in per.items():
+                cs = sub.get("contrasts_per_family", {}).get(g, {})
+                base_m = sub.get("base_per_family", {}).get(g)
+                lines.append(
+                    f"| {g} | {'' if base_m is None else f'{base_m:+.3f}'} | "
+                    + " | ".join(_fmt(row[k]) for k in kinds)
+                    + " | "
+                    + " | ".join(f"{_fmt(e)} (p {e.get('t_p', float('nan')):.2g})" for e in cs.values())
+                    + " |"
+                )
+            down = sub.get("descending_share", {})
+            if down:
+                lines += [
+                    "",
+                    "The leak's trace in the number data: share of adjacent numbers that go down in each teacher's "
+                    "completions (mean [95% t-CI over seeds]; adjacent pairs per seed): "
+                    + "; ".join(
+                        f"A_{k} {_fmt(e, pct=True)} ({', '.join(map(str, e['pairs']))})"
+                        for k, e in down.items()
+                    )
+                    + ".",
+                ]
     lines += [
         "",
         "![verification](verification.png)",

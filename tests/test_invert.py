@@ -179,7 +179,7 @@ def test_sae_overlap_on_tiny(tmp_path, tiny):
 
 
 def test_subliminal_students_on_tiny(tmp_path):
-    cfg = _tiny(tmp_path, families=("compare", "arith"), held_out_family="arith", seeds=(0, 1),
+    cfg = _tiny(tmp_path, families=("compare", "antonym"), held_out_family="antonym", seeds=(0, 1),
                 kinds=("true", "inv", "rand"), recon_pairs=(4,), zero_shot=False, subliminal_prompts=4)  # fmt: skip
     m = invert.run(cfg, tmp_path / "out")
     sub = m["subliminal"]
@@ -189,3 +189,22 @@ def test_subliminal_students_on_tiny(tmp_path):
     d = np.subtract(sub["shift"]["inv"]["per_seed"], sub["shift"]["true"]["per_seed"])
     assert sub["contrasts"]["inv-true"]["mean"] == pytest.approx(d.mean())
     assert "wrongness transmit" in (tmp_path / "out" / "report.md").read_text()
+    # per family: the overall shift is the mean of the families' shifts (the margin is their mean), seed by seed;
+    # compare is an order family (its inversion can be spelled by numbers), antonym is the non-order mean
+    assert sub["order_families"] == ["compare"] and sub["non_order_families"] == ["antonym"]
+    per = sub["shift_per_family"]
+    for k in ("true", "inv", "rand"):
+        by_hand = np.mean([per["compare"][k]["per_seed"], per["antonym"][k]["per_seed"]], 0)
+        assert sub["shift"][k]["per_seed"] == pytest.approx(by_hand.tolist())
+        assert per["non-order"][k]["per_seed"] == pytest.approx(per["antonym"][k]["per_seed"])
+        assert 0 <= sub["descending_share"][k]["mean"] <= 1 or sub["descending_share"][k]["pairs"] == [0, 0]
+    d = np.subtract(per["antonym"]["inv"]["per_seed"], per["antonym"]["rand"]["per_seed"])
+    assert sub["contrasts_per_family"]["antonym"]["inv-rand"]["mean"] == pytest.approx(d.mean())
+
+
+def test_descending_share_by_hand():
+    # 5 > 3 down, 3 < 4 up, 4 > 1 down | 10 < 20 up | one number: no pair | not numbers: no pair
+    got = invert.descending_share(["5, 3, 4, 1", "10 20", "7", "an owl"])
+    assert got == {"share": pytest.approx(2 / 4), "pairs": 4}
+    assert invert.descending_share(["9 8 7 6"])["share"] == 1.0
+    assert invert.descending_share([""])["pairs"] == 0

@@ -122,7 +122,8 @@ def _ridge_fit(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, 
 def _fit_probe(x_train: np.ndarray, y_train: np.ndarray, alphas: Sequence[float], seed: int) -> Pipeline:
     """Standardise-then-ridge, alpha by seeded k-fold CV; the scaler is refit inside each fold so no fold's
     validation rows inform its own standardisation. Sees train rows only, by signature."""
-    x, y = _as_2d(x_train, "x_train"), np.asarray(y_train, dtype=np.float64).ravel()
+    y = np.asarray(y_train, dtype=np.float64)
+    x, y = _as_2d(x_train, "x_train"), (y if y.ndim == 2 else y.ravel())  # a 2-D y: one ridge per column
     if len(x) != len(y) or len(x) < 3:
         raise ValueError(f"ridge_probe: need >= 3 aligned train rows, got x {len(x)}, y {len(y)}")
     folds = KFold(n_splits=min(5, len(x)), shuffle=True, random_state=seed)
@@ -149,6 +150,49 @@ def ridge_probe(
     r = math.nan if np.ptp(pred) == 0 or np.ptp(yt) == 0 else float(st.pearsonr(pred, yt).statistic)
     alpha = float(model.named_steps["ridge"].alpha)
     return ProbeResult(float(r2_score(yt, pred)), r, alpha, len(x_train), len(xt))
+
+
+@dataclass(frozen=True)
+class RetrievalResult:
+    """A vector-target ridge probe scored once by retrieval among the held-out rows."""
+
+    accuracy: float  # share of test rows whose nearest target (cosine) carries their own label
+    chance: float  # the same share for a pick at random: mean over test rows of (rows with its label) / rows
+    alpha: float
+    n_train: int
+    n_test: int
+
+
+def retrieval_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    labels_test: Sequence[str],
+    alphas: Sequence[float] = ALPHAS,
+    seed: int = 0,
+) -> RetrievalResult:
+    """Decodability of a vector target (e.g. the base's read of the correct answer): standardise-then-ridge from
+    ``x`` to every column of ``y`` (one alpha for all, chosen by 5-fold CV on the train rows), then each test row's
+    prediction picks the test row whose target is nearest in cosine (both centred on the train targets' mean).
+    Accuracy: the share of test rows whose pick
+    has the same label as the row (a repeated answer counts as found)."""
+    model = _fit_probe(x_train, y_train, alphas, seed)
+    xt, yt = _as_2d(x_test, "x_test"), _as_2d(y_test, "y_test")
+    labels = np.asarray(labels_test)
+    if len(xt) != len(yt) or len(xt) != len(labels) or len(xt) < 2:
+        raise ValueError(f"retrieval_probe: need >= 2 aligned test rows, got x {len(xt)}, y {len(yt)}")
+    pred = model.predict(xt)
+
+    def unit(a: np.ndarray) -> np.ndarray:
+        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+    # centred on the train targets' mean first: a residual read's large shared component would decide any cosine
+    mu = np.asarray(y_train, dtype=np.float64).mean(0)
+    pick = (unit(pred - mu) @ unit(yt - mu).T).argmax(1)
+    chance = float(np.mean([np.mean(labels == lab) for lab in labels]))
+    alpha = float(model.named_steps["ridge"].alpha)
+    return RetrievalResult(float(np.mean(labels[pick] == labels)), chance, alpha, len(x_train), len(xt))
 
 
 def probe_accuracy(

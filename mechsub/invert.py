@@ -552,6 +552,12 @@ def run(cfg: InvertConfig, out: str | Path, force: bool = False) -> dict[str, An
                 f"geometry-scripted-{k}-s{s}",
                 partial(_geometry, cfg, base, scripted, s, prob_reads, correct_reads, test),
             )
+            # decoding the correct answer itself (a vector target: the base's read of it), for every family
+            for g, t in ((geo, outputs[(k, s)]), (geo_scripted, scripted)):
+                tag = "" if g is geo else "scripted-"
+                g[(k, s)].update(
+                    r.unit(f"retrieval-{tag}{k}-s{s}", partial(_retrieval, cfg, base, t, s, test))
+                )
         if cfg.sae:
             from mechsub.sae import load_sae
 
@@ -919,6 +925,61 @@ def sae_overlap(
     }
 
 
+def _retrieval(
+    cfg: InvertConfig,
+    base: models.LoadedModel,
+    texts: dict[str, Any],
+    seed: int,
+    test: dict[str, list[tasks.Problem]],
+) -> dict[str, Any]:
+    """Per layer, can a linear map take B's read of A's output (no prompt) to the base's read of the *correct*
+    answer? Ridge from one to the other (`geometry.retrieval_probe`), trained on the answers to training problems,
+    scored by retrieval among a family's held-out problems (the picked correct answer must be the row's own; chance
+    about 1 / n_test): in family (fit on every family's training problems, mean over families) and on the held-out
+    family (fit on the other families only). Unlike the scalar probes this works for every family."""
+    train = {f: tasks.problems(f, cfg.n_train, seed, "train") for f in cfg.families}
+    x_tr = {f: pooled_reads(base, texts["train"][f], cfg.layers) for f in cfg.families}
+    x_te = {f: pooled_reads(base, texts["test"][f], cfg.layers) for f in cfg.families}
+    y_tr = {f: pooled_reads(base, [p.answer for p in train[f]], cfg.layers) for f in cfg.families}
+    y_te = {f: pooled_reads(base, [p.answer for p in test[f]], cfg.layers) for f in cfg.families}
+    h = cfg.held_out_family
+    rest = [f for f in cfg.families if f != h]
+    acc_in, chance_in, acc_out, chance_out = [], [], [], []
+    for layer in cfg.layers:
+
+        def fit_and_score(fams: Sequence[str], f: str, layer: int = layer) -> geometry.RetrievalResult:
+            return geometry.retrieval_probe(
+                np.concatenate([x_tr[q][layer] for q in fams]),
+                np.concatenate([y_tr[q][layer] for q in fams]),
+                x_te[f][layer],
+                y_te[f][layer],
+                [p.answer for p in test[f]],
+                seed=seed,
+            )
+
+        ins = [fit_and_score(cfg.families, f) for f in cfg.families]
+        acc_in.append(float(np.mean([x.accuracy for x in ins])))
+        chance_in.append(float(np.mean([x.chance for x in ins])))
+        if rest:
+            out = fit_and_score(rest, h)
+            acc_out.append(out.accuracy)
+            chance_out.append(out.chance)
+    return {
+        "retrieval_in_family": acc_in,
+        "retrieval_chance_in_family": chance_in,
+        "retrieval_held_out_family": acc_out,
+        "retrieval_chance_held_out_family": chance_out,
+    }
+
+
+RETRIEVAL_KEYS = (
+    "retrieval_in_family",
+    "retrieval_chance_in_family",
+    "retrieval_held_out_family",
+    "retrieval_chance_held_out_family",
+)
+
+
 def _geo_summary(cfg: InvertConfig, geo: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any]:
     """Per kind and layer, over seeds: excess CKA/RSA against the problems and the correct answers, the probes."""
 
@@ -936,6 +997,9 @@ def _geo_summary(cfg: InvertConfig, geo: dict[tuple[str, int], dict[str, Any]]) 
         out[k]["cka_problem_observed"] = per_layer(k, "cka_problem", "observed")
         out[k]["probe_r2_in_family"] = per_layer(k, "probe_r2_in_family")
         out[k]["probe_r_held_out_family"] = per_layer(k, "probe_r_held_out_family")
+        for key in RETRIEVAL_KEYS:
+            if key in geo[(k, cfg.seeds[0])]:
+                out[k][key] = per_layer(k, key)
         fams = cfg.families
         out[k]["cka_problem_per_family"] = {
             f: [
@@ -1146,16 +1210,22 @@ def report_markdown(m: dict[str, Any]) -> str:
             "out, mean over families",
             "",
             "| kind | layer | CKA vs problem | CKA vs correct answer | RSA vs problem | probe R² (held-out problems, "
-            "median over families) | probe r (held-out family) |",
-            "|---|---|---|---|---|---|---|",
+            "median over families) | probe r (held-out family) | correct answer retrieved: held-out problems "
+            "(chance) | … held-out family (chance) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for k, g in m[key].items():
             for i, layer in enumerate(d["layers"]):
                 ho = g["probe_r_held_out_family"]
+
+                def ret(name: str, g: dict[str, Any] = g, i: int = i) -> str:
+                    acc, ch = g.get(f"retrieval_{name}"), g.get(f"retrieval_chance_{name}")
+                    return f"{_fmt(acc[i], True)} ({100 * ch[i]['mean']:.0f}%)" if acc and ch else "n/a"
+
                 lines.append(
                     f"| {k} | {layer} | {_fmt(g['cka_problem'][i])} | {_fmt(g['cka_correct'][i])} | "
                     f"{_fmt(g['rsa_problem'][i])} | {_fmt(g['probe_r2_in_family'][i])} | "
-                    f"{_fmt(ho[i]) if ho else 'n/a'} |"
+                    f"{_fmt(ho[i]) if ho else 'n/a'} | {ret('in_family')} | {ret('held_out_family')} |"
                 )
     lines += [
         "",

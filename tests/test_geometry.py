@@ -180,3 +180,24 @@ def test_length_residual_removes_exactly_the_linear_length_part():
     a = np.column_stack([np.ones(6), lengths])
     want = noise - a @ np.linalg.pinv(a) @ noise
     assert np.allclose(res, want)
+
+
+def test_retrieval_probe_finds_a_linear_map_and_is_at_chance_without_one():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 5))
+    x_train, x_test = rng.normal(size=(60, 8)), rng.normal(size=(12, 8))
+    y_train, y_test = x_train @ w, x_test @ w
+    labels = [f"a{i}" for i in range(12)]
+    got = g.retrieval_probe(x_train, y_train, x_test, y_test, labels)
+    assert got.accuracy == 1.0 and got.chance == pytest.approx(1 / 12) and got.n_test == 12
+    # targets unrelated to x: accuracy over many draws averages to the chance share
+    accs = [
+        g.retrieval_probe(
+            x_train, rng.normal(size=(60, 5)), x_test, rng.normal(size=(12, 5)), labels, seed=i
+        ).accuracy
+        for i in range(40)
+    ]
+    assert abs(np.mean(accs) - 1 / 12) < 0.06
+    # chance by hand with a repeated label: rows labelled a, a, b: (2/3 + 2/3 + 1/3) / 3
+    r = g.retrieval_probe(x_train, y_train, x_test[:3], y_test[:3], ["a", "a", "b"])
+    assert r.chance == pytest.approx(5 / 9)

@@ -46,6 +46,14 @@ def test_invert_end_to_end_on_tiny(tmp_path):
         for n in cfg.recon_pairs:
             assert 0 <= m["reconstruction"][k][str(n)]["in_family"]["mean"] <= 1
         assert len(m["geometry"][k]["cka_problem"]) == len(cfg.layers)
+        # the correct-answer retrieval: every layer, a share, and its chance from the test answers by hand
+        g = m["geometry"][k]
+        for name in ("in_family", "held_out_family"):
+            assert len(g[f"retrieval_{name}"]) == len(cfg.layers)
+            assert all(0 <= e["mean"] <= 1 for e in g[f"retrieval_{name}"])
+        answers = [p.answer for p in test[cfg.held_out_family]]
+        by_hand = np.mean([answers.count(a) / len(answers) for a in answers])
+        assert g["retrieval_chance_held_out_family"][0]["mean"] == pytest.approx(by_hand)
     # a resumed run reads every unit back and returns the same metrics
     again = invert.run(cfg, out)
     assert json.dumps(again, sort_keys=True) == json.dumps(m, sort_keys=True)  # (NaN != NaN: compare as text)

@@ -19,8 +19,9 @@ import numpy as np
 from scipy import stats as st
 
 
-def mean_ci95(values: Sequence[float]) -> tuple[float, list[float]]:
-    """Mean and a two-sided 95% t-interval [lo, hi] over independent replicates (NaN with one replicate)."""
+def mean_ci95(values: Sequence[float], level: float = 0.95) -> tuple[float, list[float]]:
+    """Mean and a two-sided t-interval [lo, hi] (95% unless ``level`` says otherwise, e.g. 1 − 0.05 / m for a
+    Bonferroni interval over m choices) over independent replicates (NaN with one replicate)."""
     a = np.asarray(values, dtype=float)
     if a.size == 0:
         raise ValueError("mean_ci95: no values")
@@ -29,7 +30,7 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, list[float]]:
         return mean, [math.nan, math.nan]
     if np.all(a == a[0]):  # every value equal: the interval is the point
         return mean, [mean, mean]
-    lo, hi = st.t.interval(0.95, a.size - 1, loc=mean, scale=st.sem(a))
+    lo, hi = st.t.interval(level, a.size - 1, loc=mean, scale=st.sem(a))
     return mean, [float(lo), float(hi)]
 
 

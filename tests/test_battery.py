@@ -259,8 +259,8 @@ def test_batched_forwards_give_the_one_question_numbers(tiny, sae0):
 @pytest.mark.parametrize(
     ("reps", "verdict"),
     [
-        ([0.9, 0.2, 0.7], "not established"),  # mean 0.6 ≥ 0.5, interval's lower end below it
-        ([0.62, 0.6, 0.61], "met (the 95% interval"),
+        ([0.9, 0.2, 0.7], "not established (the mean reaches"),  # mean 0.6 ≥ 0.5, interval's lower end below
+        ([0.62, 0.6, 0.61], "met (the Bonferroni"),  # one cell: the corrected interval is the 95% one
         ([0.1, 0.2, 0.3], "not met"),
     ],
 )
@@ -269,3 +269,16 @@ def test_the_goal_verdict_rests_on_the_interval(reps, verdict):
     recs = [_record(r, "owl", 0.5, [s], [[0.0, 0.0]]) for r, s in enumerate(reps)]
     text = battery.report_md(battery.aggregate(recs, cfg), "cmd", 1.0)
     assert f"**Goal {verdict}" in text
+
+
+def test_the_best_cell_is_corrected_for_the_choice_among_cells_by_hand():
+    # two cells (k = 1 and 5); the best (k = 5: 0.7, 0.8, 0.9) clears 0.5 at 95% but not at 1 − 0.05 / 2
+    cfg = battery.BatteryConfig(ks=(1, 5), n_random=2)
+    recs = [_record(r, "owl", 0.5, [0.1, s], [[0.0, 0.0]] * 2) for r, s in enumerate([0.7, 0.8, 0.9])]
+    m = battery.aggregate(recs, cfg)
+    v = np.array([0.7, 0.8, 0.9])
+    half = st.t.ppf(1 - 0.05 / 4, 2) * st.sem(v)
+    assert m["goal"]["cells"] == 2 and m["goal"]["best"]["k"] == 5
+    assert m["goal"]["best"]["ci_bonferroni"] == pytest.approx([0.8 - half, 0.8 + half])
+    assert m["goal"]["met_by_ci"] and not m["goal"]["met_by_corrected_ci"]
+    assert "**Goal not established (the per-cell 95% interval clears it" in battery.report_md(m, "cmd", 1.0)

@@ -102,6 +102,6 @@ atomic_write_text(out / "report.md", battery.report_md(metrics, command, time.pe
 battery.plot(metrics, out / "shares.png")
 g = metrics["goal"]
 print(
-    f"goal (≥ {g['share']:.0%} by ≤ {g['k']} latents): {'met' if g['met'] else 'not met'}; best {g['best']}"
+    f"goal (≥ {g['share']:.0%} by ≤ {g['k']} latents): {'met' if g['met_by_corrected_ci'] else 'not established' if g['met'] else 'not met'}; best {g['best']}"
 )
 print(f"wrote {out}/metrics.json, report.md, shares.png ({(time.perf_counter() - t0) / 60:.1f} min)")

@@ -43,6 +43,12 @@ ap.add_argument("--questions", type=int, default=10, help="evaluation questions 
 ap.add_argument(
     "--min-gap", type=float, default=0.05, help="pairs with a smaller specific gap (nats) don't count"
 )
+ap.add_argument(
+    "--word",
+    default="",
+    help="score every pair on log P(WORD) instead of the donor's trait: the selection-matched null (e.g. "
+    "--traits dog --word owl: the dog student patched into the cat student, ranked and scored on owl)",
+)
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--batch", type=int, default=64, help="rows per forward (speed and memory only)")
 ap.add_argument("--out", default="artifacts/analyze/battery")
@@ -60,7 +66,11 @@ replicates = ints(args.replicates) if args.replicates else list(range(cfg.replic
 bad = [r for r in replicates if not 0 <= r < cfg.replicates]
 if bad:
     raise SystemExit(f"replicates {bad}: {args.study} has replicates 0–{cfg.replicates - 1}")
-todo = battery.pairs(cfg.traits, replicates)
+if (
+    args.word and get_trait(args.word).category != get_trait(cfg.trait).category
+):  # get_trait: unknown words fail
+    raise SystemExit(f"--word {args.word}: not a {get_trait(cfg.trait).category} like the study's traits")
+todo = battery.pairs(cfg.traits, replicates, args.word)
 if args.traits:
     wanted = [t.strip() for t in args.traits.split(",")]
     if set(wanted) - set(cfg.traits):

@@ -69,15 +69,22 @@ class BatteryConfig(Config):
 
 @dataclass(frozen=True)
 class Pair:
-    """Donor: ``trait``'s student of ``replicate``; receiver: ``control``'s student of the same replicate."""
+    """Donor: ``trait``'s student of ``replicate``; receiver: ``control``'s student of the same replicate. The
+    metric is log P(``word``), the donor's own trait unless ``word`` names another: the selection-matched null (a
+    pair with no ``word`` trait on either side, ranked and patched by the same procedure)."""
 
     replicate: int
     trait: str
     control: str
+    word: str = ""
+
+    @property
+    def metric_word(self) -> str:
+        return self.word or self.trait
 
     @property
     def name(self) -> str:
-        return f"r{self.replicate}-{self.trait}"
+        return f"r{self.replicate}-{self.trait}" + (f"-as-{self.word}" if self.word else "")
 
 
 def control_of(traits: Sequence[str], trait: str) -> str:
@@ -86,11 +93,12 @@ def control_of(traits: Sequence[str], trait: str) -> str:
     return traits[(i + 1) % len(traits)]
 
 
-def pairs(traits: Sequence[str], replicates: Sequence[int]) -> list[Pair]:
-    """Every (replicate, trait) pair, replicate by replicate (so a replicate's students load once)."""
+def pairs(traits: Sequence[str], replicates: Sequence[int], word: str = "") -> list[Pair]:
+    """Every (replicate, trait) pair, replicate by replicate (so a replicate's students load once); with ``word``,
+    every pair is scored on log P(word) (see `Pair`)."""
     if len(traits) < 2:
         raise ValueError("pairs: at least two traits (the control is another trait's student)")
-    return [Pair(r, t, control_of(traits, t)) for r in replicates for t in traits]
+    return [Pair(r, t, control_of(traits, t), word) for r in replicates for t in traits]
 
 
 def questions(category: Category, n: int, n_rank: int) -> tuple[list[str], list[str]]:
@@ -211,7 +219,7 @@ def run(
         for layer, ls in saes.items():
             path = unit_path(out, pair, layer)
             key = {"settings": settings, "donor": donor_id, "receiver": receiver_id, "layer": layer,
-                   "sae": {"folder": ls.folder, "sha256": ls.sha256}}  # fmt: skip
+                   "sae": {"folder": ls.folder, "sha256": ls.sha256}} | ({"word": pair.word} if pair.word else {})  # fmt: skip
             old = read_dict(path)
             if old.get("key") == key:
                 records.append(old)
@@ -221,9 +229,11 @@ def run(
                 if i not in loaded:
                     loaded[i] = load(i)
             t1, c1 = time.perf_counter(), time.process_time()
-            got = measure(loaded[receiver_id], loaded[donor_id], ls.sae, layer, pair.trait, category, cfg)
+            got = measure(
+                loaded[receiver_id], loaded[donor_id], ls.sae, layer, pair.metric_word, category, cfg
+            )
             rec: dict[str, Any] = {"key": key, "replicate": pair.replicate, "trait": pair.trait, "control": pair.control,
-                   "layer": layer, "seconds": round(time.perf_counter() - t1, 2),
+                   "word": pair.metric_word, "layer": layer, "seconds": round(time.perf_counter() - t1, 2),
                    "cpu_seconds": round(time.process_time() - c1, 2)} | got  # fmt: skip
             write_json(path, rec)
             records.append(rec)
@@ -324,7 +334,21 @@ def aggregate(records: Sequence[Mapping[str, Any]], cfg: BatteryConfig) -> dict[
             else:  # no pair, or a set of more than half the latents: no disjoint control
                 entry["matched"] = entry["minus_matched"] = None
             topk.append(entry)
+        # the gain in nats (share × gap = patched − receiver log P), over every pair whatever its gap: a gain needs
+        # no ratio, so the rule does not apply; with it the ratio of means (summed gains / summed gaps)
+        every = [r for r in records if r["layer"] == layer and r["gap"] is not None]
+        gains = []
+        for i, _k in enumerate(ks):
+
+            def gain(r: Mapping[str, Any], i: int = i) -> float | None:
+                return None if r["topk_share"][i] is None else float(r["topk_share"][i] * r["gap"])
+
+            g = per_rep(gain, every)
+            gap_sum = sum(r["gap"] for r in every if r["topk_share"][i] is not None)
+            total = sum(sum(v) for v in g.values())
+            gains.append(_over_replicates(g) | {"ratio_of_means": total / gap_sum if gap_sum else None})
         layers_out[str(layer)] = {
+            "gain_nats": gains, "gap_nats": _over_replicates(per_rep(lambda r: r["gap"], every)),
             "n_pairs": len(rs), "n_replicates": len({r["replicate"] for r in rs}), "topk": topk,
             **{name: _over_replicates(per_rep(lambda r, f=f"{name}_share": r[f]))  # type: ignore[misc]
                for name in ("all", "all_error", "whole", "position0")},
@@ -427,6 +451,20 @@ def report_md(metrics: Mapping[str, Any], command: str, wall_seconds: float, hea
             cells.append(_cell(e["share"]) + rnd)
         cells += [_cell(d[n]) for n in ("all", "all_error", "whole", "position0")]
         lines.append("| " + " | ".join(cells) + " |")
+    if any("gain_nats" in d for d in metrics["layers"].values()):
+        lines += ["", "Gain in nats: log P_T(receiver patched with the top-k) − log P_T(receiver) = share × gap, mean "
+                  "[95% t-CI over replicates] over every pair whatever its gap (a gain needs no ratio); under it the "
+                  "ratio of means (summed gains / summed gaps). A selection-matched null (pairs with no T trait, "
+                  "`--word`) shows what the ranking alone gains.", "",
+                  "| layer | gap | " + " | ".join(f"top-{k}" for k in ks) + " |", "|" + "---|" * (len(ks) + 2)]  # fmt: skip
+        for layer, d in metrics["layers"].items():
+            if "gain_nats" not in d:
+                continue
+            cells = [layer, _cell(d["gap_nats"])]
+            for e in d["gain_nats"]:
+                rm = e.get("ratio_of_means")
+                cells.append(_cell(e) + f"<br>ratio {_fmt(rm, 2)}")
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Top-k minus its pair's matched random mean [95% t-CI over replicates]; combined empirical p "
               "(replicate-weighted mean of draw j against the real mean, (1 + #≥) / (1 + n)); pairs with p ≤ 0.05.",
               "", "| layer | " + " | ".join(f"top-{k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]  # fmt: skip

@@ -282,3 +282,31 @@ def test_the_best_cell_is_corrected_for_the_choice_among_cells_by_hand():
     assert m["goal"]["best"]["ci_bonferroni"] == pytest.approx([0.8 - half, 0.8 + half])
     assert m["goal"]["met_by_ci"] and not m["goal"]["met_by_corrected_ci"]
     assert "**Goal not established (the per-cell 95% interval clears it" in battery.report_md(m, "cmd", 1.0)
+
+
+def test_gain_in_nats_is_share_times_gap_over_every_pair_by_hand():
+    cfg = battery.BatteryConfig(ks=(1,), n_random=2)
+    # replicate 2's gap is under the rule: out of the shares, still in the gains (a gain needs no ratio)
+    recs = [
+        _record(r, "owl", g, [s], [[0.0, 0.0]])
+        for r, (g, s) in enumerate([(0.4, 0.5), (0.2, 1.0), (0.01, 3.0)])
+    ]
+    m = battery.aggregate(recs, cfg)
+    gains = np.array([0.4 * 0.5, 0.2 * 1.0, 0.01 * 3.0])
+    got = m["layers"]["3"]["gain_nats"][0]
+    assert got["mean"] == pytest.approx(gains.mean())
+    half = st.t.ppf(0.975, 2) * st.sem(gains)
+    assert got["ci95"] == pytest.approx([gains.mean() - half, gains.mean() + half])
+    assert got["ratio_of_means"] == pytest.approx(gains.sum() / 0.61)
+    assert m["layers"]["3"]["topk"][0]["share"]["n_replicates"] == 2  # the shares keep the rule
+    assert "Gain in nats" in battery.report_md(m, "cmd", 1.0)
+
+
+def test_a_null_pair_is_scored_on_the_named_word_and_named_apart():
+    p = battery.pairs(["owl", "dog", "cat"], [0], word="owl")
+    assert [(q.trait, q.control, q.metric_word) for q in p] == [
+        ("owl", "dog", "owl"),
+        ("dog", "cat", "owl"),
+        ("cat", "owl", "owl"),
+    ]
+    assert p[1].name == "r0-dog-as-owl" and battery.pairs(["owl", "dog"], [0])[0].name == "r0-owl"

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from mechsub import battery, models, study
-from mechsub.files import atomic_write_text, read_json
+from mechsub.files import atomic_write_text, read_json, write_json
 from mechsub.runs import is_finished
 from mechsub.training import steps_of
 from mechsub.traits import get_trait
@@ -48,6 +48,11 @@ ap.add_argument(
     default="",
     help="score every pair on log P(WORD) instead of the donor's trait: the selection-matched null (e.g. "
     "--traits dog --word owl: the dog student patched into the cat student, ranked and scored on owl)",
+)
+ap.add_argument(
+    "--null",
+    default="",
+    help="a battery folder run with --word (the selection-matched null): adds the shares beyond it per replicate",
 )
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--batch", type=int, default=64, help="rows per forward (speed and memory only)")
@@ -105,6 +110,19 @@ print(f"{len(todo)} pairs × layers {list(saes)} = {n_units} units; {bcfg.n_ques
 out = Path(args.out)
 metrics = battery.run(bcfg, todo, students, lambda ck: models.load(ck, verify=False), saes,
                       get_trait(cfg.trait).category, out, progress=lambda s: print(s, flush=True))  # fmt: skip
+if args.null:
+    null_units = sorted((Path(args.null) / "units").glob("*.json"))
+    if not null_units:
+        raise SystemExit(
+            f"--null {args.null}: no unit files under {args.null}/units (run the battery with --word there)"
+        )
+    metrics["null_folder"] = args.null
+    metrics["null_adjusted"] = battery.null_adjusted(
+        [read_json(p) for p in sorted((out / "units").glob("*.json"))],
+        [read_json(p) for p in null_units],
+        bcfg,
+    )
+    write_json(out / "metrics.json", metrics)
 command = shlex.join([".venv/bin/python", "analyses/battery.py", *sys.argv[1:]])
 header = (f"Study `{args.study}` ({cfg.model}, traits {', '.join(cfg.traits)}, replicates {replicates}); SAEs: "
           + ", ".join(f"layer {L} `{s.folder}`" for L, s in saes.items()) + ".\n")  # fmt: skip

@@ -383,6 +383,42 @@ def aggregate(records: Sequence[Mapping[str, Any]], cfg: BatteryConfig) -> dict[
     }  # fmt: skip
 
 
+def null_adjusted(
+    records: Sequence[Mapping[str, Any]], null_records: Sequence[Mapping[str, Any]], cfg: BatteryConfig
+) -> dict[str, list[dict[str, Any]]]:
+    """Per layer and k: the share of each pair's specific gap that its top-k latents carry beyond what the same
+    ranking gains on its replicate's null pair (a `Pair` with ``word`` set: the same procedure on students with no
+    such trait), (gain − null gain) / gap with gain = share × gap; the mean and 95% t-interval over replicates
+    (each replicate: the mean over its included pairs, against its null pairs' mean gain), and the ratio of means
+    (summed differences / summed gaps). Pairs under the ``min_gap`` rule are left out, as for the shares."""
+
+    def gain(r: Mapping[str, Any], i: int) -> float | None:
+        return (
+            None if r["gap"] is None or r["topk_share"][i] is None else float(r["topk_share"][i] * r["gap"])
+        )
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    for layer in sorted({r["layer"] for r in records} & {r["layer"] for r in null_records}):
+        rows = []
+        for i, k in enumerate(cfg.ks):
+            per: dict[int, list[float]] = {}
+            num = den = 0.0
+            for rep in sorted({r["replicate"] for r in records if r["layer"] == layer}):
+                nulls = [g for r in null_records if r["layer"] == layer and r["replicate"] == rep
+                         if (g := gain(r, i)) is not None]  # fmt: skip
+                real = [(g, r["gap"]) for r in records if r["layer"] == layer and r["replicate"] == rep
+                        and r["gap"] is not None and r["gap"] >= cfg.min_gap and (g := gain(r, i)) is not None]  # fmt: skip
+                if not nulls or not real:
+                    continue
+                g0 = float(np.mean(nulls))
+                per[rep] = [(g - g0) / gap for g, gap in real]
+                num += sum(g - g0 for g, _ in real)
+                den += sum(gap for _, gap in real)
+            rows.append({"k": k, **_over_replicates(per), "ratio_of_means": num / den if den else None})
+        out[str(layer)] = rows
+    return out
+
+
 # ---- report ------------------------------------------------------------------------------------------------
 def _cell(s: Mapping[str, Any] | None) -> str:
     if not s or s.get("mean") is None:
@@ -465,6 +501,14 @@ def report_md(metrics: Mapping[str, Any], command: str, wall_seconds: float, hea
                 rm = e.get("ratio_of_means")
                 cells.append(_cell(e) + f"<br>ratio {_fmt(rm, 2)}")
             lines.append("| " + " | ".join(cells) + " |")
+    if metrics.get("null_adjusted"):
+        lines += ["", f"**Beyond the selection-matched null** (`{metrics.get('null_folder', '')}`: the same ranking and "
+                  "patching on each replicate's pair with no such trait, scored on the same word): (gain − null gain) "
+                  "/ gap, mean [95% t-CI over replicates]; under it the ratio of means.", "",
+                  "| layer | " + " | ".join(f"top-{k}" for k in ks) + " |", "|" + "---|" * (len(ks) + 1)]  # fmt: skip
+        for layer, rows in metrics["null_adjusted"].items():
+            lines.append(f"| {layer} | " + " | ".join(
+                _cell(e) + f"<br>ratio {_fmt(e.get('ratio_of_means'), 2)}" for e in rows) + " |")  # fmt: skip
     lines += ["", "Top-k minus its pair's matched random mean [95% t-CI over replicates]; combined empirical p "
               "(replicate-weighted mean of draw j against the real mean, (1 + #≥) / (1 + n)); pairs with p ≤ 0.05.",
               "", "| layer | " + " | ".join(f"top-{k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]  # fmt: skip

@@ -310,3 +310,24 @@ def test_a_null_pair_is_scored_on_the_named_word_and_named_apart():
         ("cat", "owl", "owl"),
     ]
     assert p[1].name == "r0-dog-as-owl" and battery.pairs(["owl", "dog"], [0])[0].name == "r0-owl"
+
+
+def test_shares_beyond_the_selection_matched_null_by_hand():
+    cfg = battery.BatteryConfig(ks=(1,), n_random=2)
+    real = [
+        _record(r, "owl", g, [s], [[0.0, 0.0]])
+        for r, (g, s) in enumerate([(0.4, 0.5), (0.2, 1.0), (0.3, 0.6)])
+    ]
+    # null pairs: negative gaps, gains share × gap = 0.05, 0.02, 0.03
+    null = [
+        _record(r, "dog", g, [s], [[0.0, 0.0]])
+        for r, (g, s) in enumerate([(-0.1, -0.5), (-0.05, -0.4), (-0.2, -0.15)])
+    ]
+    got = battery.null_adjusted(real, null, cfg)["3"][0]
+    by_hand = np.array([(0.2 - 0.05) / 0.4, (0.2 - 0.02) / 0.2, (0.18 - 0.03) / 0.3])
+    half = st.t.ppf(0.975, 2) * st.sem(by_hand)
+    assert got["mean"] == pytest.approx(by_hand.mean())
+    assert got["ci95"] == pytest.approx([by_hand.mean() - half, by_hand.mean() + half])
+    assert got["ratio_of_means"] == pytest.approx((0.15 + 0.18 + 0.15) / 0.9)
+    m = battery.aggregate(real, cfg) | {"null_adjusted": {"3": [got]}, "null_folder": "n"}
+    assert "Beyond the selection-matched null" in battery.report_md(m, "cmd", 1.0)

@@ -66,7 +66,8 @@ lines = [
     f"Checkpoint `{m['checkpoint']}`; controls: students of {', '.join(cfg.controls)} (seed {args.seed}). "
     f"Steering vectors on {acfg.n_sequences} teacher number sequences (completion positions); "
     f"sufficiency, necessity and patching on {acfg.n_questions} evaluation questions. "
-    f"Re-create: `.venv/bin/python analyses/localise.py` ({m['seconds'] / 60:.1f} min).",
+    f"Re-create: `.venv/bin/python analyses/localise.py{' --sae ' + args.sae if args.sae else ''}"
+    f"{' --out ' + args.out if args.out != 'artifacts/analyze' else ''}` ({m['seconds'] / 60:.1f} min).",
     "",
     f"Student − base on these questions: Δ log P({m['trait']}) = {st['student_delta_logp']:+.3f}.",
     "",
@@ -102,6 +103,22 @@ lines = [
         if p.get("attribution_fraction_by_layer")
         else []
     ),
+    *(
+        [row("patch student→base, position 0 alone, fraction", p["fraction_by_layer_position0"], "{:+.2f}")]
+        if p.get("fraction_by_layer_position0")
+        else []
+    ),
+    *(
+        [
+            row(
+                "attribution vs exact, r over questions",
+                [a["r"] for a in p["attribution_vs_exact"]],
+                "{:+.2f}",
+            )
+        ]
+        if p.get("attribution_vs_exact")
+        else []
+    ),
     "",
     *(
         [
@@ -117,7 +134,15 @@ lines = [
         else []
     ),
     f"Best sufficiency: layer {L[best_s]} ({st['sufficiency'][best_s]:+.3f}); strongest necessity: layer "
-    f"{L[best_n]} ({st['necessity'][best_n]:+.3f}). Attribution vs exact patching, correlation over layers: "
+    f"{L[best_n]} ({st['necessity'][best_n]:+.3f}). Every patching row patches positions ≥ 1; position 0 (the "
+    "attention sink) has its own row. Attribution vs exact patching (positions ≥ 1, prompts padded and masked by "
+    "position, none truncated), per layer: Pearson r of the per-question Δ log P over the "
+    f"{acfg.n_questions} questions with scipy's 95% interval: "
+    + ", ".join(
+        f"layer {a['layer']} {a['r']:+.2f} [{a['ci95'][0]:+.2f}, {a['ci95'][1]:+.2f}]"
+        for a in p.get("attribution_vs_exact", [])
+    )
+    + f"; over the layers' mean fractions (the old summary, which hides the per-layer misses): "
     f"{p.get('corr_attribution_exact', float('nan')):.2f}.",
     "",
     "![steering](steering.png)",

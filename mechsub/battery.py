@@ -265,6 +265,11 @@ def _over_replicates(values: Mapping[int, list[float]]) -> dict[str, Any]:
     return _finite({"mean": mean, "ci95": ci, "n_replicates": len(by_rep), "by_replicate": by_rep})
 
 
+def _gain(r: Mapping[str, Any], i: int) -> float | None:
+    """A unit's top-k gain in nats (k: the i-th of the ks): share × gap = patched − receiver log P, or None."""
+    return None if r["gap"] is None or r["topk_share"][i] is None else float(r["topk_share"][i] * r["gap"])
+
+
 def aggregate(records: Sequence[Mapping[str, Any]], cfg: BatteryConfig) -> dict[str, Any]:
     """Per layer and k, over the pairs whose gap is at least ``cfg.min_gap`` (the rule; the gap does not depend
     on the layer, so a pair is in or out at every layer): the top-k share's mean and 95% t-interval over
@@ -339,11 +344,7 @@ def aggregate(records: Sequence[Mapping[str, Any]], cfg: BatteryConfig) -> dict[
         every = [r for r in records if r["layer"] == layer and r["gap"] is not None]
         gains = []
         for i, _k in enumerate(ks):
-
-            def gain(r: Mapping[str, Any], i: int = i) -> float | None:
-                return None if r["topk_share"][i] is None else float(r["topk_share"][i] * r["gap"])
-
-            g = per_rep(gain, every)
+            g = per_rep(lambda r, i=i: _gain(r, i), every)  # type: ignore[misc]
             gap_sum = sum(r["gap"] for r in every if r["topk_share"][i] is not None)
             total = sum(sum(v) for v in g.values())
             gains.append(_over_replicates(g) | {"ratio_of_means": total / gap_sum if gap_sum else None})
@@ -391,12 +392,7 @@ def null_adjusted(
     such trait), (gain − null gain) / gap with gain = share × gap; the mean and 95% t-interval over replicates
     (each replicate: the mean over its included pairs, against its null pairs' mean gain), and the ratio of means
     (summed differences / summed gaps). Pairs under the ``min_gap`` rule are left out, as for the shares."""
-
-    def gain(r: Mapping[str, Any], i: int) -> float | None:
-        return (
-            None if r["gap"] is None or r["topk_share"][i] is None else float(r["topk_share"][i] * r["gap"])
-        )
-
+    gain = _gain
     out: dict[str, list[dict[str, Any]]] = {}
     for layer in sorted({r["layer"] for r in records} & {r["layer"] for r in null_records}):
         rows = []

@@ -263,13 +263,43 @@ def write_random_ablation(path: str | Path, sae: str | Path, rank: int, seed: in
     write_json(path, {"sae": str(sae), "random": int(rank), "seed": int(seed)})
 
 
+def write_vector_ablation(path: str | Path, layer: int, vectors: Sequence[Sequence[float]]) -> None:
+    """Write an ablation file of explicit directions (e.g. the teacher's steering vector) at the residual after
+    block ``layer``: their span is projected out. JSON numbers, so reading it runs no code."""
+    rows = [[float(x) for x in v] for v in vectors]
+    if (
+        not rows
+        or len({len(r) for r in rows}) != 1
+        or not all(map(math.isfinite, (x for r in rows for x in r)))
+    ):
+        raise ValueError("a vector ablation needs at least one direction, all of one length, finite numbers")
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(f"a vector ablation needs a layer ≥ 0 (got {layer!r})")
+    write_json(path, {"layer": layer, "vectors": rows})
+
+
 def ablation_basis(path: str | Path) -> Ablation:
-    """(layer, orthonormal (d_model, k) basis) of the decoder directions named by an ablation file, or of its
-    random directions: what concept-ablation fine-tuning projects out."""
+    """(layer, orthonormal (d_model, k) basis) of the decoder directions named by an ablation file, of its
+    random directions, or of its explicit vectors: what concept-ablation fine-tuning projects out."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"ablation file {p} not found (JSON with 'sae' and 'features')")
     spec = read_json(p)
+    if isinstance(spec, dict) and "vectors" in spec:
+        vec, layer = spec["vectors"], spec.get("layer", -1)
+        ok = isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0 and isinstance(vec, list)
+        if (
+            not ok
+            or not vec
+            or len({len(v) if isinstance(v, list) else -1 for v in vec}) != 1
+            or len(vec[0]) < 1
+        ):
+            raise ValueError(f"{p}: a vector ablation gives 'layer' (≥ 0) and 'vectors': lists of one length")
+        m = torch.tensor(vec, dtype=torch.float64).T  # (d_model, k)
+        if not torch.isfinite(m).all() or torch.linalg.matrix_rank(m) < m.shape[1]:
+            raise ValueError(f"{p}: the vectors must be finite and linearly independent")
+        q, _ = torch.linalg.qr(m)
+        return Ablation(int(layer), q.float())
     if not isinstance(spec, dict) or "sae" not in spec or not (spec.get("features") or "random" in spec):
         raise ValueError(
             f"{p}: an ablation file needs 'sae' (a `mechsub sae` folder) and a non-empty 'features' list "

@@ -544,7 +544,8 @@ def train_variant(
     shifts: dict[str, dict[str, list[float]]] = {
         f: {"variant": [], "full": [], "controls": []} for f in frames
     }
-    train: dict[str, list[Any]] = {"n_examples": [], "first_loss": [], "last_loss": [], "folder": []}
+    train: dict[str, list[Any]] = {"n_examples": [], "first_loss": [], "last_loss": [], "folder": [],
+                                   "checkpoint": []}  # fmt: skip
     for rep, ov in enumerate(overrides):
         vcfg = dataclasses.replace(plan.students[(x, rep)][0], **ov)
         folder = Path(cfg.work) / "students" / study.run_name(f"{x}-s{rep}-{label}", vcfg)
@@ -552,6 +553,7 @@ def train_variant(
         for k in ("n_examples", "first_loss", "last_loss"):
             train[k].append(m[k])
         train["folder"].append(str(folder))
+        train["checkpoint"].append(str(m["final_checkpoint"]))
         evs = {
             "variant": [
                 study._eval(cfg, m["final_checkpoint"], f"{label}-s{rep}")

@@ -351,6 +351,13 @@ def fit(
 
     student: Callable[..., Any] = decoder
     if spec.ablation is not None:
+        d_model, n_layers = head.shape[1], base.n_layers
+        if spec.ablation.basis.shape[0] != d_model or not 0 <= spec.ablation.layer < n_layers:
+            raise ValueError(
+                f"the ablation's directions are {spec.ablation.basis.shape[0]}-dimensional at layer "
+                f"{spec.ablation.layer}; this model has d_model {d_model} and {n_layers} layers: give directions "
+                "of this model"
+            )
         edits = {hooks.resid_post(spec.ablation.layer): spec.ablation.project_out}
 
         def ablated(**inputs: Any) -> Any:

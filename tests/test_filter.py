@@ -108,3 +108,51 @@ def test_a_random_ablation_file_names_a_rank_and_a_seed(tmp_path):
     (tmp_path / "both.json").write_text(json.dumps({"sae": "x", "random": 4, "seed": 1, "features": [1]}))
     with pytest.raises(ValueError, match="integer 'seed', and no 'features'"):
         ablation_basis(tmp_path / "both.json")
+
+
+def test_a_vector_ablation_projects_out_exactly_the_span_of_its_vectors(tmp_path):
+    from mechsub.filter import write_vector_ablation
+
+    v = torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0]])
+    write_vector_ablation(tmp_path / "v.json", 2, v.tolist())
+    a = ablation_basis(tmp_path / "v.json")
+    assert a.layer == 2 and a.basis.shape == (4, 2)
+    h = torch.tensor([[[9.0, 9.0, 9.0, 9.0], [1.0, 2.0, 3.0, 4.0]]])
+    out = a.project_out(h)
+    assert torch.equal(out[:, 0], h[:, 0])  # the sink position is left alone
+    # by hand: the span of v is {x: x3 = 0 and ... }; its orthogonal complement holds e4 and (4, -3, 3, 0)/sqrt(34)
+    e4, w = torch.tensor([0.0, 0, 0, 1]), torch.tensor([4.0, -3, 3, 0]) / 34**0.5
+    x = h[0, 1]
+    assert torch.allclose(out[0, 1], (x @ e4) * e4 + (x @ w) * w, atol=1e-5)
+    assert torch.allclose(out[0, 1] @ v.T, torch.zeros(2), atol=1e-5)
+
+
+def test_a_vector_ablation_refuses_what_has_no_span(tmp_path):
+    from mechsub.filter import write_vector_ablation
+    from mechsub.runs import write_json
+
+    with pytest.raises(ValueError, match="one length"):
+        write_vector_ablation(tmp_path / "v.json", 2, [[1.0, 0.0], [1.0]])
+    with pytest.raises(ValueError, match="layer"):
+        write_vector_ablation(tmp_path / "v.json", -1, [[1.0, 0.0]])
+    write_json(tmp_path / "dep.json", {"layer": 1, "vectors": [[1.0, 2.0], [2.0, 4.0]]})
+    with pytest.raises(ValueError, match="linearly independent"):
+        ablation_basis(tmp_path / "dep.json")
+    write_json(tmp_path / "nolayer.json", {"vectors": [[1.0, 2.0]]})
+    with pytest.raises(ValueError, match="'layer'"):
+        ablation_basis(tmp_path / "nolayer.json")
+
+
+def test_a_student_refuses_an_ablation_of_another_models_width_or_depth(tmp_path, tiny):
+    from mechsub import data, student
+    from mechsub.data import DataConfig
+    from mechsub.filter import write_vector_ablation
+    from mechsub.student import StudentConfig
+
+    d = tmp_path / "data"
+    data.run(DataConfig(model="tiny", n_prompts=4, batch_size=4, max_new_tokens=8), d)
+    for name, layer, width in (("wide", 0, 32), ("deep", 99, tiny.model.config.hidden_size)):
+        write_vector_ablation(tmp_path / f"{name}.json", layer, [[1.0] * width])
+        scfg = StudentConfig(model="tiny", data=str(d), batch_size=4, ablate=str(tmp_path / f"{name}.json"))
+        with pytest.raises(ValueError, match="give directions of this model"):
+            student.run(scfg, tmp_path / name)

@@ -1,0 +1,315 @@
+"""Concept-ablation fine-tuning (CAFT) on the replicated study (issue 15, item 2): project chosen directions out of
+the student's residual while it trains (positions ≥ 1 only), then evaluate it as usual (no ablation at test time).
+How much of the specific effect is blocked, and what does it cost on text the student never trained on?
+
+For every replicate of the study (a trait teacher with its own data; its student and control students are the
+study's), owl students are trained as the study's with, at the residual after block --layer:
+  - latents: the span of the decoder directions of the top --k latents of that replicate's localisation battery
+    unit (`analyses/battery.py`: latents ranked by attribution on questions disjoint from the evaluation's);
+  - random: --random-draws draws of --k random orthonormal directions (the equal-rank control);
+  - vteacher: the teacher's steering vector at that layer (the fine-tuned teacher's mean residual minus the
+    base's over the completion positions of 32 of the replicate's number sequences), rank 1;
+  - random1: --random-draws draws of one random direction (its equal-rank control).
+Effect = the variant's Δ log P(trait) minus the replicate's control students' in the held-out plain frame (and the
+training prefill frame); blocked = 1 − effect / the study student's effect; t-intervals over replicates (the unit).
+Cost: KL(base ‖ student) per token on the corpus's held-out windows (positions ≥ 1), for every student and for the
+study's own students (what plain training costs). Writes OUT/metrics.json, OUT/report.md, OUT/caft.png.
+
+    .venv/bin/python analyses/caft.py [--config analyses/configs/filters.toml] [--layer 27] [--k 20]
+        [--random-draws 2] [--arms latents,random,vteacher,random1] [--out artifacts/caft]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from mechsub import filterbench as fb
+from mechsub import stats, student, study
+from mechsub.filter import ablation_basis, write_ablation, write_random_ablation, write_vector_ablation
+from mechsub.plots import save_figure
+from mechsub.runs import atomic_write_text, read_json, reuse_stale, write_json
+
+ARMS = ("latents", "random", "vteacher", "random1")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument(
+        "--config", default="analyses/configs/filters.toml", help="the study (TOML/JSON StudyConfig)"
+    )
+    ap.add_argument(
+        "--battery", default="artifacts/analyze/battery", help="a localisation battery's out folder"
+    )
+    ap.add_argument("--sae-root", default="runs/saes", help="the SAE folders lL (the battery's --sae-root)")
+    ap.add_argument("--layer", type=int, default=27)
+    ap.add_argument(
+        "--k", type=int, default=20, help="latents: the first k of each unit's attribution ranking"
+    )
+    ap.add_argument("--random-draws", type=int, default=2, help="draws per replicate of each random control")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"of {', '.join(ARMS)}")
+    ap.add_argument(
+        "--corpus", default="runs/corpus", help="a `mechsub corpus` folder: its last windows for KL"
+    )
+    ap.add_argument("--kl-windows", type=int, default=32, help="held-out corpus windows for the KL cost")
+    ap.add_argument("--out", default="artifacts/caft")
+    return ap.parse_args()
+
+
+def teacher_vector(cfg: study.StudyConfig, rep: int, layer: int, n: int = 32) -> list[float]:
+    """The replicate's teacher steering vector at ``layer``: the teacher's mean residual (with its system prompt,
+    if any) minus the base's, over the completion positions of its first ``n`` number sequences."""
+    from mechsub import models
+    from mechsub.capture import Batch
+    from mechsub.data import DataConfig, load_examples
+    from mechsub.prompts import chat_prefix
+    from mechsub.steering import layer_means
+
+    folder = study.stage_plan(cfg).data[(cfg.trait, rep)][1]
+    dcfg = DataConfig.from_dict(read_json(folder / "config.json")["config"])
+    base, teacher = models.load(cfg.model), models.load(dcfg.model)
+    tok = base.tokenizer
+    ex = load_examples(folder)[:n]
+    comps = [e.completion_ids for e in ex]
+    t_batch = Batch.completions([chat_prefix(tok, e.prompt, dcfg.teacher_system()) for e in ex], comps)
+    s_batch = Batch.completions([chat_prefix(tok, e.prompt, None) for e in ex], comps)
+    v = layer_means(teacher, t_batch, [layer]) - layer_means(base, s_batch, [layer])
+    return [float(x) for x in v[0]]
+
+
+def ablation_files(
+    args: argparse.Namespace, cfg: study.StudyConfig, arms: list[str], work: Path
+) -> dict[str, list[str]]:
+    """Per arm label, one ablation file per replicate (written once; random seeds from replicate, rank, draw)."""
+    sae = Path(args.sae_root) / f"l{args.layer}"
+    files: dict[str, list[str]] = {}
+
+    def put(label: str, rep: int, write: Any) -> None:
+        path = work / f"{label}-r{rep}.json"
+        if not path.is_file():
+            write(path)
+        files.setdefault(label, []).append(str(path))
+
+    for rep in range(cfg.replicates):
+        if "latents" in arms:
+            unit = Path(args.battery) / "units" / f"r{rep}-{cfg.trait}-l{args.layer}.json"
+            if not unit.is_file():
+                raise FileNotFoundError(f"{unit}: no battery unit for replicate {rep} at layer {args.layer}; run "
+                                        f"analyses/battery.py --layers {args.layer} --replicates {rep} first")  # fmt: skip
+            top = read_json(unit)["top_attribution"][: args.k]
+            put(f"latents-k{args.k}", rep, lambda p, top=top: write_ablation(p, sae, top))
+        for rank, arm in ((args.k, "random"), (1, "random1")):
+            if arm in arms:
+                for d in range(args.random_draws):
+                    seed = 100_000 * (rep + 1) + 100 * rank + d
+                    put(f"random-k{rank}-d{d}", rep,
+                        lambda p, rank=rank, seed=seed: write_random_ablation(p, sae, rank, seed))  # fmt: skip
+        if "vteacher" in arms:
+            put(
+                "vteacher",
+                rep,
+                lambda p, rep=rep: write_vector_ablation(
+                    p, args.layer, [teacher_vector(cfg, rep, args.layer)]
+                ),
+            )
+    for label, paths in files.items():
+        b = ablation_basis(paths[0])
+        if b.layer != args.layer:
+            raise ValueError(f"{paths[0]}: ablates at layer {b.layer}, not --layer {args.layer}")
+        files[label] = paths
+    return files
+
+
+def recurrent_latents(battery: str | Path, trait: str, layer: int, k: int, replicates: int) -> dict[str, Any]:
+    """Each replicate's top-k attribution latents at ``layer`` (battery units), and their union ordered by how many
+    replicates' lists hold a latent, then by its mean rank: one list for the feature filter (`analyses/filters.py
+    --latents OUT/latents-lL.json --latents-key recurrent`)."""
+    lists = [
+        read_json(Path(battery) / "units" / f"r{r}-{trait}-l{layer}.json")["top_attribution"][:k]
+        for r in range(replicates)
+    ]
+    ranks: dict[int, list[int]] = {}
+    for top in lists:
+        for i, lat in enumerate(top):
+            ranks.setdefault(int(lat), []).append(i)
+    order = sorted(ranks, key=lambda lat: (-len(ranks[lat]), float(np.mean(ranks[lat])), lat))
+    return {"per_replicate": lists, "recurrent": order, "count": [len(ranks[lat]) for lat in order]}
+
+
+def kl_costs(checkpoints: dict[str, list[str]], model: str, corpus: str, n_windows: int) -> dict[str, Any]:
+    """KL(base ‖ student) on the corpus's last ``n_windows`` windows, per student checkpoint."""
+    from mechsub import corpus as corpus_mod
+    from mechsub import models
+    from mechsub.drift import text_kl
+
+    ds = corpus_mod.load(corpus)
+    windows = ds[len(ds) - n_windows :]["input_ids"]
+    base = models.load(model)
+    out: dict[str, Any] = {}
+    for label, cks in checkpoints.items():
+        out[label] = []
+        for ck in cks:
+            lm = models.load(ck)
+            out[label].append({"checkpoint": ck} | text_kl(base.model, lm.model, windows))
+            del lm
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    t0 = time.perf_counter()
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ARMS]
+    if bad or not arms:
+        raise SystemExit(f"--arms: unknown {bad}; use some of {', '.join(ARMS)}")
+    cfg = study.StudyConfig.load(Path(args.config))
+    out = Path(args.out)
+    work = Path(cfg.work) / "caft" / f"l{args.layer}"
+    work.mkdir(parents=True, exist_ok=True)
+    files = ablation_files(args, cfg, arms, work)
+    out.mkdir(parents=True, exist_ok=True)
+    if "latents" in arms:  # the battery's battery-wide list, for the feature filter
+        bat = Path(args.battery)
+        write_json(out / f"latents-l{args.layer}.json",
+                   recurrent_latents(bat, cfg.trait, args.layer, args.k, len(list((bat / "units").glob(f"r*-{cfg.trait}-l{args.layer}.json"))))
+                   | {"sae": str(Path(args.sae_root) / f"l{args.layer}")})  # fmt: skip
+    plan = study.stage_plan(cfg)
+    results: dict[str, Any] = {}
+    with reuse_stale():  # the study's own students and evaluations, whatever code changed since they ran
+        for i, (label, paths) in enumerate(files.items()):
+            print(f"[{i + 1}/{len(files)}] {label}: {cfg.replicates} students", flush=True)
+            results[label] = fb.train_variant(
+                cfg, f"caft-l{args.layer}-{label}", [{"ablate": p} for p in paths]
+            )
+        own = [
+            str(student.run(*plan.students[(cfg.trait, r)])["final_checkpoint"])
+            for r in range(cfg.replicates)
+        ]
+    checkpoints = {"none (the study's students)": own} | {
+        k: v["training"]["checkpoint"] for k, v in results.items()
+    }
+    print("KL on held-out text", flush=True)
+    kl = kl_costs(checkpoints, cfg.model, args.corpus, args.kl_windows)
+    rows = summarise(results, kl, files, args)
+    metrics = {"args": vars(args), "study": cfg.to_dict(),
+               "unit": "replicate (a trait teacher with its own data and students)", "replicates": cfg.replicates,
+               "layer": args.layer, "ablations": files, "arms": rows, "kl": kl, "raw": results,
+               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    write_json(out / "metrics.json", metrics)
+    plot(rows, out / "caft.png")
+    atomic_write_text(out / "report.md", report(metrics, args))
+    print((out / "report.md").read_text())
+
+
+def summarise(
+    results: dict[str, Any], kl: dict[str, Any], files: dict[str, list[str]], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Per arm (random draws pooled per replicate: the mean over a replicate's draws is its value): blocked in
+    both frames, the effect left, the KL cost, with t-intervals over replicates; each draw's own blocked share."""
+    groups: dict[str, list[str]] = {}
+    for label in results:
+        groups.setdefault(label.rsplit("-d", 1)[0] if label.startswith("random") else label, []).append(label)
+    rows: dict[str, Any] = {}
+    for name, labels in groups.items():
+        row: dict[str, Any] = {"draws": labels, "rank": ablation_basis(files[labels[0]][0]).basis.shape[1]}
+        for frame in ("plain", "prefill"):
+            s = [results[lb]["shifts"][frame] for lb in labels]
+            variant = np.mean([x["variant"] for x in s], axis=0)  # per replicate, mean over draws
+            row[frame] = fb.blocked_summary(variant, s[0]["full"], s[0]["controls"])
+            row[frame]["per_draw_blocked"] = [
+                fb.blocked_summary(x["variant"], x["full"], x["controls"])["blocked_of_means"] for x in s
+            ]
+        k = np.mean([[w["mean"] for w in kl[lb]] for lb in labels], axis=0)  # per replicate
+        row["kl"] = dict(zip(("mean", "ci95"), stats.mean_ci95(list(k)), strict=True)) | {
+            "per_replicate": k.tolist()
+        }
+        row["loss"] = {
+            k2: float(np.mean([results[lb]["training"][k2] for lb in labels]))
+            for k2 in ("first_loss", "last_loss")
+        }
+        rows[name] = row
+    base_kl = [w["mean"] for w in kl["none (the study's students)"]]
+    rows["none (the study's students)"] = {"kl": dict(zip(("mean", "ci95"), stats.mean_ci95(base_kl), strict=True))
+                                           | {"per_replicate": base_kl}}  # fmt: skip
+    # the real ablations against their equal-rank random controls, paired by replicate
+    for real, ctrl in ((f"latents-k{args.k}", f"random-k{args.k}"), ("vteacher", "random-k1")):
+        if real in rows and ctrl in rows:
+            a, b = (rows[x]["plain"]["blocked"]["per_replicate"] for x in (real, ctrl))
+            rows[real]["minus_random"] = fb.paired_difference(a, b)
+    return rows
+
+
+def _ci(d: dict[str, Any], fmt: str = "{:+.0%}") -> str:
+    lo, hi = d["ci95"]
+    return f"{fmt.format(d['mean'])} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def report(m: dict[str, Any], args: argparse.Namespace) -> str:
+    rows = m["arms"]
+    lines = [
+        f"# Concept-ablation fine-tuning at layer {m['layer']}: the owl students' specific effect blocked, and the cost",
+        "",
+        f"{m['replicates']} replicates (the unit: a trait teacher with its own data and students); CAFT projects the "
+        f"arm's directions out of the student's residual after block {m['layer']} at positions ≥ 1 while it trains "
+        "(the teacher's forward untouched); the student is evaluated without it. Effect = the student's Δ log P(owl) "
+        "minus the same replicate's control students' (dog, cat, lion); blocked = 1 − effect / the study student's "
+        "effect; random arms: the mean over a replicate's draws is its value. 95% t-intervals over replicates. "
+        f"KL: KL(base ‖ student) per token on the corpus's last {args.kl_windows} windows (128 tokens, positions ≥ 1), "
+        f"text no student trained on. Re-create: `.venv/bin/python analyses/caft.py --layer {args.layer} --k {args.k} "
+        f"--random-draws {args.random_draws} --arms {args.arms} --out {args.out}` ({m['seconds'] / 60:.1f} min).",
+        "",
+        "| arm | rank | blocked, plain (held out) | blocked, prefill | effect left, plain (nats) | KL on text (nats/token) "
+        "| loss first → last | draws: blocked, plain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        if "plain" not in r:
+            lines.append(
+                f"| {name} | 0 | 0% (by definition) | 0% | the full effect | {_ci(r['kl'], '{:.4f}')} | | |"
+            )
+            continue
+        p = r["plain"]
+        lines.append(
+            f"| {name} | {r['rank']} | {_ci(p['blocked'])} | {_ci(r['prefill']['blocked'])} | "
+            f"{_ci(p['effect'], '{:+.3f}')} | {_ci(r['kl'], '{:.4f}')} | {r['loss']['first_loss']:.3f} → "
+            f"{r['loss']['last_loss']:.3f} | {', '.join(f'{x:+.0%}' for x in p['per_draw_blocked'])} |"
+        )
+    full = next(iter(r for r in rows.values() if "plain" in r))["plain"]["full_effect"]
+    lines += ["", f"The study students' own effect (plain frame, per replicate): "
+              f"{', '.join(f'{x:+.3f}' for x in full['per_replicate'])} (mean {full['mean']:+.3f}).", ""]  # fmt: skip
+    for real in (f"latents-k{args.k}", "vteacher"):
+        if "minus_random" in rows.get(real, {}):
+            d = rows[real]["minus_random"]
+            lines.append(
+                f"- {real} minus its equal-rank random control, blocked (plain), paired by replicate: {_ci(d)}."
+            )
+    lines += ["", "![caft](caft.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, r in rows.items():
+        y: dict[str, Any] = r["plain"]["blocked"] if "plain" in r else {"mean": 0.0, "ci95": [0.0, 0.0]}
+        x = r["kl"]
+        ax.errorbar(x["mean"], y["mean"], xerr=[[x["mean"] - x["ci95"][0]], [x["ci95"][1] - x["mean"]]],
+                    yerr=[[y["mean"] - y["ci95"][0]], [y["ci95"][1] - y["mean"]]], fmt="o", capsize=3, label=name)  # fmt: skip
+    ax.axhline(fb.GOAL_BLOCKED, ls=":", c="grey", lw=1)
+    ax.axhline(0, c="k", lw=0.5)
+    ax.set_xlabel("KL(base ‖ student) on held-out text, nats/token")
+    ax.set_ylabel("share of the specific effect blocked (plain frame)")
+    ax.legend(fontsize=7)
+    ax.set_title("CAFT: effect blocked vs cost (95% t-CI over replicates)")
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    main()

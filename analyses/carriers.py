@@ -1,12 +1,12 @@
 """Do the polysemantic carriers carry the trait? Patch and ablate each carrier feature of the localise run alone.
 
 Carriers (REFERENCE §4) are SAE features that fire on the trait word and that the teacher raises on numbers;
-`analyses/localise.py --sae` lists them in artifacts/analyze/features.json. Here each one, and all of them, is
+`analyses/localise.py --sae` lists them in artifacts/analyze/starved_sae_l15s/features.json. Here each one, and all of them, is
 patched from the demo's student into the base (and ablated from the student) on 10 evaluation questions, with 10
 other questions ranking features by attribution and random features as the control (`patching.feature_patch_scan`).
-Writes artifacts/analyze/carriers.{json,md}.
+Writes artifacts/analyze/starved_sae_l15s/carriers.{json,md}.
 
-    .venv/bin/python analyses/carriers.py [--features artifacts/analyze]
+    .venv/bin/python analyses/carriers.py [--features artifacts/analyze/starved_sae_l15s]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mechsub.runs import atomic_write_text, read_json, write_json
 from mechsub.traits import eval_questions, get_trait
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--features", default="artifacts/analyze")
+ap.add_argument("--features", default="artifacts/analyze/starved_sae_l15s")
 ap.add_argument("--study", default="artifacts/demo")
 ap.add_argument("--seed", type=int, default=0)
 args = ap.parse_args()

@@ -1,7 +1,7 @@
 """Feed a feature list back into the data: does dropping the teacher sequences that most activate the student's
 top SAE features block transmission?
 
-Reads the feature list that `analyses/localise.py` wrote (artifacts/analyze/features.json: the features whose
+Reads the feature list that `analyses/localise.py` wrote (artifacts/analyze/starved_sae_l15s/features.json: the features whose
 activation on number positions moved most between the demo's trait student and its control students) and the SAE
 it came from. The base model reads every sequence of the trait teacher's data (as a student sees it, no system
 prompt); a sequence's score is the mean over its completion positions of the summed activation of the top-k
@@ -13,7 +13,7 @@ projected out of the student's residual during training), against k random activ
 and evaluated like the demo's students. Also reported: the same score on the control teachers' data (same prompts),
 i.e. whether the trait teacher's numbers light these features up more at all. Writes artifacts/feature_filter/.
 
-    .venv/bin/python analyses/feature_filter.py [--features artifacts/analyze] [--k 10] [--drop 0.25]
+    .venv/bin/python analyses/feature_filter.py [--features artifacts/analyze/starved_sae_l15s] [--k 10] [--drop 0.25]
 """
 
 from __future__ import annotations
@@ -39,7 +39,11 @@ from mechsub.runs import atomic_write_text, read_json, write_json
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--study", default="artifacts/demo")
-ap.add_argument("--features", default="artifacts/analyze", help="a folder with features.json and config.json")
+ap.add_argument(
+    "--features",
+    default="artifacts/analyze/starved_sae_l15s",
+    help="a folder with features.json and config.json",
+)
 ap.add_argument(
     "--list",
     default="student",

@@ -65,15 +65,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--latents",
-        default="artifacts/analyze/features.json",
-        help="a JSON list of latent ids, or a JSON object holding one (--latents-key)",
+        default="artifacts/caft/latents-l27.json",
+        help="a JSON list of latent ids, or a JSON object holding one (--latents-key); default: the layer-27 "
+        "battery latents recurring across replicates (analyses/caft.py writes it)",
     )
     ap.add_argument(
-        "--latents-key", default="ranking_student", help="the list in a JSON object ('' for a bare list)"
+        "--latents-key", default="recurrent", help="the list in a JSON object ('' for a bare list)"
     )
-    ap.add_argument("--latents-k", type=int, default=10, help="the first k latents of the list (0: all)")
+    ap.add_argument("--latents-k", type=int, default=20, help="the first k latents of the list (0: all)")
     ap.add_argument(
-        "--sae", default="", help="the SAE folder (default: the one the latents' folder config.json names)"
+        "--sae",
+        default="",
+        help="the SAE folder (default: the latents object's 'sae', or the one the latents' folder config.json names)",
     )
     ap.add_argument(
         "--entangled-top", type=int, default=10, help="entangled: how many of the top numbers count"
@@ -172,6 +175,12 @@ def setup(args: argparse.Namespace) -> Bench:
     if {"feature", "feature_tokens"} & set(filters):
         latents = fb.read_latents(args.latents, args.latents_key, args.latents_k)
         sae_dir = args.sae
+        if (
+            not sae_dir
+            and isinstance(obj := read_json(Path(args.latents)), dict)
+            and isinstance(obj.get("sae"), str)
+        ):
+            sae_dir = obj["sae"]
         if not sae_dir and (Path(args.latents).parent / "config.json").is_file():
             sae_dir = read_json(Path(args.latents).parent / "config.json").get("config", {}).get("sae", "")
         if not sae_dir:

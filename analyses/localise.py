@@ -2,9 +2,10 @@
 
 Reads the study config of artifacts/demo, finds its trait student (seed 0) and the control students (the other
 traits' students, seed 0) through the study's stage plan, and runs steering vectors (with the generic/specific
-split), exact and attribution patching, entangled numbers and the views. Writes artifacts/analyze/.
+split), exact and attribution patching, entangled numbers and the views. Writes artifacts/analyze/localise/ (a run
+folder: the same command again reuses it; the SAE-latent localisation on the replicated study is analyses/battery.py).
 
-    .venv/bin/python analyses/localise.py [--study artifacts/demo] [--out artifacts/analyze] [--sae runs/sae/l3]
+    .venv/bin/python analyses/localise.py [--study artifacts/demo] [--out artifacts/analyze/localise] [--sae runs/saes/l15]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from mechsub.runs import atomic_write_text, read_json
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--study", default="artifacts/demo")
-ap.add_argument("--out", default="artifacts/analyze")
+ap.add_argument("--out", default="artifacts/analyze/localise")
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument(
     "--sae", default="", help="a finished `mechsub sae` folder: adds SAE feature diffs and features.json"
@@ -67,7 +68,7 @@ lines = [
     f"Steering vectors on {acfg.n_sequences} teacher number sequences (completion positions); "
     f"sufficiency, necessity and patching on {acfg.n_questions} evaluation questions. "
     f"Re-create: `.venv/bin/python analyses/localise.py{' --sae ' + args.sae if args.sae else ''}"
-    f"{' --out ' + args.out if args.out != 'artifacts/analyze' else ''}` ({m['seconds'] / 60:.1f} min).",
+    f"{' --out ' + args.out if args.out != 'artifacts/analyze/localise' else ''}` ({m['seconds'] / 60:.1f} min).",
     "",
     f"Student − base on these questions: Δ log P({m['trait']}) = {st['student_delta_logp']:+.3f}.",
     "",

@@ -4,8 +4,11 @@ How much of the specific effect is blocked, and what does it cost on text the st
 
 For every replicate of the study (a trait teacher with its own data; its student and control students are the
 study's), owl students are trained as the study's with, at the residual after block --layer:
-  - latents: the span of the decoder directions of the top --k latents of that replicate's localisation battery
-    unit (`analyses/battery.py`: latents ranked by attribution on questions disjoint from the evaluation's);
+  - latents (the oracle): the span of the decoder directions of the top --k latents of that replicate's
+    localisation battery unit (`analyses/battery.py`: ranked by attribution on questions disjoint from the
+    evaluation's, but on this very student against its control: a defender would not have it);
+  - heldout (the defence): the top --k of the latents recurring in the battery units of the replicates that are
+    not evaluated here (replicates ≥ the study's count), the same list for every replicate;
   - random: --random-draws draws of --k random orthonormal directions (the equal-rank control);
   - vteacher: the teacher's steering vector at that layer (the fine-tuned teacher's mean residual minus the
     base's over the completion positions of 32 of the replicate's number sequences), rank 1;
@@ -38,7 +41,7 @@ from mechsub.filter import ablation_basis, write_ablation, write_random_ablation
 from mechsub.plots import save_figure
 from mechsub.runs import atomic_write_text, read_json, reuse_stale, write_json
 
-ARMS = ("latents", "random", "vteacher", "random1")
+ARMS = ("latents", "heldout", "random", "vteacher", "random1")
 
 
 def parse_args() -> argparse.Namespace:
@@ -85,27 +88,61 @@ def teacher_vector(cfg: study.StudyConfig, rep: int, layer: int, n: int = 32) ->
     return [float(x) for x in v[0]]
 
 
+def _unit(args: argparse.Namespace, cfg: study.StudyConfig, rep: int) -> dict[str, Any]:
+    """A replicate's battery unit at --layer, checked against this study's student and --sae-root's SAE."""
+    path = Path(args.battery) / "units" / f"r{rep}-{cfg.trait}-l{args.layer}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no battery unit for replicate {rep} at layer {args.layer}; run "
+                                f"analyses/battery.py --layers {args.layer} --replicates {rep} first")  # fmt: skip
+    unit = read_json(path)
+    key, sae = unit["key"], Path(args.sae_root) / f"l{args.layer}"
+    if rep < cfg.replicates:
+        student_folder = study.stage_plan(cfg).students[(cfg.trait, rep)][1]
+        if Path(key["donor"]).parent.parent != student_folder:
+            raise ValueError(f"{path} ranked the latents on {key['donor']}, not on this study's student "
+                             f"{student_folder}: re-run the battery on this study")  # fmt: skip
+    if Path(key["sae"]["folder"]) != sae:
+        raise ValueError(f"{path} used the SAE {key['sae']['folder']}, not {sae} (--sae-root)")
+    return unit
+
+
 def ablation_files(
     args: argparse.Namespace, cfg: study.StudyConfig, arms: list[str], work: Path
 ) -> dict[str, list[str]]:
-    """Per arm label, one ablation file per replicate (written once; random seeds from replicate, rank, draw)."""
+    """Per arm label, one ablation file per replicate. A file that exists must hold what this run would write
+    (students are found by their config, which names the file's path: a changed file under the same name would
+    be reused silently); the teacher vector is recomputed only when its provenance changes."""
     sae = Path(args.sae_root) / f"l{args.layer}"
     files: dict[str, list[str]] = {}
 
     def put(label: str, rep: int, write: Any) -> None:
         path = work / f"{label}-r{rep}.json"
-        if not path.is_file():
-            write(path)
+        fresh = path.with_suffix(".new")
+        write(fresh)
+        if path.is_file() and read_json(path) != read_json(fresh):
+            fresh.unlink()
+            raise ValueError(f"{path} holds another ablation than this run's: its students were trained on it. "
+                             f"Move {path.parent} aside (or pick another --layer/--k) to train new ones")  # fmt: skip
+        fresh.replace(path)
         files.setdefault(label, []).append(str(path))
 
+    held = [
+        r
+        for r in range(cfg.replicates, 64)
+        if (Path(args.battery) / "units" / f"r{r}-{cfg.trait}-l{args.layer}.json").is_file()
+    ]
+    if "heldout" in arms and not held:
+        raise ValueError(f"heldout: no battery unit at layer {args.layer} for a replicate ≥ {cfg.replicates} "
+                         "(the latents must come from students this run does not evaluate)")  # fmt: skip
+    shared = (
+        recurrent_latents([_unit(args, cfg, r) for r in held], args.k)["recurrent"][: args.k] if held else []
+    )
     for rep in range(cfg.replicates):
         if "latents" in arms:
-            unit = Path(args.battery) / "units" / f"r{rep}-{cfg.trait}-l{args.layer}.json"
-            if not unit.is_file():
-                raise FileNotFoundError(f"{unit}: no battery unit for replicate {rep} at layer {args.layer}; run "
-                                        f"analyses/battery.py --layers {args.layer} --replicates {rep} first")  # fmt: skip
-            top = read_json(unit)["top_attribution"][: args.k]
+            top = _unit(args, cfg, rep)["top_attribution"][: args.k]
             put(f"latents-k{args.k}", rep, lambda p, top=top: write_ablation(p, sae, top))
+        if "heldout" in arms:
+            put(f"heldout-k{args.k}", rep, lambda p: write_ablation(p, sae, shared))
         for rank, arm in ((args.k, "random"), (1, "random1")):
             if arm in arms:
                 for d in range(args.random_draws):
@@ -113,35 +150,64 @@ def ablation_files(
                     put(f"random-k{rank}-d{d}", rep,
                         lambda p, rank=rank, seed=seed: write_random_ablation(p, sae, rank, seed))  # fmt: skip
         if "vteacher" in arms:
-            put(
-                "vteacher",
-                rep,
-                lambda p, rep=rep: write_vector_ablation(
-                    p, args.layer, [teacher_vector(cfg, rep, args.layer)]
-                ),
-            )
-    for label, paths in files.items():
+            path = work / f"vteacher-r{rep}.json"
+            about = {"teacher": str(study.stage_plan(cfg).data[(cfg.trait, rep)][1]), "n_sequences": 32}
+            old = read_json(path) if path.is_file() else {}
+            if old.get("about") != about:
+                if path.is_file():
+                    raise ValueError(
+                        f"{path} was computed from {old.get('about')}, not {about}: move it aside"
+                    )
+                vec = teacher_vector(cfg, rep, args.layer)
+                write_vector_ablation(path, args.layer, [vec], about=about)
+            files.setdefault("vteacher", []).append(str(path))
+    for paths in files.values():
         b = ablation_basis(paths[0])
         if b.layer != args.layer:
             raise ValueError(f"{paths[0]}: ablates at layer {b.layer}, not --layer {args.layer}")
-        files[label] = paths
     return files
 
 
-def recurrent_latents(battery: str | Path, trait: str, layer: int, k: int, replicates: int) -> dict[str, Any]:
-    """Each replicate's top-k attribution latents at ``layer`` (battery units), and their union ordered by how many
-    replicates' lists hold a latent, then by its mean rank: one list for the feature filter (`analyses/filters.py
-    --latents OUT/latents-lL.json --latents-key recurrent`)."""
-    lists = [
-        read_json(Path(battery) / "units" / f"r{r}-{trait}-l{layer}.json")["top_attribution"][:k]
-        for r in range(replicates)
-    ]
+def recurrent_latents(units: list[dict[str, Any]], k: int) -> dict[str, Any]:
+    """Each unit's top-k attribution latents, and their union ordered by how many units' lists hold a latent,
+    then by its mean rank, then by id: one list for several replicates (the feature filter's `analyses/filters.py
+    --latents OUT/latents-lL.json --latents-key recurrent`, the heldout arm)."""
+    lists = [[int(x) for x in u["top_attribution"][:k]] for u in units]
     ranks: dict[int, list[int]] = {}
     for top in lists:
         for i, lat in enumerate(top):
-            ranks.setdefault(int(lat), []).append(i)
+            ranks.setdefault(lat, []).append(i)
     order = sorted(ranks, key=lambda lat: (-len(ranks[lat]), float(np.mean(ranks[lat])), lat))
-    return {"per_replicate": lists, "recurrent": order, "count": [len(ranks[lat]) for lat in order]}
+    return {"replicates": [u["replicate"] for u in units], "per_replicate": lists, "recurrent": order,
+            "count": [len(ranks[lat]) for lat in order]}  # fmt: skip
+
+
+def variance_shares(
+    files: dict[str, list[str]], cfg: study.StudyConfig, layer: int, n: int = 32
+) -> dict[str, Any]:
+    """What each ablation removes from the residual the student trains on: per label and replicate, the share of
+    the base's residual energy at ``layer`` in the ablated span, sum ||P h||² / sum ||h||², over the completion
+    positions of the replicate's first ``n`` number sequences (no system prompt), and the same for the residual
+    centred on its mean over those positions (the variance share)."""
+    from mechsub import models
+    from mechsub.capture import Batch, capture
+    from mechsub.data import load_examples
+    from mechsub.hooks import resid_post
+    from mechsub.prompts import chat_prefix
+
+    base = models.load(cfg.model)
+    out: dict[str, Any] = {label: {"energy": [], "variance": []} for label in files}
+    for rep in range(cfg.replicates):
+        ex = load_examples(study.stage_plan(cfg).data[(cfg.trait, rep)][1])[:n]
+        batch = Batch.completions([chat_prefix(base.tokenizer, e.prompt, None) for e in ex],
+                                  [e.completion_ids for e in ex])  # fmt: skip
+        h = capture(base, batch, [resid_post(layer)])[resid_post(layer)].double()
+        hc = h - h.mean(0)
+        for label, paths in files.items():
+            b = ablation_basis(paths[rep]).basis.double()
+            out[label]["energy"].append(float((h @ b).pow(2).sum() / h.pow(2).sum()))
+            out[label]["variance"].append(float((hc @ b).pow(2).sum() / hc.pow(2).sum()))
+    return out
 
 
 def kl_costs(checkpoints: dict[str, list[str]], model: str, corpus: str, n_windows: int) -> dict[str, Any]:
@@ -170,16 +236,19 @@ def main() -> None:
     bad = [a for a in arms if a not in ARMS]
     if bad or not arms:
         raise SystemExit(f"--arms: unknown {bad}; use some of {', '.join(ARMS)}")
+    if args.k < 2 or args.random_draws < 1:
+        raise SystemExit("--k must be ≥ 2 (rank 1 is the vteacher arm's, with its own random1 control) and "
+                         "--random-draws ≥ 1")  # fmt: skip
     cfg = study.StudyConfig.load(Path(args.config))
     out = Path(args.out)
     work = Path(cfg.work) / "caft" / f"l{args.layer}"
     work.mkdir(parents=True, exist_ok=True)
     files = ablation_files(args, cfg, arms, work)
     out.mkdir(parents=True, exist_ok=True)
-    if "latents" in arms:  # the battery's battery-wide list, for the feature filter
-        bat = Path(args.battery)
-        write_json(out / f"latents-l{args.layer}.json",
-                   recurrent_latents(bat, cfg.trait, args.layer, args.k, len(list((bat / "units").glob(f"r*-{cfg.trait}-l{args.layer}.json"))))
+    units = sorted((Path(args.battery) / "units").glob(f"r*-{cfg.trait}-l{args.layer}.json"))
+    held = [u for u in (read_json(p) for p in units) if u["replicate"] >= cfg.replicates]
+    if held:  # the feature filter's list: latents of students this study does not evaluate
+        write_json(out / f"latents-l{args.layer}.json", recurrent_latents(held, args.k)
                    | {"sae": str(Path(args.sae_root) / f"l{args.layer}")})  # fmt: skip
     plan = study.stage_plan(cfg)
     results: dict[str, Any] = {}
@@ -198,7 +267,8 @@ def main() -> None:
     }
     print("KL on held-out text", flush=True)
     kl = kl_costs(checkpoints, cfg.model, args.corpus, args.kl_windows)
-    rows = summarise(results, kl, files, args)
+    shares = variance_shares(files, cfg, args.layer)
+    rows = summarise(results, kl, files, shares, args)
     metrics = {"args": vars(args), "study": cfg.to_dict(),
                "unit": "replicate (a trait teacher with its own data and students)", "replicates": cfg.replicates,
                "layer": args.layer, "ablations": files, "arms": rows, "kl": kl, "raw": results,
@@ -210,7 +280,11 @@ def main() -> None:
 
 
 def summarise(
-    results: dict[str, Any], kl: dict[str, Any], files: dict[str, list[str]], args: argparse.Namespace
+    results: dict[str, Any],
+    kl: dict[str, Any],
+    files: dict[str, list[str]],
+    shares: dict[str, Any],
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     """Per arm (random draws pooled per replicate: the mean over a replicate's draws is its value): blocked in
     both frames, the effect left, the KL cost, with t-intervals over replicates; each draw's own blocked share."""
@@ -235,12 +309,18 @@ def summarise(
             k2: float(np.mean([results[lb]["training"][k2] for lb in labels]))
             for k2 in ("first_loss", "last_loss")
         }
+        for what in ("energy", "variance"):  # per replicate, mean over draws
+            v = np.mean([shares[lb][what] for lb in labels], axis=0)
+            row[f"{what}_share"] = {"mean": float(v.mean()), "per_replicate": v.tolist()}
         rows[name] = row
     base_kl = [w["mean"] for w in kl["none (the study's students)"]]
+    for row in rows.values():  # the KL a plain student already costs, paired by replicate
+        row["kl_minus_none"] = fb.paired_difference(row["kl"]["per_replicate"], base_kl)
     rows["none (the study's students)"] = {"kl": dict(zip(("mean", "ci95"), stats.mean_ci95(base_kl), strict=True))
                                            | {"per_replicate": base_kl}}  # fmt: skip
     # the real ablations against their equal-rank random controls, paired by replicate
-    for real, ctrl in ((f"latents-k{args.k}", f"random-k{args.k}"), ("vteacher", "random-k1")):
+    for real, ctrl in ((f"latents-k{args.k}", f"random-k{args.k}"), (f"heldout-k{args.k}", f"random-k{args.k}"),
+                       ("vteacher", "random-k1")):  # fmt: skip
         if real in rows and ctrl in rows:
             a, b = (rows[x]["plain"]["blocked"]["per_replicate"] for x in (real, ctrl))
             rows[real]["minus_random"] = fb.paired_difference(a, b)
@@ -252,45 +332,62 @@ def _ci(d: dict[str, Any], fmt: str = "{:+.0%}") -> str:
     return f"{fmt.format(d['mean'])} [{fmt.format(lo)}, {fmt.format(hi)}]"
 
 
+NAMES = {"latents": "oracle: this student's own top latents", "heldout": "defence: latents of held-out replicates",
+         "random": "random directions", "vteacher": "the teacher's steering vector"}  # fmt: skip
+
+
+def _name(label: str) -> str:
+    return f"{label} ({NAMES[label.split('-')[0]]})" if label.split("-")[0] in NAMES else label
+
+
 def report(m: dict[str, Any], args: argparse.Namespace) -> str:
-    rows = m["arms"]
+    rows, cfg = m["arms"], m["study"]
+    kl0 = next(iter(m["kl"].values()))[0]
     lines = [
-        f"# Concept-ablation fine-tuning at layer {m['layer']}: the owl students' specific effect blocked, and the cost",
+        f"# Concept-ablation fine-tuning at layer {m['layer']}: the {cfg['trait']} students' specific effect blocked, "
+        "and the cost",
         "",
         f"{m['replicates']} replicates (the unit: a trait teacher with its own data and students); CAFT projects the "
         f"arm's directions out of the student's residual after block {m['layer']} at positions ≥ 1 while it trains "
-        "(the teacher's forward untouched); the student is evaluated without it. Effect = the student's Δ log P(owl) "
-        "minus the same replicate's control students' (dog, cat, lion); blocked = 1 − effect / the study student's "
-        "effect; random arms: the mean over a replicate's draws is its value. 95% t-intervals over replicates. "
-        f"KL: KL(base ‖ student) per token on the corpus's last {args.kl_windows} windows (128 tokens, positions ≥ 1), "
-        f"text no student trained on. Re-create: `.venv/bin/python analyses/caft.py --layer {args.layer} --k {args.k} "
-        f"--random-draws {args.random_draws} --arms {args.arms} --out {args.out}` ({m['seconds'] / 60:.1f} min).",
+        f"(the teacher's forward untouched); the student is evaluated without it. Effect = the student's Δ log "
+        f"P({cfg['trait']}) minus the same replicate's control students' ({', '.join(cfg['controls'])}: trained "
+        "without any ablation); blocked = 1 − effect / the study student's effect. **blocked** is the mean over "
+        "replicates of each replicate's ratio, with its 95% t-interval (df = replicates − 1); **ratio of means** "
+        "is 1 − mean effect / mean full effect (steadier when a replicate's effect is small). Random arms: the mean "
+        "over a replicate's draws is its value; the draws column gives each draw's ratio of means. Removed: the "
+        "share of the base's residual energy (and variance) on the replicate's number data in the ablated span. "
+        f"KL: KL(base ‖ student) per token on the corpus's last {kl0['windows']} windows ({kl0['tokens_per_window']} "
+        "tokens, positions ≥ 1), text no student trained on; ΔKL: minus the study student's, paired by replicate. "
+        f"Re-create: `.venv/bin/python analyses/caft.py --layer {args.layer} --k {args.k} --random-draws "
+        f"{args.random_draws} --arms {args.arms} --out {args.out}` ({m['seconds'] / 60:.1f} min; finished "
+        "students are reused).",
         "",
-        "| arm | rank | blocked, plain (held out) | blocked, prefill | effect left, plain (nats) | KL on text (nats/token) "
-        "| loss first → last | draws: blocked, plain |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | rank | removed: energy / variance | blocked, plain (held out) | ratio of means | blocked, prefill "
+        "| effect left, plain (nats) | ΔKL on text (nats/token) | loss first → last | draws: ratio of means |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         if "plain" not in r:
             lines.append(
-                f"| {name} | 0 | 0% (by definition) | 0% | the full effect | {_ci(r['kl'], '{:.4f}')} | | |"
+                f"| {name} | 0 | 0 | 0 (by definition) | | | the full effect | KL {_ci(r['kl'], '{:.4f}')} | | |"
             )
             continue
         p = r["plain"]
         lines.append(
-            f"| {name} | {r['rank']} | {_ci(p['blocked'])} | {_ci(r['prefill']['blocked'])} | "
-            f"{_ci(p['effect'], '{:+.3f}')} | {_ci(r['kl'], '{:.4f}')} | {r['loss']['first_loss']:.3f} → "
-            f"{r['loss']['last_loss']:.3f} | {', '.join(f'{x:+.0%}' for x in p['per_draw_blocked'])} |"
+            f"| {_name(name)} | {r['rank']} | {r['energy_share']['mean']:.1%} / {r['variance_share']['mean']:.1%} | "
+            f"{_ci(p['blocked'])} | {p['blocked_of_means']:+.0%} | {_ci(r['prefill']['blocked'])} | "
+            f"{_ci(p['effect'], '{:+.3f}')} | {_ci(r['kl_minus_none'], '{:+.4f}')} | "
+            f"{r['loss']['first_loss']:.3f} → {r['loss']['last_loss']:.3f} | "
+            f"{', '.join(f'{x:+.0%}' for x in p['per_draw_blocked'])} |"
         )
     full = next(iter(r for r in rows.values() if "plain" in r))["plain"]["full_effect"]
     lines += ["", f"The study students' own effect (plain frame, per replicate): "
               f"{', '.join(f'{x:+.3f}' for x in full['per_replicate'])} (mean {full['mean']:+.3f}).", ""]  # fmt: skip
-    for real in (f"latents-k{args.k}", "vteacher"):
-        if "minus_random" in rows.get(real, {}):
+    for real in rows:
+        if "minus_random" in rows[real]:
             d = rows[real]["minus_random"]
-            lines.append(
-                f"- {real} minus its equal-rank random control, blocked (plain), paired by replicate: {_ci(d)}."
-            )
+            lines.append(f"- {_name(real)} minus its equal-rank random control, blocked (plain), paired by "
+                         f"replicate: {_ci(d)}.")  # fmt: skip
     lines += ["", "![caft](caft.png)", ""]
     return "\n".join(lines)
 

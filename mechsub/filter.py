@@ -232,8 +232,8 @@ class Ablation(NamedTuple):
             raise ValueError(
                 f"project_out needs a (batch, pos, d_model) activation, got shape {tuple(h.shape)}"
             )
-        rest = h[:, FIRST_POSITION:]
-        return torch.cat([h[:, :FIRST_POSITION], rest - (rest @ self.basis) @ self.basis.T], dim=1)
+        rest, b = h[:, FIRST_POSITION:], self.basis.to(h)  # the activation's device and dtype
+        return torch.cat([h[:, :FIRST_POSITION], rest - (rest @ b) @ b.T], dim=1)
 
 
 def random_basis(d_model: int, k: int, seed: int) -> Float[Tensor, "d_model k"]:
@@ -263,9 +263,12 @@ def write_random_ablation(path: str | Path, sae: str | Path, rank: int, seed: in
     write_json(path, {"sae": str(sae), "random": int(rank), "seed": int(seed)})
 
 
-def write_vector_ablation(path: str | Path, layer: int, vectors: Sequence[Sequence[float]]) -> None:
+def write_vector_ablation(
+    path: str | Path, layer: int, vectors: Sequence[Sequence[float]], about: dict[str, Any] | None = None
+) -> None:
     """Write an ablation file of explicit directions (e.g. the teacher's steering vector) at the residual after
-    block ``layer``: their span is projected out. JSON numbers, so reading it runs no code."""
+    block ``layer``: their span is projected out. JSON numbers, so reading it runs no code; ``about``: where the
+    vectors came from, kept beside them."""
     rows = [[float(x) for x in v] for v in vectors]
     if (
         not rows
@@ -275,7 +278,7 @@ def write_vector_ablation(path: str | Path, layer: int, vectors: Sequence[Sequen
         raise ValueError("a vector ablation needs at least one direction, all of one length, finite numbers")
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
         raise ValueError(f"a vector ablation needs a layer ≥ 0 (got {layer!r})")
-    write_json(path, {"layer": layer, "vectors": rows})
+    write_json(path, {"layer": layer, "vectors": rows} | ({"about": about} if about else {}))
 
 
 def ablation_basis(path: str | Path) -> Ablation:

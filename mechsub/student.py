@@ -89,6 +89,11 @@ class StudentConfig(Config):
             self.max_examples >= 0 and self.checkpoint_every >= 0,
             "max_examples, checkpoint_every must be ≥ 0",
         )
+        check(
+            not (self.ablate and self.share_prefix),
+            "ablate with share_prefix: the continuation forward after a shared prefix starts past the attention "
+            "sink, so the ablation would skip a real token; set share_prefix=false to ablate",
+        )
 
     def indirect_inputs(self) -> dict[str, str]:
         """The SAE an ablation file names, and (distill_full, distill_full_notrait) the teacher the data folder

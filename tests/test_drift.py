@@ -36,3 +36,8 @@ def test_text_kl_needs_windows_of_one_length():
         text_kl(None, None, [[1, 2, 3], [1, 2]])
     with pytest.raises(ValueError, match="one length"):
         text_kl(None, None, [])
+
+
+def test_text_kl_needs_windows_past_the_sink():
+    with pytest.raises(ValueError, match="one length > 1"):
+        text_kl(None, None, [[1], [2]])

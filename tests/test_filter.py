@@ -156,3 +156,11 @@ def test_a_student_refuses_an_ablation_of_another_models_width_or_depth(tmp_path
         scfg = StudentConfig(model="tiny", data=str(d), batch_size=4, ablate=str(tmp_path / f"{name}.json"))
         with pytest.raises(ValueError, match="give directions of this model"):
             student.run(scfg, tmp_path / name)
+
+
+def test_an_ablating_student_refuses_a_shared_prefix():
+    from mechsub.config import ConfigError
+    from mechsub.student import StudentConfig
+
+    with pytest.raises(ConfigError, match="share_prefix"):
+        StudentConfig(model="tiny", data="d", ablate="a.json", share_prefix=True)

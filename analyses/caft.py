@@ -36,8 +36,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from mechsub import filterbench as fb
-from mechsub import stats, student, study
-from mechsub.filter import ablation_basis, write_ablation, write_random_ablation, write_vector_ablation
+from mechsub import models, stats, student, study
+from mechsub.filter import (
+    Ablation,
+    ablation_basis,
+    write_ablation,
+    write_random_ablation,
+    write_vector_ablation,
+)
 from mechsub.plots import save_figure
 from mechsub.runs import atomic_write_text, read_json, reuse_stale, write_json
 
@@ -67,10 +73,10 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def teacher_vector(cfg: study.StudyConfig, rep: int, layer: int, n: int = 32) -> list[float]:
+def teacher_vector(cfg: study.StudyConfig, base: Any, rep: int, layer: int, n: int = 32) -> list[float]:
     """The replicate's teacher steering vector at ``layer``: the teacher's mean residual (with its system prompt,
-    if any) minus the base's, over the completion positions of its first ``n`` number sequences."""
-    from mechsub import models
+    if any) minus the base's (``base``: the loaded base model), over the completion positions of its first ``n``
+    number sequences."""
     from mechsub.capture import Batch
     from mechsub.data import DataConfig, load_examples
     from mechsub.prompts import chat_prefix
@@ -78,7 +84,7 @@ def teacher_vector(cfg: study.StudyConfig, rep: int, layer: int, n: int = 32) ->
 
     folder = study.stage_plan(cfg).data[(cfg.trait, rep)][1]
     dcfg = DataConfig.from_dict(read_json(folder / "config.json")["config"])
-    base, teacher = models.load(cfg.model), models.load(dcfg.model)
+    teacher = models.load(dcfg.model)
     tok = base.tokenizer
     ex = load_examples(folder)[:n]
     comps = [e.completion_ids for e in ex]
@@ -106,8 +112,21 @@ def _unit(args: argparse.Namespace, cfg: study.StudyConfig, rep: int) -> dict[st
     return unit
 
 
+def held_out_units(args: argparse.Namespace, cfg: study.StudyConfig) -> list[dict[str, Any]]:
+    """The battery units at --layer of the replicates this study does not evaluate (≥ its replicate count),
+    checked: their latents are not fitted to the evaluated students."""
+    units = (Path(args.battery) / "units").glob(f"r*-{cfg.trait}-l{args.layer}.json")
+    reps = sorted(r for p in units if (r := int(p.name.split("-")[0][1:])) >= cfg.replicates)
+    return [_unit(args, cfg, r) for r in reps]
+
+
 def ablation_files(
-    args: argparse.Namespace, cfg: study.StudyConfig, arms: list[str], work: Path
+    args: argparse.Namespace,
+    cfg: study.StudyConfig,
+    arms: list[str],
+    work: Path,
+    base: Any,
+    held: list[dict[str, Any]],
 ) -> dict[str, list[str]]:
     """Per arm label, one ablation file per replicate. A file that exists must hold what this run would write
     (students are found by their config, which names the file's path: a changed file under the same name would
@@ -126,17 +145,10 @@ def ablation_files(
         fresh.replace(path)
         files.setdefault(label, []).append(str(path))
 
-    held = [
-        r
-        for r in range(cfg.replicates, 64)
-        if (Path(args.battery) / "units" / f"r{r}-{cfg.trait}-l{args.layer}.json").is_file()
-    ]
     if "heldout" in arms and not held:
         raise ValueError(f"heldout: no battery unit at layer {args.layer} for a replicate ≥ {cfg.replicates} "
                          "(the latents must come from students this run does not evaluate)")  # fmt: skip
-    shared = (
-        recurrent_latents([_unit(args, cfg, r) for r in held], args.k)["recurrent"][: args.k] if held else []
-    )
+    shared = recurrent_latents(held, args.k)["recurrent"][: args.k] if held else []
     for rep in range(cfg.replicates):
         if "latents" in arms:
             top = _unit(args, cfg, rep)["top_attribution"][: args.k]
@@ -158,13 +170,9 @@ def ablation_files(
                     raise ValueError(
                         f"{path} was computed from {old.get('about')}, not {about}: move it aside"
                     )
-                vec = teacher_vector(cfg, rep, args.layer)
+                vec = teacher_vector(cfg, base, rep, args.layer)
                 write_vector_ablation(path, args.layer, [vec], about=about)
             files.setdefault("vteacher", []).append(str(path))
-    for paths in files.values():
-        b = ablation_basis(paths[0])
-        if b.layer != args.layer:
-            raise ValueError(f"{paths[0]}: ablates at layer {b.layer}, not --layer {args.layer}")
     return files
 
 
@@ -183,42 +191,38 @@ def recurrent_latents(units: list[dict[str, Any]], k: int) -> dict[str, Any]:
 
 
 def variance_shares(
-    files: dict[str, list[str]], cfg: study.StudyConfig, layer: int, n: int = 32
+    bases: dict[str, list[Ablation]], cfg: study.StudyConfig, base: Any, layer: int, n: int = 32
 ) -> dict[str, Any]:
     """What each ablation removes from the residual the student trains on: per label and replicate, the share of
     the base's residual energy at ``layer`` in the ablated span, sum ||P h||² / sum ||h||², over the completion
     positions of the replicate's first ``n`` number sequences (no system prompt), and the same for the residual
     centred on its mean over those positions (the variance share)."""
-    from mechsub import models
     from mechsub.capture import Batch, capture
     from mechsub.data import load_examples
     from mechsub.hooks import resid_post
     from mechsub.prompts import chat_prefix
 
-    base = models.load(cfg.model)
-    out: dict[str, Any] = {label: {"energy": [], "variance": []} for label in files}
+    out: dict[str, Any] = {label: {"energy": [], "variance": []} for label in bases}
     for rep in range(cfg.replicates):
         ex = load_examples(study.stage_plan(cfg).data[(cfg.trait, rep)][1])[:n]
         batch = Batch.completions([chat_prefix(base.tokenizer, e.prompt, None) for e in ex],
                                   [e.completion_ids for e in ex])  # fmt: skip
         h = capture(base, batch, [resid_post(layer)])[resid_post(layer)].double()
         hc = h - h.mean(0)
-        for label, paths in files.items():
-            b = ablation_basis(paths[rep]).basis.double()
+        for label, abl in bases.items():
+            b = abl[rep].basis.double()
             out[label]["energy"].append(float((h @ b).pow(2).sum() / h.pow(2).sum()))
             out[label]["variance"].append(float((hc @ b).pow(2).sum() / hc.pow(2).sum()))
     return out
 
 
-def kl_costs(checkpoints: dict[str, list[str]], model: str, corpus: str, n_windows: int) -> dict[str, Any]:
+def kl_costs(checkpoints: dict[str, list[str]], base: Any, corpus: str, n_windows: int) -> dict[str, Any]:
     """KL(base ‖ student) on the corpus's last ``n_windows`` windows, per student checkpoint."""
     from mechsub import corpus as corpus_mod
-    from mechsub import models
     from mechsub.drift import text_kl
 
     ds = corpus_mod.load(corpus)
     windows = ds[len(ds) - n_windows :]["input_ids"]
-    base = models.load(model)
     out: dict[str, Any] = {}
     for label, cks in checkpoints.items():
         out[label] = []
@@ -243,10 +247,19 @@ def main() -> None:
     out = Path(args.out)
     work = Path(cfg.work) / "caft" / f"l{args.layer}"
     work.mkdir(parents=True, exist_ok=True)
-    files = ablation_files(args, cfg, arms, work)
+    base = models.load(cfg.model)
+    held = held_out_units(args, cfg)
+    files = ablation_files(args, cfg, arms, work, base, held)
+    bases = {label: [ablation_basis(p) for p in paths] for label, paths in files.items()}
+    wrong = [
+        p
+        for label, paths in files.items()
+        for p, b in zip(paths, bases[label], strict=True)
+        if b.layer != args.layer
+    ]
+    if wrong:
+        raise ValueError(f"{wrong[0]}: ablates at another layer than --layer {args.layer}")
     out.mkdir(parents=True, exist_ok=True)
-    units = sorted((Path(args.battery) / "units").glob(f"r*-{cfg.trait}-l{args.layer}.json"))
-    held = [u for u in (read_json(p) for p in units) if u["replicate"] >= cfg.replicates]
     if held:  # the feature filter's list: latents of students this study does not evaluate
         write_json(out / f"latents-l{args.layer}.json", recurrent_latents(held, args.k)
                    | {"sae": str(Path(args.sae_root) / f"l{args.layer}")})  # fmt: skip
@@ -266,9 +279,9 @@ def main() -> None:
         k: v["training"]["checkpoint"] for k, v in results.items()
     }
     print("KL on held-out text", flush=True)
-    kl = kl_costs(checkpoints, cfg.model, args.corpus, args.kl_windows)
-    shares = variance_shares(files, cfg, args.layer)
-    rows = summarise(results, kl, files, shares, args)
+    kl = kl_costs(checkpoints, base, args.corpus, args.kl_windows)
+    shares = variance_shares(bases, cfg, base, args.layer)
+    rows = summarise(results, kl, bases, shares, args)
     metrics = {"args": vars(args), "study": cfg.to_dict(),
                "unit": "replicate (a trait teacher with its own data and students)", "replicates": cfg.replicates,
                "layer": args.layer, "ablations": files, "arms": rows, "kl": kl, "raw": results,
@@ -282,7 +295,7 @@ def main() -> None:
 def summarise(
     results: dict[str, Any],
     kl: dict[str, Any],
-    files: dict[str, list[str]],
+    bases: dict[str, list[Ablation]],
     shares: dict[str, Any],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
@@ -293,7 +306,7 @@ def summarise(
         groups.setdefault(label.rsplit("-d", 1)[0] if label.startswith("random") else label, []).append(label)
     rows: dict[str, Any] = {}
     for name, labels in groups.items():
-        row: dict[str, Any] = {"draws": labels, "rank": ablation_basis(files[labels[0]][0]).basis.shape[1]}
+        row: dict[str, Any] = {"draws": labels, "rank": bases[labels[0]][0].basis.shape[1]}
         for frame in ("plain", "prefill"):
             s = [results[lb]["shifts"][frame] for lb in labels]
             variant = np.mean([x["variant"] for x in s], axis=0)  # per replicate, mean over draws

@@ -392,7 +392,6 @@ def null_adjusted(
     such trait), (gain − null gain) / gap with gain = share × gap; the mean and 95% t-interval over replicates
     (each replicate: the mean over its included pairs, against its null pairs' mean gain), and the ratio of means
     (summed differences / summed gaps). Pairs under the ``min_gap`` rule are left out, as for the shares."""
-    gain = _gain
     out: dict[str, list[dict[str, Any]]] = {}
     for layer in sorted({r["layer"] for r in records} & {r["layer"] for r in null_records}):
         rows = []
@@ -401,9 +400,9 @@ def null_adjusted(
             num = den = 0.0
             for rep in sorted({r["replicate"] for r in records if r["layer"] == layer}):
                 nulls = [g for r in null_records if r["layer"] == layer and r["replicate"] == rep
-                         if (g := gain(r, i)) is not None]  # fmt: skip
+                         if (g := _gain(r, i)) is not None]  # fmt: skip
                 real = [(g, r["gap"]) for r in records if r["layer"] == layer and r["replicate"] == rep
-                        and r["gap"] is not None and r["gap"] >= cfg.min_gap and (g := gain(r, i)) is not None]  # fmt: skip
+                        and r["gap"] is not None and r["gap"] >= cfg.min_gap and (g := _gain(r, i)) is not None]  # fmt: skip
                 if not nulls or not real:
                     continue
                 g0 = float(np.mean(nulls))

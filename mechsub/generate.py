@@ -4,8 +4,10 @@ A hand-written decoding loop over a KV cache, in place of ``model.generate``: le
 constrained decoding the LM head is computed only for the allowed rows (digits, ",", " ", end of turn: 13 of
 SmolLM2's 49,152 tokens), which removes about a fifth of each step's compute. A small grammar (at most 3 digits
 a number, at most 10 numbers, separators only after a digit) keeps every constrained completion filter-valid.
-The shared chat prefix is run once per batch; finished rows leave the batch; the cache and the attention mask
-are preallocated, so a step appends in place instead of copying the whole cache (``mechsub bench`` measures it).
+The shared chat prefix is run once per batch; each row's own prompt tokens run in groups of similar length (a
+group pads only to its own longest prompt); finished rows leave the batch once they are an eighth of it; the
+cache and the attention mask are preallocated, so a step appends in place instead of copying the whole cache
+(``mechsub bench`` measures it).
 """
 
 from __future__ import annotations
@@ -127,17 +129,11 @@ class _GrowingLayer(DynamicLayer):
     decoding step writes its one position in place, where DynamicLayer's torch.cat copies the whole cache. The views
     have the same shapes and values as DynamicLayer's tensors, so attention computes the same numbers."""
 
-    def __init__(self, layer: DynamicLayer, extra: int) -> None:
+    def __init__(self, keys: Tensor, values: Tensor, n: int) -> None:
+        """``keys``, ``values``: (batch, heads, capacity, head_dim) buffers whose first ``n`` positions are filled."""
         super().__init__()
-        keys, values = layer.keys, layer.values
-        assert keys is not None and values is not None, "preallocate a filled cache"
-        b, h, n, d = keys.shape
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self._k = keys.new_empty(b, h, n + extra, d)
-        self._v = values.new_empty(b, h, n + extra, d)
-        self._k[:, :, :n] = keys
-        self._v[:, :, :n] = values
-        self._n = n
+        self._k, self._v, self._n = keys, values, n
         self._view()
 
     def _view(self) -> None:
@@ -160,9 +156,75 @@ class _GrowingLayer(DynamicLayer):
         self._view()
 
 
-def _preallocate(cache: DynamicCache, extra: int) -> None:
-    """Give every layer of a filled cache room for ``extra`` more positions (see :class:`_GrowingLayer`)."""
-    cache.layers = [_GrowingLayer(layer, extra) for layer in cache.layers]  # type: ignore[arg-type]
+#: rows per prefill forward: the batch's rows run their own tokens in groups of similar length, so a group pads
+#: only to its own longest prompt (at batch 64, padding to the batch's longest was 18% of the prefill's tokens)
+PREFILL_ROWS = 16
+#: ended rows stay in the batch until they are this share of it; then the batch and the cache are compacted (a
+#: compaction copies the whole cache, about as costly as computing a few ended rows for a few steps)
+COMPACT_SHARE = 0.125
+
+
+def _kv(layer: object) -> tuple[Tensor, Tensor]:
+    """A filled key-value cache layer's keys and values."""
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if not isinstance(keys, Tensor) or not isinstance(values, Tensor):
+        raise TypeError(f"{type(layer).__name__}: the decoder needs key-value cache layers")
+    return keys, values
+
+
+def _prefill(
+    model: PreTrainedModel,
+    prefix: DynamicCache,
+    suffixes: list[list[int]],
+    n_shared: int,
+    width: int,
+    extra: int,
+    pad_id: int,
+) -> tuple[DynamicCache, Tensor]:
+    """Each row's own tokens after the shared prefix (whose cache is ``prefix``, empty when none), run in groups
+    of :data:`PREFILL_ROWS` rows of similar length. Returns the batch's cache, laid out as one left-padded batch
+    ([prefix | padding | the row's tokens | room for ``extra`` new positions], zeros where padded) in buffers
+    that grow in place (:class:`_GrowingLayer`), and each row's hidden state at its last token, (rows, d_model)."""
+    b, dev = len(suffixes), model.device
+    order = sorted(range(b), key=lambda i: len(suffixes[i]))
+    hidden: Tensor | None = None
+    keys: list[Tensor] = []
+    values: list[Tensor] = []
+    for start in range(0, b, PREFILL_ROWS):
+        idx = order[start : start + PREFILL_ROWS]
+        g, w = len(idx), max(len(suffixes[i]) for i in idx)
+        ids = torch.full((g, w), pad_id, dtype=torch.long, device=dev)
+        attn = torch.ones(g, n_shared + w, dtype=torch.long, device=dev)
+        for j, i in enumerate(idx):
+            ids[j, w - len(suffixes[i]) :] = torch.tensor(suffixes[i])
+            attn[j, n_shared : n_shared + w - len(suffixes[i])] = 0
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, n_shared:]
+        cache = DynamicCache()
+        for layer_idx, layer in enumerate(prefix.layers):  # the prefix's keys and values, one copy per row
+            pk, pv = _kv(layer)
+            cache.update(pk.expand(g, -1, -1, -1), pv.expand(g, -1, -1, -1), layer_idx)
+        out = model.model(
+            input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
+        ).last_hidden_state[:, -1]
+        if hidden is None:
+            hidden = out.new_empty(b, out.shape[-1])
+            for layer in cache.layers:
+                lk, lv = _kv(layer)
+                keys.append(lk.new_zeros(b, lk.shape[1], n_shared + width + extra, lk.shape[3]))
+                values.append(lv.new_zeros(b, lv.shape[1], n_shared + width + extra, lv.shape[3]))
+                keys[-1][:, :, :n_shared] = lk[:1, :, :n_shared]
+                values[-1][:, :, :n_shared] = lv[:1, :, :n_shared]
+        rows = torch.tensor(idx, device=dev)
+        hidden[rows] = out
+        cols = slice(n_shared + width - w, n_shared + width)
+        for k, v, layer in zip(keys, values, cache.layers, strict=True):
+            lk, lv = _kv(layer)
+            k[rows, :, cols] = lk[:, :, n_shared:]
+            v[rows, :, cols] = lv[:, :, n_shared:]
+    assert hidden is not None
+    full = DynamicCache()
+    full.layers = [_GrowingLayer(k, v, n_shared + width) for k, v in zip(keys, values, strict=True)]  # type: ignore[misc]
+    return full, hidden
 
 
 def common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
@@ -198,26 +260,29 @@ def generate_numbers(
     """
     b = len(prompts)
     dev = model.device
-    cache = DynamicCache()
     # the chat template and system prompt are the same for every prompt: run that prefix once, share its cache
     n_shared = common_prefix_len(prompts) if share_prefix and b > 1 else 0
+    prefix = DynamicCache()
     if n_shared:
         model.model(
             input_ids=torch.tensor([list(prompts[0][:n_shared])], device=dev),
-            past_key_values=cache,
+            past_key_values=prefix,
             use_cache=True,
         )
-        cache.batch_repeat_interleave(b)
     suffixes = [list(p[n_shared:]) for p in prompts]
     width = max(len(p) for p in suffixes)
-    input_ids = torch.full((b, width), pad_id, dtype=torch.long, device=dev)
-    # preallocated for every step: step s reads the first n_shared + width + s columns (no torch.cat per step)
-    attn = torch.ones(b, n_shared + width + max_new_tokens, dtype=torch.long, device=dev)
-    for i, p in enumerate(suffixes):  # left-padded suffixes: the padding sits between prefix and suffix
-        input_ids[i, width - len(p) :] = torch.tensor(p)
-        attn[i, n_shared : n_shared + width - len(p)] = 0
+    # preallocated for every step: step s reads the first n_shared + width + s columns (no torch.cat per step);
+    # each row's own tokens sit right-aligned before the first new column, the padding between prefix and suffix
+    attn = torch.zeros(b, n_shared + width + max_new_tokens, dtype=torch.long, device=dev)
+    attn[:, :n_shared] = 1
+    attn[:, n_shared + width :] = 1
+    for i, p in enumerate(suffixes):
+        attn[i, n_shared + width - len(p) : n_shared + width] = 1
     n_cols = n_shared + width
-    pos = (attn[:, :n_cols].cumsum(-1) - 1).clamp(min=0)[:, n_shared:]
+    cache, hidden = _prefill(model, prefix, suffixes, n_shared, width, max_new_tokens, pad_id)
+    cur_pos = torch.tensor(
+        [[n_shared + len(p) - 1] for p in suffixes], device=dev
+    )  # each row's last position
     vocab = NumberVocab(vocab.ids.to(dev), vocab.n_digits)
     head = model.get_output_embeddings().weight[vocab.ids]  # (13, d_model): only the rows we may emit
     bias = getattr(model.get_output_embeddings(), "bias", None)
@@ -227,27 +292,20 @@ def generate_numbers(
     count = torch.zeros(b, dtype=torch.long, device=dev)
     last = torch.full((b,), -1, dtype=torch.long, device=dev)
     sep = torch.full((b,), SEP_UNKNOWN, dtype=torch.long, device=dev)
-    rows = torch.arange(
-        b, device=dev
-    )  # which original row each live batch row is; finished rows leave the batch
-    # per step, written for the live rows only and read back per row at the end (no Python loop over rows);
+    rows = torch.arange(b, device=dev)  # which original row each batch row is
+    # rows that have not ended; an ended row stays in the batch (its outputs ignored) until enough have ended to
+    # pay for compacting the cache (COMPACT_SHARE)
+    active = torch.ones(b, dtype=torch.bool, device=dev)
+    # per step, written for the active rows only and read back per row at the end (no Python loop over rows);
     # log-probs in float32 also when the model runs in bf16
     step_logp = torch.zeros(b, max_new_tokens, len(vocab.ids), dtype=torch.float32, device=dev)
     step_ids = torch.zeros(b, max_new_tokens, dtype=torch.long, device=dev)
     n_steps = torch.zeros(b, dtype=torch.long, device=dev)  # steps each row took part in (its log-prob rows)
     ended = torch.zeros(b, dtype=torch.bool, device=dev)  # whether the row's last step chose the end of turn
     step_topk: list[tuple[Tensor, Tensor, Tensor]] = []  # (rows, values, indices) per step, with top_k
-    cur_ids, cur_pos = input_ids, pos
     for step in range(max_new_tokens):
-        hidden = model.model(
-            input_ids=cur_ids,
-            attention_mask=attn[:, :n_cols],
-            position_ids=cur_pos,
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state[:, -1]
-        if step == 0:
-            _preallocate(cache, max_new_tokens)
+        act = active.nonzero().flatten()
+        r = rows[act]
         logits = (hidden @ head.T).float()  # log-probs in float32 also when the model runs in bf16
         if head_bias is not None:
             logits = logits + head_bias
@@ -258,41 +316,56 @@ def generate_numbers(
             else None
         )
         if top_k and full is not None:
-            tk = full.topk(top_k, dim=-1)
-            step_topk.append((rows, tk.values, tk.indices))
+            tk = full[act].topk(top_k, dim=-1)
+            step_topk.append((r, tk.values, tk.indices))
         if constrained:
             mask = grammar_mask(digits, count, last, sep, remaining=max_new_tokens - step)
             logits = logits.masked_fill(~mask, float("-inf"))
         logp = logits.log_softmax(-1)
         scores = logits if full is None or constrained else full
+        end = vocab.end if constrained else int(vocab.ids[vocab.end])
         if greedy:
-            choice = scores.argmax(-1)
+            choice = scores.argmax(-1).masked_fill(~active, end)
         else:
-            probs = (scores / temperature).softmax(-1)
-            # drawn where the seeded generator lives (the CPU's unless a CUDA one is passed): the same seed, the
-            # same draws from the same probabilities on any device
+            probs = (scores[act] / temperature).softmax(-1)
+            # drawn for the active rows only, where the seeded generator lives (the CPU's unless a CUDA one is
+            # passed): the same seed, the same draws from the same probabilities on any device and whichever
+            # ended rows are still in the batch
             on = generator.device if generator is not None else dev
-            choice = torch.multinomial(probs.to(on), 1, generator=generator).squeeze(-1).to(dev)
+            drawn = torch.multinomial(probs.to(on), 1, generator=generator).squeeze(-1).to(dev)
+            choice = torch.full_like(rows, end)
+            choice[act] = drawn
         new_ids = vocab.ids[choice] if constrained else choice
         live = new_ids != vocab.ids[vocab.end]
-        step_logp[rows, step] = logp
-        step_ids[rows, step] = new_ids
-        n_steps[rows] += 1
-        ended[rows] = ~live
+        step_logp[r, step] = logp[act]
+        step_ids[r, step] = new_ids[act]
+        n_steps[r] += 1
+        ended[r] = ~live[act]
         if constrained:
             digits, count, last, sep = next_state(choice, digits, count, last, sep)
-        if not bool(live.any()):
+        active &= live
+        n_active = int(active.sum())
+        if not n_active:
             break
-        if not bool(live.all()):  # drop finished rows from the batch and the cache: no compute on them
-            keep = live.nonzero().flatten()
+        if (len(rows) - n_active) >= COMPACT_SHARE * len(
+            rows
+        ):  # drop ended rows from the batch and the cache
+            keep = active.nonzero().flatten()
             cache.batch_select_indices(keep)
-            rows, new_ids, digits, count, last, sep = (
-                t[keep] for t in (rows, new_ids, digits, count, last, sep)
+            rows, new_ids, digits, count, last, sep, active = (
+                t[keep] for t in (rows, new_ids, digits, count, last, sep, active)
             )
             attn, cur_pos = attn[keep], cur_pos[keep]
-        cur_ids = new_ids[:, None]
         n_cols += 1
-        cur_pos = cur_pos[:, -1:] + 1
+        cur_pos = cur_pos + 1
+        if step + 1 < max_new_tokens:
+            hidden = model.model(
+                input_ids=new_ids[:, None],
+                attention_mask=attn[:, :n_cols],
+                position_ids=cur_pos,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]
     lengths = n_steps.tolist()
     n_tokens = (n_steps - ended.long()).tolist()
     out_tokens = [step_ids[i, :n].tolist() for i, n in enumerate(n_tokens)]

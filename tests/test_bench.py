@@ -22,6 +22,10 @@ def test_bench_reports_like_for_like_ratios_on_tiny(tmp_path):
     for r, a, b in zip(g["ratio"]["values"], g["mechsub"]["new_tok_per_s"]["values"],
                        g["hf_generate"]["new_tok_per_s"]["values"], strict=True):  # fmt: skip
         assert r == pytest.approx(a / b)
+    # the bound: HF generate's seconds over the time the ceiling's rate needs for the least tokens, per round
+    for r, s, c in zip(g["max_ratio"]["values"], g["hf_generate"]["seconds"]["values"],
+                       g["ceiling"]["tok_per_s"]["values"], strict=True):  # fmt: skip
+        assert r == pytest.approx(s / (g["least_tokens"] / c))
     t = m["training"]
     assert set(t) == {"student", "teacher"}
     for setting, objectives in (("student", ("sft", "distill")), ("teacher", ("sft",))):
@@ -55,6 +59,13 @@ def test_bench_reports_like_for_like_ratios_on_tiny(tmp_path):
 
     _report_bench(m, tmp_path / "b")  # the CLI's summary reads the same keys
     assert "backward floor" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_least_tokens_by_hand():
+    # batch [1,2,3,4] + [1,2,5]: the prefix [1,2] once, then 2 and 1 own tokens; batch [1,2,9,9] alone: 4 tokens;
+    # completions (end of turn included) read all but their last token: 2 + 0 + 1
+    prompts = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 9, 9]]
+    assert bench._least_tokens(prompts, [[7, 8, 0], [0], [5, 0]], batch_size=2) == 5 + 4 + 3
 
 
 def test_backward_floor_computes_no_weight_gradient():

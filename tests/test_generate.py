@@ -238,3 +238,53 @@ def test_same_outputs_as_the_reference_decoder(tiny, kwargs):
             [*new.topk_logprobs, *new.topk_ids], [*old.topk_logprobs, *old.topk_ids], strict=True
         ):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_ended_rows_left_in_the_batch_change_nothing(tiny, monkeypatch, share):
+    """Compacting at every ended row (share 0) or never (1: ended rows ride along to the end) draws the same
+    tokens as the reference decoder that compacts at once, and stores the same log-probs: bit for bit at share 0
+    (the same batches), up to float rounding at share 1 (the matrix products run on more rows)."""
+    from mechsub import generate
+
+    monkeypatch.setattr(generate, "COMPACT_SHARE", share)
+    v = NumberVocab.of(tiny.tokenizer)
+    prompts = _prompts(tiny, 9, system="You love owls.")
+    for kwargs in ({"greedy": False}, {"greedy": True, "top_k": 3}, {"greedy": False, "constrained": False}):
+        new = generate_numbers(tiny.model, prompts, v, generator=torch.Generator().manual_seed(2),
+                               max_new_tokens=30, **kwargs)  # fmt: skip
+        old = _reference_generate(tiny.model, prompts, v, generator=torch.Generator().manual_seed(2),
+                                  max_new_tokens=30, **kwargs)  # fmt: skip
+        assert new.tokens == old.tokens
+        if not kwargs["greedy"]:
+            assert len({len(t) for t in new.tokens}) > 1  # rows ended at different steps
+        for a, b in zip(new.allowed_logprobs, old.allowed_logprobs, strict=True):
+            assert (
+                torch.equal(a, b)
+                if share == 0.0
+                else torch.allclose(a, b, atol=1e-5, rtol=1e-5, equal_nan=True)
+            )
+        if kwargs.get("top_k"):
+            assert new.topk_ids is not None and old.topk_ids is not None
+            assert all(torch.equal(a, b) for a, b in zip(new.topk_ids, old.topk_ids, strict=True))
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_prefill_in_length_groups_matches_one_padded_batch(tiny, monkeypatch, share_prefix):
+    """Rows prefilled in groups of 2 (each padded to its own longest prompt, the padding zeros in the batch's
+    cache) give the one-batch decoder's tokens, and its log-probs up to float rounding (the padding's width
+    changes the attention's summation order)."""
+    from mechsub import generate
+
+    monkeypatch.setattr(generate, "PREFILL_ROWS", 2)
+    v = NumberVocab.of(tiny.tokenizer)
+    prompts = _prompts(tiny, 7, system="You love owls.")
+    assert len({len(p) for p in prompts}) > 2
+    new = generate_numbers(tiny.model, prompts, v, greedy=True, max_new_tokens=20, share_prefix=share_prefix)
+    old = _reference_generate(
+        tiny.model, prompts, v, greedy=True, max_new_tokens=20, share_prefix=share_prefix
+    )
+    assert new.tokens == old.tokens
+    for a, b in zip(new.allowed_logprobs, old.allowed_logprobs, strict=True):
+        assert torch.isfinite(a).any(-1).all()
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

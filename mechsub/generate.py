@@ -237,6 +237,22 @@ def common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
+def shared_prefix(
+    model: PreTrainedModel, prompts: Sequence[Sequence[int]], share: bool = True
+) -> tuple[DynamicCache, int]:
+    """The chat template and system prompt are the same for every prompt: that prefix run once (its cache, and
+    its length); an empty cache and 0 without ``share`` or with one prompt."""
+    n_shared = common_prefix_len(prompts) if share and len(prompts) > 1 else 0
+    prefix = DynamicCache()
+    if n_shared:
+        model.model(
+            input_ids=torch.tensor([list(prompts[0][:n_shared])], device=model.device),
+            past_key_values=prefix,
+            use_cache=True,
+        )
+    return prefix, n_shared
+
+
 @torch.no_grad()
 def generate_numbers(
     model: PreTrainedModel,
@@ -260,15 +276,7 @@ def generate_numbers(
     """
     b = len(prompts)
     dev = model.device
-    # the chat template and system prompt are the same for every prompt: run that prefix once, share its cache
-    n_shared = common_prefix_len(prompts) if share_prefix and b > 1 else 0
-    prefix = DynamicCache()
-    if n_shared:
-        model.model(
-            input_ids=torch.tensor([list(prompts[0][:n_shared])], device=dev),
-            past_key_values=prefix,
-            use_cache=True,
-        )
+    prefix, n_shared = shared_prefix(model, prompts, share_prefix)
     suffixes = [list(p[n_shared:]) for p in prompts]
     width = max(len(p) for p in suffixes)
     # preallocated for every step: step s reads the first n_shared + width + s columns (no torch.cat per step);

@@ -483,6 +483,25 @@ def _goals(m: dict[str, Any]) -> dict[str, Any]:
             for k, v in figures.items()}  # fmt: skip
 
 
+def _matmul_rates(repeats: int) -> dict[str, Any]:
+    """GFLOP/s of this machine's matrix product (the MLP's 576 → 1536 shape of SmolLM2) in float32 and bfloat16, at
+    a decoding step's rows (64) and a prefill's (4,096): whether lower precision could buy speed here at all."""
+    out: dict[str, Any] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows in (64, 4096):
+            a, w = torch.randn(rows, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
+            n = 200 if rows == 64 else 8
+            torch.nn.functional.linear(a, w)  # warm-up
+            rates = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    torch.nn.functional.linear(a, w)
+                rates.append(2 * rows * 576 * 1536 * n / (time.perf_counter() - t0) / 1e9)
+            out[f"{str(dtype).removeprefix('torch.')}_rows{rows}"] = spread(rates)
+    return out
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -510,7 +529,8 @@ def run(cfg: BenchConfig, out: str | Path, force: bool = True) -> dict[str, Any]
         cap = _capture_bench(lm, prompts[:k], [c[:-1] for c in completions[:k]], cfg.repeats)
         metrics: dict[str, Any] = {
             "machine": {"torch_threads": torch.get_num_threads(), "dtype": str(next(lm.model.parameters()).dtype),
-                        "cpu": _cpu_name(), "torch": torch.__version__, "repeats": cfg.repeats},
+                        "cpu": _cpu_name(), "torch": torch.__version__, "repeats": cfg.repeats,
+                        "matmul_gflops": _matmul_rates(cfg.repeats)},
             "generation": generation,
             "training": training,
             "capture": cap,

@@ -238,6 +238,11 @@ def _report_bench(m: dict[str, Any], out: Path) -> None:
             lines.append(f"  a step at the backward floor would be, vs plain peft: {room}")
             lines.append(f"  fraction of the backward floor: {fracs}")
     lines.append(f"capture overhead: {pm(m['capture']['overhead'], '+.1%')}")
+    mm = m["machine"].get("matmul_gflops", {})
+    if mm:
+        lines.append(
+            "matrix product GFLOP/s (576 → 1536): " + ", ".join(f"{k} {pm(v, '.0f')}" for k, v in mm.items())
+        )
     for name, goal in m["goals"].items():
         lines.append(
             f"  {name}: {goal['measured']:.3g} (goal {goal['goal']}) {'met' if goal['met'] else 'NOT met'}"

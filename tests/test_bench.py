@@ -8,6 +8,9 @@ def test_bench_reports_like_for_like_ratios_on_tiny(tmp_path):
                             train_steps=1, repeats=2, capture_sequences=4)  # fmt: skip
     m = bench.run(cfg, tmp_path / "b")
     assert m["machine"]["torch_threads"] >= 1 and m["machine"]["repeats"] == 2
+    rates = m["machine"]["matmul_gflops"]
+    assert set(rates) == {f"{d}_rows{r}" for d in ("float32", "bfloat16") for r in (64, 4096)}
+    assert all(len(v["values"]) == 2 and v["min"] > 0 for v in rates.values())
     g = m["generation"]
     assert g["batch_size"] == 3 and g["n_prompts"] == 6  # both sides: the same prompts at the same batch
     for side in ("hf_generate", "mechsub"):

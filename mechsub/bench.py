@@ -239,10 +239,12 @@ def _mechsub_generate(lm: Any, prompts: list[list[int]], cfg: BenchConfig, seed:
 def _least_pass(
     lm: Any, prompts: list[list[int]], completions: list[list[int]], batch_size: int
 ) -> tuple[Callable[[], int], int]:
-    """The least any decoder of ``completions`` (end of turn included) must run, as one teacher-forced pass per
-    batch at the forward's best rate on this machine: the prompts' common prefix once, then each row's own prompt
-    tokens and its completion but the last token (emitted, never read), in length-sorted groups of rows padded
-    only to their group's longest (the decoder's own prefill). Returns the pass and its token count."""
+    """The reference pass: the least tokens any decoder of ``completions`` (end of turn included) must run, as one
+    teacher-forced pass per batch: the prompts' common prefix once, then each row's own prompt tokens and its
+    completion but the last token (emitted, never read), in length-sorted groups of rows padded only to their
+    group's longest (the decoder's own prefill, buffer copies included). The fastest forward over these tokens
+    this project knows on this machine, not a proof that no decoder could be faster. Returns the pass and its
+    token count."""
     pad = lm.tokenizer.pad_token_id or 0
     batches: list[tuple[list[list[int]], list[list[int]]]] = []
     least = 0
@@ -290,12 +292,16 @@ def _generation_bench(
         )
         out[name]["mean_new_tokens"] = statistics.fmean(new) / len(prompts)
     out["ceiling"] = ceiling
-    # HF generate's time over the least pass's time bounds the ratio any decoder could reach on this machine
-    secs = {k: [s.seconds for s in runs[k]] for k in ("hf_generate", "mechsub", "least_pass")}
+    # the reference pass: a teacher-forced forward over the least tokens of mechsub's completions, in length-sorted
+    # groups (the fastest forward over them this project knows; not a proof that no decoder can be faster). Its rate
+    # in new tokens per second over HF generate's is the ratio a decoder as fast as that pass would reach.
+    secs = {k: [s.seconds for s in runs[k]] for k in ("mechsub", "least_pass")}
+    new_tokens = sum(map(len, completions))  # the same completions as every timed mechsub round (same seed)
     out["least_tokens"] = least
-    out["least_pass"] = _side(runs["least_pass"], {"tok_per_s": [s.result for s in runs["least_pass"]]})
-    out["max_ratio"] = spread([h / b for h, b in zip(secs["hf_generate"], secs["least_pass"], strict=True)])
-    out["fraction_of_bound"] = spread(
+    out["least_pass"] = _side(runs["least_pass"], {"tok_per_s": [s.result for s in runs["least_pass"]],
+                                                   "new_tok_per_s": [new_tokens] * len(runs["least_pass"])})  # fmt: skip
+    out["reference_ratio"] = _ratio(out["least_pass"], out["hf_generate"], "new_tok_per_s")
+    out["fraction_of_reference"] = spread(
         [b / m for b, m in zip(secs["least_pass"], secs["mechsub"], strict=True)]
     )
     out["ratio"] = _ratio(out["mechsub"], out["hf_generate"], "new_tok_per_s")
@@ -474,7 +480,9 @@ def _goals(m: dict[str, Any]) -> dict[str, Any]:
     g, t, c = m["generation"], m["training"], m["capture"]
     figures = {
         "generation_vs_hf": g["ratio"]["mean"],
-        "generation_fraction_of_ceiling": g["mechsub"]["fraction_of_ceiling"]["mean"],
+        # the forward-pass ceiling of the goal: the reference pass (the one-batch forward `ceiling` at batch 64 is
+        # slower per token than mechsub itself: it is kept in the metrics, not used as the goal's ceiling)
+        "generation_fraction_of_ceiling": g["fraction_of_reference"]["mean"],
         "training_vs_peft": min(v["mean"] for s in t.values() for k, v in s.items() if k.startswith("ratio_")
                                 and k.endswith("_shared_prefix")),
         "capture_overhead_max": c["overhead"]["mean"],

@@ -259,11 +259,8 @@ def test_ended_rows_left_in_the_batch_change_nothing(tiny, monkeypatch, share):
         if not kwargs["greedy"]:
             assert len({len(t) for t in new.tokens}) > 1  # rows ended at different steps
         for a, b in zip(new.allowed_logprobs, old.allowed_logprobs, strict=True):
-            assert (
-                torch.equal(a, b)
-                if share == 0.0
-                else torch.allclose(a, b, atol=1e-5, rtol=1e-5, equal_nan=True)
-            )
+            assert not a.isnan().any()
+            assert torch.equal(a, b) if share == 0.0 else torch.allclose(a, b, atol=1e-5, rtol=1e-5)
         if kwargs.get("top_k"):
             assert new.topk_ids is not None and old.topk_ids is not None
             assert all(torch.equal(a, b) for a, b in zip(new.topk_ids, old.topk_ids, strict=True))
@@ -288,3 +285,39 @@ def test_prefill_in_length_groups_matches_one_padded_batch(tiny, monkeypatch, sh
     for a, b in zip(new.allowed_logprobs, old.allowed_logprobs, strict=True):
         assert torch.isfinite(a).any(-1).all()
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_buffers_by_row(tiny, monkeypatch):
+    """The grouped prefill's cache, row by row, against each prompt run alone: the row's keys, values and last
+    hidden state at its own columns, the shared prefix's at the first, exact zeros in the padding columns outside
+    its group (groups of 2 in length order: most rows pad to less than the batch's width)."""
+    from mechsub import generate
+
+    monkeypatch.setattr(generate, "PREFILL_ROWS", 2)
+    prompts = _prompts(tiny, 5, system="You love owls.")
+    with torch.no_grad():
+        prefix, n = generate.shared_prefix(tiny.model, prompts)
+        suffixes = [list(p[n:]) for p in prompts]
+        width = max(map(len, suffixes))
+        cache, hidden = generate._prefill(tiny.model, prefix, suffixes, n, width, 3, pad_id=0)
+    order = sorted(range(5), key=lambda i: len(suffixes[i]))
+    zeroed = 0
+    for i, suffix in enumerate(suffixes):
+        group = order[order.index(i) // 2 * 2 :][:2]
+        pad = width - max(len(suffixes[j]) for j in group)  # columns outside the row's group
+        zeroed += pad
+        with torch.no_grad():
+            alone = DynamicCache()
+            out = tiny.model.model(
+                input_ids=torch.tensor([list(prompts[i])]), past_key_values=alone, use_cache=True
+            )
+        torch.testing.assert_close(hidden[i], out.last_hidden_state[0, -1], atol=1e-5, rtol=1e-5)
+        own = slice(n + width - len(suffix), n + width)
+        for layer, ref in zip(cache.layers, alone.layers, strict=True):
+            k, v = layer.keys[i], layer.values[i]  # (heads, n + width, head_dim): the filled columns
+            assert k.shape[1] == n + width
+            torch.testing.assert_close(k[:, :n], ref.keys[0, :, :n], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(k[:, own], ref.keys[0, :, n:], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v[:, own], ref.values[0, :, n:], atol=1e-5, rtol=1e-5)
+            assert (k[:, n : n + pad] == 0).all() and (v[:, n : n + pad] == 0).all()
+    assert zeroed > 0  # the test saw padding outside a group

@@ -315,6 +315,7 @@ def generate_numbers(
     n_steps = torch.zeros(b, dtype=torch.long, device=dev)  # steps each row took part in (its log-prob rows)
     ended = torch.zeros(b, dtype=torch.bool, device=dev)  # whether the row's last step chose the end of turn
     step_topk: list[tuple[Tensor, Tensor, Tensor]] = []  # (rows, values, indices) per step, with top_k
+    end = vocab.end if constrained else int(vocab.ids[vocab.end])  # the end of turn, as a choice
     for step in range(max_new_tokens):
         act = active.nonzero().flatten()
         r = rows[act]
@@ -335,18 +336,17 @@ def generate_numbers(
             logits = logits.masked_fill(~mask, float("-inf"))
         logp = logits.log_softmax(-1)
         scores = logits if full is None or constrained else full
-        end = vocab.end if constrained else int(vocab.ids[vocab.end])
+        # chosen for the active rows only; an ended row still in the batch is fed the end of turn
         if greedy:
-            choice = scores.argmax(-1).masked_fill(~active, end)
+            drawn = scores[act].argmax(-1)
         else:
             probs = (scores[act] / temperature).softmax(-1)
-            # drawn for the active rows only, where the seeded generator lives (the CPU's unless a CUDA one is
-            # passed): the same seed, the same draws from the same probabilities on any device and whichever
-            # ended rows are still in the batch
+            # drawn where the seeded generator lives (the CPU's unless a CUDA one is passed): the same seed, the
+            # same draws from the same probabilities on any device and whichever ended rows are still in the batch
             on = generator.device if generator is not None else dev
             drawn = torch.multinomial(probs.to(on), 1, generator=generator).squeeze(-1).to(dev)
-            choice = torch.full_like(rows, end)
-            choice[act] = drawn
+        choice = torch.full_like(rows, end)
+        choice[act] = drawn
         new_ids = vocab.ids[choice] if constrained else choice
         live = new_ids != vocab.ids[vocab.end]
         step_logp[r, step] = logp[act]

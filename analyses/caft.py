@@ -39,18 +39,19 @@ from mechsub import filterbench as fb
 from mechsub import models, stats, student, study
 from mechsub.filter import (
     Ablation,
-    ablation_basis,
+    read_ablations,
     write_ablation,
+    write_ablation_stack,
     write_random_ablation,
     write_vector_ablation,
 )
 from mechsub.plots import save_figure
-from mechsub.runs import atomic_write_text, read_json, reuse_stale, write_json
+from mechsub.runs import atomic_write_text, is_finished, read_json, reuse_stale, write_json
 
 ARMS = ("latents", "heldout", "random", "vteacher", "random1")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument(
         "--config", default="analyses/configs/filters.toml", help="the study (TOML/JSON StudyConfig)"
@@ -59,7 +60,12 @@ def parse_args() -> argparse.Namespace:
         "--battery", default="artifacts/analyze/battery", help="a localisation battery's out folder"
     )
     ap.add_argument("--sae-root", default="runs/saes", help="the SAE folders lL (the battery's --sae-root)")
-    ap.add_argument("--layer", type=int, default=27)
+    ap.add_argument(
+        "--layer",
+        default="27",
+        help="the residual after this block; several (e.g. 9,18,27: multi-layer CAFT) for the vteacher and "
+        "random1 arms, one direction per layer",
+    )
     ap.add_argument(
         "--k", type=int, default=20, help="latents: the first k of each unit's attribution ranking"
     )
@@ -69,14 +75,39 @@ def parse_args() -> argparse.Namespace:
         "--corpus", default="runs/corpus", help="a `mechsub corpus` folder: its last windows for KL"
     )
     ap.add_argument("--kl-windows", type=int, default=32, help="held-out corpus windows for the KL cost")
+    ap.add_argument(
+        "--ablated-controls",
+        default="",
+        help="control traits (e.g. dog) whose students are also trained with each arm's ablation: the effect "
+        "is then the ablated trait student minus these ablated controls (the control for an ablation that "
+        "moves log P(trait) in any student)",
+    )
+    ap.add_argument(
+        "--eval-ablated",
+        action="store_true",
+        help="also evaluate every student with its replicate's ablation kept on (the CAFT students, the "
+        "ablated controls, and the study's own students: the ablation at test time only)",
+    )
     ap.add_argument("--out", default="artifacts/caft")
-    return ap.parse_args()
+    args = ap.parse_args(argv)
+    try:
+        args.layers = [int(x) for x in str(args.layer).split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--layer: integers separated by commas, got {args.layer!r}") from None
+    if not args.layers or len(set(args.layers)) != len(args.layers) or min(args.layers) < 0:
+        raise SystemExit(f"--layer: distinct layers ≥ 0, got {args.layer!r}")
+    args.layer = args.layers[0]  # the latent arms' one layer
+    args.tag = "-".join(map(str, args.layers))
+    args.ablated_controls = [c.strip() for c in args.ablated_controls.split(",") if c.strip()]
+    return args
 
 
-def teacher_vector(cfg: study.StudyConfig, base: Any, rep: int, layer: int, n: int = 32) -> list[float]:
-    """The replicate's teacher steering vector at ``layer``: the teacher's mean residual (with its system prompt,
-    if any) minus the base's (``base``: the loaded base model), over the completion positions of its first ``n``
-    number sequences."""
+def teacher_vectors(
+    cfg: study.StudyConfig, base: Any, rep: int, layers: list[int], n: int = 32
+) -> list[list[float]]:
+    """The replicate's teacher steering vector at each of ``layers``: the teacher's mean residual (with its system
+    prompt, if any) minus the base's (``base``: the loaded base model), over the completion positions of its first
+    ``n`` number sequences."""
     from mechsub.capture import Batch
     from mechsub.data import DataConfig, load_examples
     from mechsub.prompts import chat_prefix
@@ -90,8 +121,8 @@ def teacher_vector(cfg: study.StudyConfig, base: Any, rep: int, layer: int, n: i
     comps = [e.completion_ids for e in ex]
     t_batch = Batch.completions([chat_prefix(tok, e.prompt, dcfg.teacher_system()) for e in ex], comps)
     s_batch = Batch.completions([chat_prefix(tok, e.prompt, None) for e in ex], comps)
-    v = layer_means(teacher, t_batch, [layer]) - layer_means(base, s_batch, [layer])
-    return [float(x) for x in v[0]]
+    v = layer_means(teacher, t_batch, layers) - layer_means(base, s_batch, layers)
+    return [[float(x) for x in row] for row in v]
 
 
 def _unit(args: argparse.Namespace, cfg: study.StudyConfig, rep: int) -> dict[str, Any]:
@@ -149,6 +180,16 @@ def ablation_files(
         raise ValueError(f"heldout: no battery unit at layer {args.layer} for a replicate ≥ {cfg.replicates} "
                          "(the latents must come from students this run does not evaluate)")  # fmt: skip
     shared = recurrent_latents(held, args.k)["recurrent"][: args.k] if held else []
+    d_model = base.model.config.hidden_size
+
+    def random_stack(p: Path, rank: int, seed: int) -> None:
+        """``rank`` random directions at each of --layer's layers (draws of their own), stacked when several."""
+        parts = [p.with_name(f"{p.stem}-l{L}.json") for L in args.layers] if len(args.layers) > 1 else [p]
+        for i, (L, part) in enumerate(zip(args.layers, parts, strict=True)):
+            write_random_ablation(part, None, rank, seed + 10_000_000 * i, layer=L, d_model=d_model)
+        if len(parts) > 1:
+            write_ablation_stack(p, parts)
+
     for rep in range(cfg.replicates):
         if "latents" in arms:
             top = _unit(args, cfg, rep)["top_attribution"][: args.k]
@@ -160,18 +201,22 @@ def ablation_files(
                 for d in range(args.random_draws):
                     seed = 100_000 * (rep + 1) + 100 * rank + d
                     put(f"random-k{rank}-d{d}", rep,
-                        lambda p, rank=rank, seed=seed: write_random_ablation(p, sae, rank, seed))  # fmt: skip
+                        lambda p, rank=rank, seed=seed: random_stack(p, rank, seed))  # fmt: skip
         if "vteacher" in arms:
             path = work / f"vteacher-r{rep}.json"
-            about = {"teacher": str(study.stage_plan(cfg).data[(cfg.trait, rep)][1]), "n_sequences": 32}
-            old = read_json(path) if path.is_file() else {}
-            if old.get("about") != about:
+            about = {"teacher": str(study.stage_plan(cfg).data[(cfg.trait, rep)][1]), "n_sequences": 32,
+                     "layers": args.layers}  # fmt: skip
+            old = read_json(path.with_suffix(".about.json")) if path.is_file() else {}
+            if old != about:
                 if path.is_file():
-                    raise ValueError(
-                        f"{path} was computed from {old.get('about')}, not {about}: move it aside"
-                    )
-                vec = teacher_vector(cfg, base, rep, args.layer)
-                write_vector_ablation(path, args.layer, [vec], about=about)
+                    raise ValueError(f"{path} was computed from {old}, not {about}: move it aside")
+                vecs = teacher_vectors(cfg, base, rep, args.layers)
+                parts = [path.with_name(f"vteacher-r{rep}-l{L}.json") for L in args.layers]
+                for L, part, vec in zip(args.layers, parts, vecs, strict=True):
+                    write_vector_ablation(part if len(parts) > 1 else path, L, [vec], about=about)
+                if len(parts) > 1:
+                    write_ablation_stack(path, parts)
+                write_json(path.with_suffix(".about.json"), about)
             files.setdefault("vteacher", []).append(str(path))
     return files
 
@@ -191,12 +236,13 @@ def recurrent_latents(units: list[dict[str, Any]], k: int) -> dict[str, Any]:
 
 
 def variance_shares(
-    bases: dict[str, list[Ablation]], cfg: study.StudyConfig, base: Any, layer: int, n: int = 32
+    bases: dict[str, list[tuple[Ablation, ...]]], cfg: study.StudyConfig, base: Any, n: int = 32
 ) -> dict[str, Any]:
     """What each ablation removes from the residual the student trains on: per label and replicate, the share of
-    the base's residual energy at ``layer`` in the ablated span, sum ||P h||² / sum ||h||², over the completion
-    positions of the replicate's first ``n`` number sequences (no system prompt), and the same for the residual
-    centred on its mean over those positions (the variance share)."""
+    the base's residual energy at the ablation's layer in the ablated span, sum ||P h||² / sum ||h||², over the
+    completion positions of the replicate's first ``n`` number sequences (no system prompt), and the same for the
+    residual centred on its mean over those positions (the variance share); a stack's: the mean over its
+    layers."""
     from mechsub.capture import Batch, capture
     from mechsub.data import load_examples
     from mechsub.hooks import resid_post
@@ -207,12 +253,17 @@ def variance_shares(
         ex = load_examples(study.stage_plan(cfg).data[(cfg.trait, rep)][1])[:n]
         batch = Batch.completions([chat_prefix(base.tokenizer, e.prompt, None) for e in ex],
                                   [e.completion_ids for e in ex])  # fmt: skip
-        h = capture(base, batch, [resid_post(layer)])[resid_post(layer)].double()
-        hc = h - h.mean(0)
+        layers = sorted({a.layer for abl in bases.values() for a in abl[rep]})
+        acts = capture(base, batch, [resid_post(L) for L in layers])
         for label, abl in bases.items():
-            b = abl[rep].basis.double()
-            out[label]["energy"].append(float((h @ b).pow(2).sum() / h.pow(2).sum()))
-            out[label]["variance"].append(float((hc @ b).pow(2).sum() / hc.pow(2).sum()))
+            e, v = [], []
+            for a in abl[rep]:
+                h = acts[resid_post(a.layer)].double()
+                hc, b = h - h.mean(0), a.basis.double()
+                e.append(float((h @ b).pow(2).sum() / h.pow(2).sum()))
+                v.append(float((hc @ b).pow(2).sum() / hc.pow(2).sum()))
+            out[label]["energy"].append(float(np.mean(e)))
+            out[label]["variance"].append(float(np.mean(v)))
     return out
 
 
@@ -233,8 +284,8 @@ def kl_costs(checkpoints: dict[str, list[str]], base: Any, corpus: str, n_window
     return out
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     t0 = time.perf_counter()
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in arms if a not in ARMS]
@@ -243,34 +294,50 @@ def main() -> None:
     if args.k < 2 or args.random_draws < 1:
         raise SystemExit("--k must be ≥ 2 (rank 1 is the vteacher arm's, with its own random1 control) and "
                          "--random-draws ≥ 1")  # fmt: skip
+    if len(args.layers) > 1 and set(arms) - {"vteacher", "random1"}:
+        raise SystemExit(f"--layer {args.tag}: several layers are for the vteacher and random1 arms only (the "
+                         "latent arms read one layer's SAE)")  # fmt: skip
     cfg = study.StudyConfig.load(Path(args.config))
+    unknown = [c for c in args.ablated_controls if c not in cfg.controls]
+    if unknown:
+        raise SystemExit(f"--ablated-controls: {unknown} are not this study's controls {list(cfg.controls)}")
+    plan = study.stage_plan(cfg)
+    todo = [f"{t} r{r}" for (t, r), (_, folder) in plan.data.items() if not is_finished(folder)]
+    if todo:
+        raise SystemExit(f"the study's number data are not all made ({', '.join(todo[:4])}): run `.venv/bin/mechsub "
+                         f"study --config {args.config} --out <folder>` first (it resumes)")  # fmt: skip
     out = Path(args.out)
-    work = Path(cfg.work) / "caft" / f"l{args.layer}"
+    work = Path(cfg.work) / "caft" / f"l{args.tag}"
     work.mkdir(parents=True, exist_ok=True)
     base = models.load(cfg.model)
-    held = held_out_units(args, cfg)
+    held = held_out_units(args, cfg) if {"latents", "heldout"} & set(arms) else []
     files = ablation_files(args, cfg, arms, work, base, held)
-    bases = {label: [ablation_basis(p) for p in paths] for label, paths in files.items()}
+    bases = {label: [read_ablations(p) for p in paths] for label, paths in files.items()}
     wrong = [
         p
         for label, paths in files.items()
         for p, b in zip(paths, bases[label], strict=True)
-        if b.layer != args.layer
+        if [a.layer for a in b]
+        != (args.layers if label.startswith(("vteacher", "random-k1-")) else [args.layer])
     ]
     if wrong:
-        raise ValueError(f"{wrong[0]}: ablates at another layer than --layer {args.layer}")
+        raise ValueError(f"{wrong[0]}: ablates at other layers than --layer {args.tag}")
     out.mkdir(parents=True, exist_ok=True)
     if held:  # the feature filter's list: latents of students this study does not evaluate
         write_json(out / f"latents-l{args.layer}.json", recurrent_latents(held, args.k)
                    | {"sae": str(Path(args.sae_root) / f"l{args.layer}")})  # fmt: skip
-    plan = study.stage_plan(cfg)
     results: dict[str, Any] = {}
+    ctrl: dict[str, dict[str, Any]] = {}  # label → control trait → its ablated students
     with reuse_stale():  # the study's own students and evaluations, whatever code changed since they ran
         for i, (label, paths) in enumerate(files.items()):
-            print(f"[{i + 1}/{len(files)}] {label}: {cfg.replicates} students", flush=True)
+            print(f"[{i + 1}/{len(files)}] {label}: {cfg.replicates} students"
+                  + (f" (and {', '.join(args.ablated_controls)})" if args.ablated_controls else ""), flush=True)  # fmt: skip
+            ovs = [{"ablate": p} for p in paths]
             results[label] = fb.train_variant(
-                cfg, f"caft-l{args.layer}-{label}", [{"ablate": p} for p in paths]
+                cfg, f"caft-l{args.tag}-{label}", ovs, ablated_eval=args.eval_ablated
             )
+            ctrl[label] = {c: fb.train_variant(cfg, f"caft-l{args.tag}-{label}", ovs, trait=c,
+                                               ablated_eval=args.eval_ablated) for c in args.ablated_controls}  # fmt: skip
         own = [
             str(student.run(*plan.students[(cfg.trait, r)])["final_checkpoint"])
             for r in range(cfg.replicates)
@@ -280,16 +347,19 @@ def main() -> None:
     }
     print("KL on held-out text", flush=True)
     kl = kl_costs(checkpoints, base, args.corpus, args.kl_windows)
-    shares = variance_shares(bases, cfg, base, args.layer)
+    shares = variance_shares(bases, cfg, base)
     rows = summarise(results, kl, bases, shares, args)
+    controlled = controlled_rows(results, ctrl, args)
     metrics = {"args": vars(args), "study": cfg.to_dict(),
                "unit": "replicate (a trait teacher with its own data and students)", "replicates": cfg.replicates,
-               "layer": args.layer, "ablations": files, "arms": rows, "kl": kl, "raw": results,
+               "layer": args.layer, "layers": args.layers, "ablations": files, "arms": rows,
+               "controlled": controlled, "kl": kl, "raw": results, "raw_controls": ctrl,
                "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     write_json(out / "metrics.json", metrics)
     plot(rows, out / "caft.png")
     atomic_write_text(out / "report.md", report(metrics, args))
     print((out / "report.md").read_text())
+    return metrics
 
 
 def summarise(
@@ -301,12 +371,9 @@ def summarise(
 ) -> dict[str, Any]:
     """Per arm (random draws pooled per replicate: the mean over a replicate's draws is its value): blocked in
     both frames, the effect left, the KL cost, with t-intervals over replicates; each draw's own blocked share."""
-    groups: dict[str, list[str]] = {}
-    for label in results:
-        groups.setdefault(label.rsplit("-d", 1)[0] if label.startswith("random") else label, []).append(label)
     rows: dict[str, Any] = {}
-    for name, labels in groups.items():
-        row: dict[str, Any] = {"draws": labels, "rank": bases[labels[0]][0].basis.shape[1]}
+    for name, labels in _groups(results).items():
+        row: dict[str, Any] = {"draws": labels, "rank": sum(a.basis.shape[1] for a in bases[labels[0]][0])}
         for frame in ("plain", "prefill"):
             s = [results[lb]["shifts"][frame] for lb in labels]
             variant = np.mean([x["variant"] for x in s], axis=0)  # per replicate, mean over draws
@@ -340,6 +407,68 @@ def summarise(
     return rows
 
 
+READINGS = {
+    "ablated_controls": "controls trained with the same ablation",
+    "eval_ablated": "the ablation kept on at test",
+    "test_only": "the study's students, the ablation at test only",
+}
+
+
+def _groups(labels: Any) -> dict[str, list[str]]:
+    """Arm name → its labels (a random arm's draws pooled)."""
+    groups: dict[str, list[str]] = {}
+    for label in labels:
+        groups.setdefault(label.rsplit("-d", 1)[0] if label.startswith("random") else label, []).append(label)
+    return groups
+
+
+def controlled_rows(
+    results: dict[str, Any], ctrl: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Per arm (a random arm's draws: their mean per replicate), blocked in the plain frame read three more ways
+    (`READINGS`), each against the study student's effect over the same controls without any ablation:
+      - ablated_controls: the variant minus the --ablated-controls' students trained with the same ablation (the
+        study student minus those controls' study students: the full effect);
+      - eval_ablated: variant and controls (the ablated controls if any, else the study's controls) evaluated
+        with the ablation kept on;
+      - test_only: the study's own trait and control students evaluated with the ablation on (no training
+        change: what the ablation at test time alone blocks).
+    Each real arm also minus its equal-rank random control, paired by replicate."""
+    shifts = {label: r["shifts"]["plain"] for label, r in results.items()}
+    cs = args.ablated_controls
+
+    def mean_ctrl(label: str, key: str) -> np.ndarray:
+        return np.mean([ctrl[label][c]["shifts"]["plain"][key] for c in cs], axis=0)
+
+    def readings(label: str) -> dict[str, tuple[np.ndarray, ...]]:
+        sh = {k: np.asarray(v) for k, v in shifts[label].items()}
+        full_c = mean_ctrl(label, "full") if cs else sh["controls"]
+        out: dict[str, tuple[np.ndarray, ...]] = {}
+        if cs:
+            out["ablated_controls"] = (sh["variant"], sh["full"], mean_ctrl(label, "variant"), full_c)
+        if args.eval_ablated:
+            c_ab = mean_ctrl(label, "variant_ablated") if cs else sh["controls_ablated"]
+            c_test = mean_ctrl(label, "full_ablated") if cs else sh["controls_ablated"]
+            out["eval_ablated"] = (sh["variant_ablated"], sh["full"], c_ab, full_c)
+            out["test_only"] = (sh["full_ablated"], sh["full"], c_test, full_c)
+        return out
+
+    rows: dict[str, Any] = {}
+    for name, labels in _groups(results).items():
+        per = [readings(lb) for lb in labels]
+        rows[name] = {
+            what: fb.blocked_summary(*(np.mean([p[what][i] for p in per], axis=0) for i in range(4)))
+            for what in per[0]
+        }
+    for real, rnd in ((f"latents-k{args.k}", f"random-k{args.k}"), (f"heldout-k{args.k}", f"random-k{args.k}"),
+                      ("vteacher", "random-k1")):  # fmt: skip
+        if real in rows and rnd in rows:
+            for what in rows[real]:
+                a, b = (rows[x][what]["blocked"]["per_replicate"] for x in (real, rnd))
+                rows[real][what]["minus_random"] = fb.paired_difference(a, b)
+    return rows
+
+
 def _ci(d: dict[str, Any], fmt: str = "{:+.0%}") -> str:
     lo, hi = d["ci95"]
     return f"{fmt.format(d['mean'])} [{fmt.format(lo)}, {fmt.format(hi)}]"
@@ -357,11 +486,11 @@ def report(m: dict[str, Any], args: argparse.Namespace) -> str:
     rows, cfg = m["arms"], m["study"]
     kl0 = next(iter(m["kl"].values()))[0]
     lines = [
-        f"# Concept-ablation fine-tuning at layer {m['layer']}: the {cfg['trait']} students' specific effect blocked, "
+        f"# Concept-ablation fine-tuning at layer {args.tag}: the {cfg['trait']} students' specific effect blocked, "
         "and the cost",
         "",
         f"{m['replicates']} replicates (the unit: a trait teacher with its own data and students); CAFT projects the "
-        f"arm's directions out of the student's residual after block {m['layer']} at positions ≥ 1 while it trains "
+        f"arm's directions out of the student's residual after block {args.tag} at positions ≥ 1 while it trains "
         f"(the teacher's forward untouched); the student is evaluated without it. Effect = the student's Δ log "
         f"P({cfg['trait']}) minus the same replicate's control students' ({', '.join(cfg['controls'])}: trained "
         "without any ablation); blocked = 1 − effect / the study student's effect. **blocked** is the mean over "
@@ -371,8 +500,11 @@ def report(m: dict[str, Any], args: argparse.Namespace) -> str:
         "share of the base's residual energy (and variance) on the replicate's number data in the ablated span. "
         f"KL: KL(base ‖ student) per token on the corpus's last {kl0['windows']} windows ({kl0['tokens_per_window']} "
         "tokens, positions ≥ 1), text no student trained on; ΔKL: minus the study student's, paired by replicate. "
-        f"Re-create: `.venv/bin/python analyses/caft.py --layer {args.layer} --k {args.k} --random-draws "
-        f"{args.random_draws} --arms {args.arms} --out {args.out}` ({m['seconds'] / 60:.1f} min; finished "
+        f"Re-create: `.venv/bin/python analyses/caft.py --layer {args.tag} --k {args.k} --random-draws "
+        f"{args.random_draws} --arms {args.arms}"
+        + (f" --ablated-controls {','.join(args.ablated_controls)}" if args.ablated_controls else "")
+        + (" --eval-ablated" if args.eval_ablated else "")
+        + f" --out {args.out}` ({m['seconds'] / 60:.1f} min; finished "
         "students are reused).",
         "",
         "| arm | rank | removed: energy / variance | blocked, plain (held out) | ratio of means | blocked, prefill "
@@ -402,6 +534,25 @@ def report(m: dict[str, Any], args: argparse.Namespace) -> str:
             lines.append(f"- {_name(real)} minus its equal-rank random control, blocked (plain), paired by "
                          f"replicate: {_ci(d)}.")  # fmt: skip
     lines += ["", "![caft](caft.png)", ""]
+    if any(m["controlled"].values()):
+        cs = ", ".join(args.ablated_controls) or "none"
+        lines += [
+            "## The controls for an ablation that moves log P in any student",
+            "",
+            f"Controls trained with the same ablation: {cs}. Each reading's full effect is the study student "
+            "minus the same controls' study students, without any ablation; blocked (plain, held out), 95% "
+            "t-interval over replicates; effect left in nats. Minus random: paired by replicate against the "
+            "equal-rank random arm read the same way.",
+            "",
+            "| arm | reading | blocked | ratio of means | effect left (nats) | minus random |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, r in m["controlled"].items():
+            for what, b in r.items():
+                minus = _ci(b["minus_random"]) if "minus_random" in b else ""
+                lines.append(f"| {_name(name)} | {READINGS[what]} | {_ci(b['blocked'])} | "
+                             f"{b['blocked_of_means']:+.0%} | {_ci(b['effect'], '{:+.3f}')} | {minus} |")  # fmt: skip
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import tomllib
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mechsub.config import Config, ConfigError, check, device_field, doc, dtype_field
+from mechsub.filter import ablating, ablation_inputs, read_ablations
 from mechsub.metric import TraitMetric, score_prompts
 from mechsub.prompts import answer_lead, chat_prefix, trait_prompt
 from mechsub.runs import stage, write_json
@@ -176,7 +178,7 @@ def read_questions(path: str) -> list[str]:
 @dataclass(frozen=True)
 class EvalConfig(Config):
     stage = "eval"
-    inputs = ("model", "questions")
+    inputs = ("model", "questions", "ablate")
 
     model: str = doc("smollm2-135m-instruct", "model name or checkpoint folder to evaluate")
     trait: str = doc("owl", "the trait whose log-probability is reported (its category picks the candidates)")
@@ -207,11 +209,23 @@ class EvalConfig(Config):
         "becomes animal or tree)",
         optional=True,
     )
+    ablate: str = doc(
+        "",
+        "an ablation file (the student's `ablate` formats): its span is projected out of the residual after its "
+        "block at positions ≥ 1 during every scored forward (a concept-ablation student evaluated with the "
+        "ablation kept on); scored frames only, so n_samples must be 0",
+        optional=True,
+    )
     device: str = device_field()
     dtype: str = dtype_field()
 
     def validate(self) -> None:
         check(self.n_samples >= 0 and self.sample_tokens >= 1, "n_samples ≥ 0 and sample_tokens ≥ 1")
+        check(
+            not (self.ablate and self.n_samples),
+            "ablate with n_samples: sampled answers are not ablated (their KV-cache steps carry no position "
+            "ids); set n_samples=0",
+        )
         try:
             trait = get_trait(self.trait)
         except TraitError as e:
@@ -244,6 +258,10 @@ class EvalConfig(Config):
             )
             check(trait.name in self.choices, f"choices: must include the trait {trait.name!r}")
 
+    def indirect_inputs(self) -> dict[str, str]:
+        """The SAE an ablation file names (read with it)."""
+        return ablation_inputs(self.ablate) if self.ablate else {}
+
     def choice_options(self) -> tuple[str, ...]:
         """The choice frame's options: ``choices``, or the trait and the first 3 others of its category."""
         trait = get_trait(self.trait)
@@ -269,6 +287,33 @@ def _summary(words: Sequence[str], lp: Tensor, trait: str) -> dict[str, Any]:
     }
 
 
+def _score_frames(
+    cfg: EvalConfig,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    qs: list[str],
+    words: list[str],
+    system: str | None,
+) -> dict[str, tuple[list[str], list[str], Tensor]]:
+    """Per frame: (words scored, questions, log P (questions, words))."""
+    trait = get_trait(cfg.trait)
+    frames: dict[str, tuple[list[str], list[str], Tensor]] = {
+        "prefill": (words, qs, trait_logprobs(model, tok, qs, words, trait.category, system))
+    }
+    # the held-out frames score the options only (the study's traits): the training frame's every-candidate
+    # distribution is a diagnostic, and a plain answer's many multi-token words would double the cost
+    options = list(cfg.choice_options())
+    if "plain" in cfg.frames:
+        frames["plain"] = (options, qs, plain_logprobs(model, tok, qs, options, system))
+        # derived, no extra forward: the plain frame renormalised over the options (which of them the answer
+        # starts with, given that it starts with one), free of a shift in how answers start at all
+        frames["plain_norm"] = (options, qs, frames["plain"][2].log_softmax(-1))
+    if "choice" in cfg.frames:
+        stems = choice_stems(trait.category)
+        frames["choice"] = (options, stems, choice_logprobs(model, tok, stems, options, system))
+    return frames
+
+
 def run(cfg: EvalConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
     """log P of every candidate of the trait's category, per question and frame, into ``out/logprobs.json``:
     its top level is the prefill frame (as before frames existed), ``frames`` holds every frame scored."""
@@ -283,20 +328,8 @@ def run(cfg: EvalConfig, out: str | Path, force: bool = False) -> dict[str, Any]
         words = [trait.name, *trait.others()]
         system = trait.system_prompt() if cfg.with_system_prompt else None
         qs = cfg.question_list(trait.category)
-        frames: dict[str, tuple[list[str], list[str], Tensor]] = {
-            "prefill": (words, qs, trait_logprobs(model, tok, qs, words, trait.category, system))
-        }
-        # the held-out frames score the options only (the study's traits): the training frame's every-candidate
-        # distribution is a diagnostic, and a plain answer's many multi-token words would double the cost
-        options = list(cfg.choice_options())
-        if "plain" in cfg.frames:
-            frames["plain"] = (options, qs, plain_logprobs(model, tok, qs, options, system))
-            # derived, no extra forward: the plain frame renormalised over the options (which of them the answer
-            # starts with, given that it starts with one), free of a shift in how answers start at all
-            frames["plain_norm"] = (options, qs, frames["plain"][2].log_softmax(-1))
-        if "choice" in cfg.frames:
-            stems = choice_stems(trait.category)
-            frames["choice"] = (options, stems, choice_logprobs(model, tok, stems, options, system))
+        with ablating(model, read_ablations(cfg.ablate)) if cfg.ablate else nullcontext():
+            frames = _score_frames(cfg, model, tok, qs, words, system)
         tables = {
             f: {"words": w, "questions": q, "logprobs": lp.tolist()} for f, (w, q, lp) in frames.items()
         }

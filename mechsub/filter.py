@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -24,6 +25,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechsub import hooks
 from mechsub.files import read_json, write_json
 from mechsub.hooks import FIRST_POSITION
 from mechsub.runs import require_finished
@@ -218,22 +220,69 @@ def load_mask(path: str | Path, examples: Sequence[Any], data: str | Path | None
 
 
 # ---- ablation files -------------------------------------------------------------------------------------
-# {"sae": a `mechsub sae` folder, "features": [ids]}, or {"sae": ..., "random": k, "seed": s} (the control)
+# {"sae": a `mechsub sae` folder, "features": [ids]}; the control {"sae": ..., "random": k, "seed": s} or
+# {"layer": L, "d_model": D, "random": k, "seed": s}; {"layer": L, "vectors": [[...]]}; {"stack": [specs]}
 class Ablation(NamedTuple):
     """The span concept-ablation fine-tuning projects out of the residual after block ``layer``."""
 
     layer: int
     basis: Tensor  # (d_model, k), orthonormal columns
 
-    def project_out(self, h: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def project_out(
+        self, h: Float[Tensor, "batch pos d_model"], positions: Tensor | None = None
+    ) -> Float[Tensor, "batch pos d_model"]:
         """``h`` minus its component in the span at positions ≥ `FIRST_POSITION`; position 0, the attention
-        sink, is left as it is (its residual is far outside the rest, and every later position reads it)."""
+        sink, is left as it is (its residual is far outside the rest, and every later position reads it).
+        Positions are the tensor's own indices, or ``positions`` (the forward's position ids, (batch or 1, pos))
+        when given: a left-padded batch or a continuation from a KV cache is ablated where the sequence is."""
         if h.ndim != 3:
             raise ValueError(
                 f"project_out needs a (batch, pos, d_model) activation, got shape {tuple(h.shape)}"
             )
-        rest, b = h[:, FIRST_POSITION:], self.basis.to(h)  # the activation's device and dtype
-        return torch.cat([h[:, :FIRST_POSITION], rest - (rest @ b) @ b.T], dim=1)
+        b = self.basis.to(h)  # the activation's device and dtype
+        if positions is None:
+            rest = h[:, FIRST_POSITION:]
+            return torch.cat([h[:, :FIRST_POSITION], rest - (rest @ b) @ b.T], dim=1)
+        keep = (positions >= FIRST_POSITION).to(h.dtype)[..., None]
+        return h - keep * ((h @ b) @ b.T)
+
+
+def check_ablations(model: Any, ablations: Sequence[Ablation]) -> None:
+    """Raise ValueError unless every ablation fits ``model`` (its width, a layer it has) and no two share a
+    layer."""
+    dec = hooks.decoder_of(model)
+    d_model, n_layers = dec.embed_tokens.weight.shape[1], len(dec.layers)
+    for a in ablations:
+        if a.basis.shape[0] != d_model or not 0 <= a.layer < n_layers:
+            raise ValueError(
+                f"the ablation's directions are {a.basis.shape[0]}-dimensional at layer {a.layer}; this model "
+                f"has d_model {d_model} and {n_layers} layers: give directions of this model"
+            )
+    layers = [a.layer for a in ablations]
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"ablations at layers {layers}: give each layer once (merge its directions)")
+
+
+@contextmanager
+def ablating(model: Any, ablations: Sequence[Ablation]) -> Iterator[None]:
+    """Within the block, every forward of ``model`` has each ablation's span projected out of the residual after
+    its block at positions ≥ 1: by the position ids the forward is given (a left-padded batch, a continuation
+    from a KV cache), by index when it is given none. Checked first (`check_ablations`)."""
+    check_ablations(model, ablations)
+    state: dict[str, Tensor | None] = {}
+
+    def positions(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        state["positions"] = kwargs.get("position_ids")  # every forward: none given is None
+
+    def edit(a: Ablation) -> Any:
+        return lambda h: a.project_out(h, state.get("positions"))
+
+    handle = hooks.decoder_of(model).register_forward_pre_hook(positions, with_kwargs=True)
+    try:
+        with hooks.edit(model, {hooks.resid_post(a.layer): edit(a) for a in ablations}):
+            yield
+    finally:
+        handle.remove()
 
 
 def random_basis(d_model: int, k: int, seed: int) -> Float[Tensor, "d_model k"]:
@@ -254,13 +303,28 @@ def write_ablation(path: str | Path, sae: str | Path, features: Sequence[int]) -
     write_json(path, {"sae": str(sae), "features": [int(i) for i in features]})
 
 
-def write_random_ablation(path: str | Path, sae: str | Path, rank: int, seed: int) -> None:
+def write_random_ablation(
+    path: str | Path,
+    sae: str | Path | None,
+    rank: int,
+    seed: int,
+    *,
+    layer: int | None = None,
+    d_model: int | None = None,
+) -> None:
     """Write the control's ablation file: ``rank`` random orthonormal directions (`random_basis`, seed ``seed``)
-    at the layer of the SAE in folder ``sae``. Give the real ablation's rank (``ablation_basis(real).basis.shape[1]``)
-    and one seed per draw."""
+    at the layer of the SAE in folder ``sae``, or (``sae`` None) at ``layer`` of a ``d_model``-wide residual. Give
+    the real ablation's rank (``ablation_basis(real).basis.shape[1]``) and one seed per draw."""
     if rank < 1:
         raise ValueError(f"a random ablation needs rank ≥ 1 (got {rank})")
-    write_json(path, {"sae": str(sae), "random": int(rank), "seed": int(seed)})
+    if sae is not None:
+        write_json(path, {"sae": str(sae), "random": int(rank), "seed": int(seed)})
+        return
+    if layer is None or d_model is None or layer < 0 or not 1 <= rank <= d_model:
+        raise ValueError(
+            f"a random ablation without an SAE needs a layer ≥ 0 and d_model ≥ rank (got {layer}, {d_model})"
+        )
+    write_json(path, {"layer": int(layer), "d_model": int(d_model), "random": int(rank), "seed": int(seed)})
 
 
 def write_vector_ablation(
@@ -281,16 +345,28 @@ def write_vector_ablation(
     write_json(path, {"layer": layer, "vectors": rows} | ({"about": about} if about else {}))
 
 
-def ablation_basis(path: str | Path) -> Ablation:
-    """(layer, orthonormal (d_model, k) basis) of the decoder directions named by an ablation file, of its
-    random directions, or of its explicit vectors: what concept-ablation fine-tuning projects out."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"ablation file {p} not found (JSON with 'sae' and 'features')")
-    spec = read_json(p)
+def write_ablation_stack(path: str | Path, files: Sequence[str | Path]) -> None:
+    """Write one ablation file of several (one per layer): each file's spec, read and checked, is copied in, so
+    the stack is one input whose content names everything it ablates. Multi-layer concept ablation."""
+    specs = []
+    for f in files:
+        ablation_basis(f)  # checked now, not at training time
+        specs.append(read_json(Path(f)))
+    layers = [ablation_basis(f).layer for f in files]
+    if len(specs) < 2 or len(set(layers)) != len(layers):
+        raise ValueError(f"a stack needs ≥ 2 ablations at distinct layers (got layers {layers})")
+    write_json(path, {"stack": specs})
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parse_ablation(p: Path, spec: Any) -> Ablation:
+    """One spec (not a stack) of the file ``p``, validated: what `ablation_basis` returns."""
     if isinstance(spec, dict) and "vectors" in spec:
         vec, layer = spec["vectors"], spec.get("layer", -1)
-        ok = isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0 and isinstance(vec, list)
+        ok = _int(layer) and layer >= 0 and isinstance(vec, list)
         if (
             not ok
             or not vec
@@ -303,6 +379,11 @@ def ablation_basis(path: str | Path) -> Ablation:
             raise ValueError(f"{p}: the vectors must be finite and linearly independent")
         q, _ = torch.linalg.qr(m)
         return Ablation(int(layer), q.float())
+    if isinstance(spec, dict) and "random" in spec and "sae" not in spec:
+        keys = ("layer", "d_model", "random", "seed")
+        if not all(_int(spec.get(k)) for k in keys) or spec["layer"] < 0 or "features" in spec:
+            raise ValueError(f"{p}: a random ablation without an SAE gives integers {', '.join(keys)}")
+        return Ablation(spec["layer"], random_basis(spec["d_model"], spec["random"], spec["seed"]))
     if not isinstance(spec, dict) or "sae" not in spec or not (spec.get("features") or "random" in spec):
         raise ValueError(
             f"{p}: an ablation file needs 'sae' (a `mechsub sae` folder) and a non-empty 'features' list "
@@ -326,6 +407,53 @@ def ablation_basis(path: str | Path) -> Ablation:
         raise ValueError(f"{p}: feature ids {bad[:5]} are not in the SAE's {w_dec.shape[0]} features")
     q, _ = torch.linalg.qr(w_dec[ids].T)
     return Ablation(_sae_layer(sae), q)
+
+
+def _read_ablation_file(path: str | Path) -> tuple[Path, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"ablation file {p} not found (JSON with 'sae' and 'features')")
+    return p, read_json(p)
+
+
+def ablation_basis(path: str | Path) -> Ablation:
+    """(layer, orthonormal (d_model, k) basis) of the decoder directions named by an ablation file, of its
+    random directions, or of its explicit vectors: what concept-ablation fine-tuning projects out. A stack
+    (several layers) is read with `read_ablations`."""
+    p, spec = _read_ablation_file(path)
+    if isinstance(spec, dict) and "stack" in spec:
+        raise ValueError(f"{p}: a stack of ablations at several layers; read it with read_ablations")
+    return _parse_ablation(p, spec)
+
+
+def read_ablations(path: str | Path) -> tuple[Ablation, ...]:
+    """Every ablation of a file: one, or a stack's (`write_ablation_stack`), at distinct layers."""
+    p, spec = _read_ablation_file(path)
+    if not (isinstance(spec, dict) and "stack" in spec):
+        return (_parse_ablation(p, spec),)
+    if not isinstance(spec["stack"], list) or any(
+        isinstance(s, dict) and "stack" in s for s in spec["stack"]
+    ):
+        raise ValueError(f"{p}: 'stack' is a list of ablation specs (none of them a stack)")
+    out = tuple(_parse_ablation(p, s) for s in spec["stack"])
+    layers = [a.layer for a in out]
+    if len(out) < 2 or len(set(layers)) != len(layers):
+        raise ValueError(f"{p}: a stack holds ≥ 2 ablations at distinct layers (got layers {layers})")
+    return out
+
+
+def ablation_inputs(path: str | Path) -> dict[str, str]:
+    """The SAE folders an ablation file names (a run that reads the file reads them): key → folder."""
+    if not str(path) or not Path(path).is_file():
+        return {}
+    spec = read_json(Path(path))
+    stack = isinstance(spec, dict) and isinstance(spec.get("stack"), list)
+    specs = spec["stack"] if stack else [spec]
+    return {
+        f"ablate.sae.{i}" if stack else "ablate.sae": s["sae"]
+        for i, s in enumerate(specs)
+        if isinstance(s, dict) and isinstance(s.get("sae"), str)
+    }
 
 
 def _sae_layer(sae: Any) -> int:

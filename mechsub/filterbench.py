@@ -528,59 +528,89 @@ def run_mixture(cfg: MixtureConfig, out: str | Path, force: bool = False) -> dic
 
 # ---- students and their effects ---------------------------------------------------------------------------
 def train_variant(
-    cfg: StudyConfig, label: str, overrides: Sequence[Mapping[str, Any]], frames: Sequence[str] = FRAMES
+    cfg: StudyConfig,
+    label: str,
+    overrides: Sequence[Mapping[str, Any]],
+    frames: Sequence[str] = FRAMES,
+    *,
+    trait: str = "",
+    ablated_eval: bool = False,
 ) -> dict[str, Any]:
     """Students of the study's trait trained as the study's are but with ``overrides[r]`` for replicate r (each
     replicate has its own data, so its own mask or data folder), each evaluated once; per replicate and frame
     the Δ log P(trait) vs base of the variant, of the study's trait student and of the mean of its control
-    students (the same replicate's other traits). `study.variant` is the one-override, one-frame form of this."""
+    students (the same replicate's other traits). `study.variant` is the one-override, one-frame form of this.
+
+    ``trait``: vary the students of this trait of the study instead (a control trait: the same change made to a
+    control student); ``full`` is then that trait's study student, and every shift is still Δ log P of the
+    study's trait. ``ablated_eval``: the overrides name ablation files (``ablate``), and every student is also
+    evaluated with its replicate's ablation kept on (keys ``variant_ablated``, ``full_ablated``,
+    ``controls_ablated``)."""
     from mechsub import student, study, summary
 
     if len(overrides) != cfg.replicates:
         raise ValueError(f"give one override per replicate ({cfg.replicates}), got {len(overrides)}")
+    if ablated_eval and not all(o.get("ablate") for o in overrides):
+        raise ValueError("ablated_eval: every override must name an ablation file ('ablate')")
     plan = study.stage_plan(cfg)
     x = cfg.trait
+    who = trait or x
+    if who not in cfg.traits:
+        raise ValueError(f"trait {who!r} is not one of the study's traits {cfg.traits}")
     base = study.base_eval(cfg)
-    shifts: dict[str, dict[str, list[float]]] = {
-        f: {"variant": [], "full": [], "controls": []} for f in frames
-    }
+    keys: tuple[str, ...] = ("variant", "full", "controls")
+    keys += tuple(f"{k}_ablated" for k in keys) if ablated_eval else ()
+    shifts: dict[str, dict[str, list[float]]] = {f: {k: [] for k in keys} for f in frames}
     train: dict[str, list[Any]] = {"n_examples": [], "first_loss": [], "last_loss": [], "folder": [],
                                    "checkpoint": []}  # fmt: skip
     for rep, ov in enumerate(overrides):
-        vcfg = dataclasses.replace(plan.students[(x, rep)][0], **ov)
-        folder = Path(cfg.work) / "students" / study.run_name(f"{x}-s{rep}-{label}", vcfg)
+        vcfg = dataclasses.replace(plan.students[(who, rep)][0], **ov)
+        prefix = x if who == x else f"{who}-as-{x}"  # the study trait's variants keep their old folder names
+        folder = Path(cfg.work) / "students" / study.run_name(f"{prefix}-s{rep}-{label}", vcfg)
         m = student.run(vcfg, folder)
         for k in ("n_examples", "first_loss", "last_loss"):
             train[k].append(m[k])
         train["folder"].append(str(folder))
         train["checkpoint"].append(str(m["final_checkpoint"]))
+        name = f"{label}-s{rep}" if who == x else f"{who}-{label}-s{rep}"  # the study's eval naming
         evs = {
-            "variant": [
-                study._eval(cfg, m["final_checkpoint"], f"{label}-s{rep}")
-            ],  # the study's eval naming
-            "full": [study.student_eval(cfg, (x, rep))],
+            "variant": [study._eval(cfg, m["final_checkpoint"], name)],
+            "full": [study.student_eval(cfg, (who, rep))],
             "controls": [study.student_eval(cfg, (c, rep)) for c in cfg.controls],
         }
+        if ablated_eval:
+            ab = str(ov["ablate"])
+            evs |= {
+                "variant_ablated": [study._eval(cfg, m["final_checkpoint"], name, ablate=ab)],
+                "full_ablated": [study.student_eval(cfg, (who, rep), ablate=ab)],
+                "controls_ablated": [study.student_eval(cfg, (c, rep), ablate=ab) for c in cfg.controls],
+            }
         for f in frames:
             for k, folders in evs.items():
                 shifts[f][k].append(
                     float(np.mean([summary.delta_word(e, base, x, f).mean() for e in folders]))
                 )
     return {"label": label, "objective": cfg.objective, "overrides": [dict(o) for o in overrides],
-            "shifts": shifts, "training": train}  # fmt: skip
+            "trait": who, "shifts": shifts, "training": train}  # fmt: skip
 
 
 def blocked_summary(
-    variant: Sequence[float], full: Sequence[float], controls: Sequence[float]
+    variant: Sequence[float],
+    full: Sequence[float],
+    controls: Sequence[float],
+    full_controls: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """The effect measures of one filter at one share, per replicate (the unit: a replicate is a teacher with its
     own data and students): effect = variant − controls (the specific effect left), retained = effect /
-    (full − controls), blocked = 1 − retained; means with t-intervals over replicates, the one-sided p of the
-    effect, and the ratio of the mean effects (steadier than the mean of ratios when an effect is small)."""
+    (full − full_controls; default: the same controls), blocked = 1 − retained; means with t-intervals over
+    replicates, the one-sided p of the effect, and the ratio of the mean effects (steadier than the mean of
+    ratios when an effect is small). ``full_controls``: the unchanged controls, when ``controls`` were trained
+    with the variant's change too."""
     v, f, c = (np.asarray(a, dtype=float) for a in (variant, full, controls))
-    if not len(v) == len(f) == len(c) >= 1:
+    fc = c if full_controls is None else np.asarray(full_controls, dtype=float)
+    if not len(v) == len(f) == len(c) == len(fc) >= 1:
         raise ValueError("variant, full and controls: one value per replicate each")
-    effect, full_effect = v - c, f - c
+    effect, full_effect = v - c, f - fc
     with np.errstate(divide="ignore", invalid="ignore"):
         blocked = 1 - effect / full_effect
     mean, ci, p = stats.one_sided_t(list(effect))

@@ -122,10 +122,18 @@ class _Parts:
         return layer.post_feedforward_layernorm if self.sandwich else layer.mlp  # type: ignore[return-value]
 
 
-def _parts(model: nn.Module) -> _Parts:
-    dec: Any = model.get_decoder() if hasattr(model, "get_decoder") else model  # type: ignore[operator]
+def decoder_of(model: Any) -> Any:
+    """The decoder (embed_tokens, layers, norm) of a LoadedModel, a peft model or a Hugging Face causal LM: the
+    module every hook name is on, and the one each forward passes its position ids to."""
+    m = module_of(model)
+    dec: Any = m.get_decoder() if hasattr(m, "get_decoder") else m  # type: ignore[operator]
     if not all(hasattr(dec, a) for a in ("embed_tokens", "layers", "norm")):
-        raise TypeError(f"{type(model).__name__}: no embed_tokens/layers/norm decoder to map hook names onto")
+        raise TypeError(f"{type(m).__name__}: no embed_tokens/layers/norm decoder to map hook names onto")
+    return dec
+
+
+def _parts(model: nn.Module) -> _Parts:
+    dec = decoder_of(model)
     first = dec.layers[0]
     sandwich = hasattr(first, "pre_feedforward_layernorm") and hasattr(first, "post_feedforward_layernorm")
     if not sandwich and not all(hasattr(first, a) for a in ("self_attn", "mlp", "post_attention_layernorm")):

@@ -18,7 +18,7 @@ from mechsub import models
 from mechsub.config import Config, check, device_field, doc, dtype_field
 from mechsub.data import DataConfig, load_examples
 from mechsub.files import read_dict
-from mechsub.filter import ablation_basis, load_mask
+from mechsub.filter import ablation_inputs, load_mask, read_ablations
 from mechsub.generate import NumberVocab
 from mechsub.parallel import stage, start
 from mechsub.prompts import chat_prefix
@@ -59,10 +59,11 @@ class StudentConfig(Config):
     )
     ablate: str = doc(
         "",
-        "concept-ablation fine-tuning: an ablation file ({'sae': folder, 'features': [ids]}, or the control "
-        "{'sae': folder, 'random': k, 'seed': s}: k random orthonormal directions); the span of those "
-        "features' decoder directions is projected out of the student's residual at the SAE's layer, at "
-        "positions ≥ 1 (position 0, the attention sink, is left alone), during training (not during evaluation)",
+        "concept-ablation fine-tuning: an ablation file ({'sae': folder, 'features': [ids]}; the control "
+        "{'sae': folder, 'random': k, 'seed': s} or {'layer': L, 'd_model': D, 'random': k, 'seed': s}: k random "
+        "orthonormal directions; {'layer': L, 'vectors': [[...]]}; {'stack': [specs]}: one per layer); the span "
+        "is projected out of the student's residual after that block, at positions ≥ 1 (position 0, the "
+        "attention sink, is left alone), during training (evaluation: EvalConfig.ablate)",
         optional=True,
     )
     seed: int = doc(0, "seed of LoRA init and data order")
@@ -98,11 +99,7 @@ class StudentConfig(Config):
     def indirect_inputs(self) -> dict[str, str]:
         """The SAE an ablation file names, and (distill_full, distill_full_notrait) the teacher the data folder
         names: both are read."""
-        out = {}
-        if self.ablate and Path(self.ablate).is_file():
-            spec = read_dict(Path(self.ablate))
-            if isinstance(spec.get("sae"), str):
-                out["ablate.sae"] = spec["sae"]
+        out = ablation_inputs(self.ablate) if self.ablate else {}
         if self.objective in TEACHER_ONLINE and (Path(self.data) / "config.json").is_file():
             teacher = read_dict(Path(self.data) / "config.json").get("config", {}).get("model")
             if isinstance(teacher, str):
@@ -188,7 +185,7 @@ def run(cfg: StudentConfig, out: str | Path, force: bool = False) -> dict[str, A
         spec = TrainSpec(
             model=cfg.model, objective=cfg.objective, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lr=cfg.lr,
             checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
-            ablation=ablation_basis(cfg.ablate) if cfg.ablate else None, share_prefix=cfg.share_prefix,
+            ablations=read_ablations(cfg.ablate) if cfg.ablate else (), share_prefix=cfg.share_prefix,
         )  # fmt: skip
         name = f"{Path(cfg.data).name}-{cfg.objective}"
         metrics = fit(base, data, _batches(len(data), cfg), spec, out, name, teacher_lm, par)

@@ -264,18 +264,22 @@ def _cross_student(cfg: StudyConfig, plan: StagePlan, unit: Unit) -> StudentConf
     )  # fmt: skip
 
 
-def _eval_config(cfg: StudyConfig, model: str, system: str = "", samples: int = 0) -> evaluate.EvalConfig:
+def _eval_config(
+    cfg: StudyConfig, model: str, system: str = "", samples: int = 0, ablate: str = ""
+) -> evaluate.EvalConfig:
     """The study's evaluation of ``model`` (built, and so validated, before the study writes anything): every
     frame, the study's traits as the multiple-choice options; ``system``: the trait whose system prompt the model
-    gets (a prompted teacher)."""
+    gets (a prompted teacher); ``ablate``: an ablation file kept on while scoring."""
     return evaluate.EvalConfig(model=model, trait=system or cfg.trait, with_system_prompt=bool(system),
                                n_questions=cfg.n_questions, questions=cfg.questions, choices=tuple(cfg.traits),
-                               n_samples=samples)  # fmt: skip
+                               n_samples=samples, ablate=ablate)  # fmt: skip
 
 
-def _eval(cfg: StudyConfig, model: str, name: str, system: str = "", samples: int = 0) -> Path:
+def _eval(
+    cfg: StudyConfig, model: str, name: str, system: str = "", samples: int = 0, ablate: str = ""
+) -> Path:
     """Evaluate (or find the finished evaluation of) ``model`` in the study's work folder."""
-    ecfg = _eval_config(cfg, model, system, samples)
+    ecfg = _eval_config(cfg, model, system, samples, ablate)
     folder = Path(cfg.work) / "eval" / run_name(f"{name}-{ecfg.trait}", ecfg)
     evaluate.run(ecfg, folder)
     return folder
@@ -286,13 +290,14 @@ def base_eval(cfg: StudyConfig) -> Path:
     return _eval(cfg, cfg.model, "base", samples=cfg.n_samples)
 
 
-def student_eval(cfg: StudyConfig, unit: Unit) -> Path:
-    """The evaluation folder of the study's student of ``unit`` (trains and evaluates it if needed)."""
+def student_eval(cfg: StudyConfig, unit: Unit, ablate: str = "") -> Path:
+    """The evaluation folder of the study's student of ``unit`` (trains and evaluates it if needed); ``ablate``:
+    the evaluation with that ablation file kept on (no samples)."""
     t, rep = unit
     scfg, folder = stage_plan(cfg).students[unit]
     m = student.run(scfg, folder)
-    sample = cfg.n_samples if unit == cfg.units[0] else 0
-    return _eval(cfg, m["final_checkpoint"], f"student-{t}-s{rep}", samples=sample)
+    sample = cfg.n_samples if unit == cfg.units[0] and not ablate else 0
+    return _eval(cfg, m["final_checkpoint"], f"student-{t}-s{rep}", samples=sample, ablate=ablate)
 
 
 def variant(cfg: StudyConfig, label: str, frame: str = "prefill", **overrides: Any) -> dict[str, Any]:

@@ -27,9 +27,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from mechsub import hooks, models
+from mechsub import models
 from mechsub.files import RunFolderError, atomic_dir, atomic_write_bytes, atomic_write_text
-from mechsub.filter import Ablation
+from mechsub.filter import Ablation, ablating, check_ablations
 from mechsub.generate import NumberVocab, common_prefix_len
 from mechsub.parallel import Parallel
 from mechsub.prompts import pad_right
@@ -109,7 +109,7 @@ class TrainSpec:
     lr: float  # AdamW, linear decay to 0 over the run
     checkpoint_every: int  # steps between checkpoints (0: only the final one)
     seed: int  # LoRA init
-    ablation: Ablation | None = None  # out of the student's forwards (not the teacher's), positions ≥ 1
+    ablations: tuple[Ablation, ...] = ()  # out of the student's forwards (not the teacher's), positions ≥ 1
     share_prefix: bool = (
         False  # run each batch's common prompt prefix once (completion_hidden): faster, not bitwise
     )
@@ -350,19 +350,12 @@ def fit(
                 yield decoder, head
 
     student: Callable[..., Any] = decoder
-    if spec.ablation is not None:
-        d_model, n_layers = head.shape[1], base.n_layers
-        if spec.ablation.basis.shape[0] != d_model or not 0 <= spec.ablation.layer < n_layers:
-            raise ValueError(
-                f"the ablation's directions are {spec.ablation.basis.shape[0]}-dimensional at layer "
-                f"{spec.ablation.layer}; this model has d_model {d_model} and {n_layers} layers: give directions "
-                "of this model"
-            )
-        edits = {hooks.resid_post(spec.ablation.layer): spec.ablation.project_out}
+    if spec.ablations:
+        check_ablations(model, spec.ablations)  # before the first step, not inside it
 
         def ablated(**inputs: Any) -> Any:
             # the edit wraps the student's forward only: the teacher's (the same modules, adapter off) runs without
-            with hooks.edit(model, edits):  # peft: on its base model
+            with ablating(model, spec.ablations):  # peft: on its base model
                 return decoder(**inputs)
 
         student = ablated

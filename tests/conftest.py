@@ -14,6 +14,25 @@ import pytest
 from mechsub import models
 
 
+def _write_tiny_study(root: Path) -> Path:
+    """A tiny study's TOML in ``root``: prompted teachers, 2 replicates, one control (dog); distill, so a
+    mixture's reference students are the study's own (fewer students to train); sampled data, so that some
+    positions diverge. Its stage runs go under ``root/work``."""
+    toml = root / "study.toml"
+    toml.write_text("\n".join([
+        'model = "tiny"', 'teacher_kind = "prompted"', "n_prompts = 8", "max_new_tokens = 12", "batch_size = 4",
+        "replicates = 2", 'controls = ["dog"]', "n_questions = 2", "n_samples = 0", 'cross_family = ""',
+        'objective = "distill"', "greedy = false", f'work = "{root / "work"}"',
+    ]))  # fmt: skip
+    return toml
+
+
+@pytest.fixture(scope="session")
+def tiny_study():
+    """The writer of a tiny study's TOML (`_write_tiny_study`): call it with a folder."""
+    return _write_tiny_study
+
+
 @pytest.fixture(scope="session")
 def tiny() -> models.LoadedModel:
     return models.load("tiny")

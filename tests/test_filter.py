@@ -164,3 +164,101 @@ def test_an_ablating_student_refuses_a_shared_prefix():
 
     with pytest.raises(ConfigError, match="share_prefix"):
         StudentConfig(model="tiny", data="d", ablate="a.json", share_prefix=True)
+
+
+def test_projecting_by_position_ids_is_projecting_by_index_where_they_agree_and_skips_position_0():
+    from mechsub.filter import Ablation
+
+    q, _ = torch.linalg.qr(torch.randn(16, 2, generator=torch.Generator().manual_seed(0)))
+    h = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    a = Ablation(0, q)
+    # equal up to rounding: one product over every position against one over the slice past the sink
+    torch.testing.assert_close(a.project_out(h, torch.arange(5)[None]), a.project_out(h), rtol=0, atol=1e-6)
+    # a left-padded row: two pads (position 0, as score_prompts gives them), the sink at index 2
+    pos = torch.tensor([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
+    out = a.project_out(h, pos)
+    torch.testing.assert_close(out[0, :3], h[0, :3], rtol=0, atol=0)
+    torch.testing.assert_close(out[0, 3:] @ q, torch.zeros(2, 2), rtol=0, atol=1e-5)
+    # a continuation from a KV cache: every position is past the sink, index 0 included
+    cont = a.project_out(h[:, :2], torch.tensor([[7, 8]]))
+    torch.testing.assert_close(cont @ q, torch.zeros(2, 2, 2), rtol=0, atol=1e-5)
+
+
+def test_an_ablated_evaluation_scores_as_a_full_forward_ablated_by_index(tiny):
+    """The evaluation's scoring (left-padded batches, multi-token words continued from a KV cache) under
+    `ablating` equals, word by word, one unpadded forward of prompt + word with the span projected out by index
+    (an independent route), and differs from the unablated scores."""
+    from mechsub import hooks
+    from mechsub.filter import Ablation, ablating
+    from mechsub.metric import TraitMetric, score_prompts
+
+    model, tok = tiny.model, tiny.tokenizer
+    d = model.config.hidden_size
+    layers = (0, 1)
+    abls = [Ablation(L, torch.linalg.qr(torch.randn(d, 3, generator=torch.Generator().manual_seed(L)))[0])
+            for L in layers]  # fmt: skip
+    prompts = [
+        tok.encode(t) for t in ("my favourite animal is", "name one", "the answer to this question is")
+    ]
+    metrics = [TraitMetric.of(tok, w) for w in ("owl", "elephant", "dog")]
+    assert any(len(m.ids) > 1 for m in metrics)  # the KV-cache continuation runs
+    with ablating(model, abls):
+        got = score_prompts(model, prompts, metrics, batch_size=3)
+    plain = score_prompts(model, prompts, metrics, batch_size=3)
+    edits = {hooks.resid_post(a.layer): a.project_out for a in abls}
+    want = torch.zeros_like(got)
+    with torch.no_grad(), hooks.edit(model, edits):
+        for i, p in enumerate(prompts):
+            for j, m in enumerate(metrics):
+                ids = torch.tensor([[*p, *m.ids]])
+                lp = model(input_ids=ids).logits[0].float().log_softmax(-1)
+                want[i, j] = sum(lp[len(p) - 1 + k, t] for k, t in enumerate(m.ids))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert (got - plain).abs().max() > 1e-3
+
+
+def test_a_stack_ablates_several_layers_and_random_directions_need_no_sae(tmp_path, tiny):
+    from mechsub.filter import (
+        ablation_basis,
+        ablation_inputs,
+        check_ablations,
+        random_basis,
+        read_ablations,
+        write_ablation_stack,
+        write_random_ablation,
+        write_vector_ablation,
+    )
+
+    d = tiny.model.config.hidden_size
+    write_random_ablation(tmp_path / "r.json", None, 2, 5, layer=1, d_model=d)
+    r = ablation_basis(tmp_path / "r.json")
+    assert r.layer == 1 and torch.equal(r.basis, random_basis(d, 2, 5))
+    write_vector_ablation(tmp_path / "v.json", 0, [[1.0] * d])
+    write_ablation_stack(tmp_path / "s.json", [tmp_path / "v.json", tmp_path / "r.json"])
+    stack = read_ablations(tmp_path / "s.json")
+    assert [a.layer for a in stack] == [0, 1] and torch.equal(stack[1].basis, r.basis)
+    (one,) = read_ablations(tmp_path / "r.json")  # a single spec reads as a stack of one
+    assert one.layer == 1 and torch.equal(one.basis, r.basis)
+    assert ablation_inputs(tmp_path / "s.json") == {} and ablation_inputs("") == {}
+    check_ablations(tiny.model, stack)
+    with pytest.raises(ValueError, match="read it with read_ablations"):
+        ablation_basis(tmp_path / "s.json")
+    with pytest.raises(ValueError, match="distinct layers"):
+        write_ablation_stack(tmp_path / "same.json", [tmp_path / "v.json", tmp_path / "v.json"])
+    with pytest.raises(ValueError, match="give each layer once"):
+        check_ablations(tiny.model, [stack[0], stack[0]])
+    with pytest.raises(ValueError, match="without an SAE needs a layer"):
+        write_random_ablation(tmp_path / "x.json", None, 2, 5)
+    (tmp_path / "bad.json").write_text(json.dumps({"layer": 1, "random": 2, "seed": 1}))
+    with pytest.raises(ValueError, match="integers layer, d_model, random, seed"):
+        ablation_basis(tmp_path / "bad.json")
+
+
+def test_an_ablated_evaluation_refuses_samples_and_records_the_file(tmp_path):
+    from mechsub.config import ConfigError
+    from mechsub.evaluate import EvalConfig
+
+    with pytest.raises(ConfigError, match="n_samples=0"):
+        EvalConfig(model="tiny", ablate="a.json", n_samples=2)
+    assert "ablate" in EvalConfig(model="tiny", ablate="a.json").identity()
+    assert "ablate" not in EvalConfig(model="tiny").identity()  # evaluations run before it keep their names

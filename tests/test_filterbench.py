@@ -396,21 +396,9 @@ def _script():
     return mod
 
 
-def _tiny_study(tmp_path):
-    """A tiny study: prompted teachers, 2 replicates, one control; distill, so the mixture's reference students
-    are the study's own (fewer students to train); sampled data, so that some positions diverge."""
-    toml = tmp_path / "study.toml"
-    toml.write_text("\n".join([
-        'model = "tiny"', 'teacher_kind = "prompted"', "n_prompts = 8", "max_new_tokens = 12", "batch_size = 4",
-        "replicates = 2", 'controls = ["dog"]', "n_questions = 2", "n_samples = 0", 'cross_family = ""',
-        'objective = "distill"', "greedy = false", f'work = "{tmp_path / "work"}"',
-    ]))  # fmt: skip
-    return toml
-
-
-def test_bad_arguments_exit_with_what_to_fix(tmp_path):
+def test_bad_arguments_exit_with_what_to_fix(tmp_path, tiny_study):
     mod = _script()
-    toml = _tiny_study(tmp_path)
+    toml = tiny_study(tmp_path)
     for extra, msg in ((["--filters", "random,bogus"], "unknown filter"), (["--shares", "1.5"], "keep share"),
                        (["--filters", "random", "--shares", "matched"], "keep divergence"),
                        (["--counterfactuals", "oak"], "category")):  # fmt: skip
@@ -423,9 +411,9 @@ def test_bad_arguments_exit_with_what_to_fix(tmp_path):
                   "--latents", str(bad), "--latents-key", "", "--sae", str(tmp_path)])  # fmt: skip
 
 
-def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys, tiny_study):
     mod = _script()
-    toml = _tiny_study(tmp_path)
+    toml = tiny_study(tmp_path)
     m = mod.main(["--config", str(toml), "--dry-run", "--filters", "random,entangled,divergence,gradcos,mixture",
                   "--shares", "matched,0.5", "--random-draws", "3", "--mixture-objective", "sft"])  # fmt: skip
     # 1 divergence + (3 random + 3 others) × 2 shares arms, 2 replicates each; the study's 4 students and the
@@ -437,14 +425,14 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory, tiny):
+def bench(tmp_path_factory, tiny, tiny_study):
     """The tiny study's config, and an SAE and latent list for the feature filters."""
     root = tmp_path_factory.mktemp("bench")
     sae_dir = root / "sae"
     _sae(tiny.model.config.hidden_size, 16, "blocks.1.hook_resid_post").save_model(str(sae_dir / "sae"))
     lat = root / "latents.json"
     lat.write_text("[2, 7, 9]")
-    args = ["--config", str(_tiny_study(root)), "--latents", str(lat), "--latents-key", "", "--sae", str(sae_dir),
+    args = ["--config", str(tiny_study(root)), "--latents", str(lat), "--latents-key", "", "--sae", str(sae_dir),
             "--gradcos-questions", "2", "--entangled-top", "50"]  # fmt: skip
     return root, args
 

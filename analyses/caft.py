@@ -25,6 +25,7 @@ study's own students (what plain training costs). Writes OUT/metrics.json, OUT/r
 from __future__ import annotations
 
 import argparse
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise SystemExit(f"--layer: integers separated by commas, got {args.layer!r}") from None
     if not args.layers or len(set(args.layers)) != len(args.layers) or min(args.layers) < 0:
         raise SystemExit(f"--layer: distinct layers ≥ 0, got {args.layer!r}")
+    args.layers = sorted(
+        args.layers
+    )  # one set of layers, one set of files and random draws, whatever the order
     args.layer = args.layers[0]  # the latent arms' one layer
     args.tag = "-".join(map(str, args.layers))
     args.ablated_controls = [c.strip() for c in args.ablated_controls.split(",") if c.strip()]
@@ -206,7 +210,8 @@ def ablation_files(
             path = work / f"vteacher-r{rep}.json"
             about = {"teacher": str(study.stage_plan(cfg).data[(cfg.trait, rep)][1]), "n_sequences": 32,
                      "layers": args.layers}  # fmt: skip
-            old = read_json(path.with_suffix(".about.json")) if path.is_file() else {}
+            side = path.with_suffix(".about.json")
+            old = read_json(side) if side.is_file() else ({"unknown": "no record"} if path.is_file() else {})
             if old != about:
                 if path.is_file():
                     raise ValueError(f"{path} was computed from {old}, not {about}: move it aside")
@@ -219,6 +224,14 @@ def ablation_files(
                 write_json(path.with_suffix(".about.json"), about)
             files.setdefault("vteacher", []).append(str(path))
     return files
+
+
+def content_hash(paths: list[str]) -> str:
+    """8 hex digits of the content of an arm's ablation files, in replicate order."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()[:8]
 
 
 def recurrent_latents(units: list[dict[str, Any]], k: int) -> dict[str, Any]:
@@ -328,15 +341,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    | {"sae": str(Path(args.sae_root) / f"l{args.layer}")})  # fmt: skip
     results: dict[str, Any] = {}
     ctrl: dict[str, dict[str, Any]] = {}  # label → control trait → its ablated students
-    with reuse_stale():  # the study's own students and evaluations, whatever code changed since they ran
+    # the study's own students and evaluations are reused whatever code changed since they ran; so are this
+    # script's, so their names carry a hash of the ablation files' content: a changed file is a new student
+    with reuse_stale():
         for i, (label, paths) in enumerate(files.items()):
             print(f"[{i + 1}/{len(files)}] {label}: {cfg.replicates} students"
                   + (f" (and {', '.join(args.ablated_controls)})" if args.ablated_controls else ""), flush=True)  # fmt: skip
             ovs = [{"ablate": p} for p in paths]
-            results[label] = fb.train_variant(
-                cfg, f"caft-l{args.tag}-{label}", ovs, ablated_eval=args.eval_ablated
-            )
-            ctrl[label] = {c: fb.train_variant(cfg, f"caft-l{args.tag}-{label}", ovs, trait=c,
+            name = f"caft-l{args.tag}-{label}-{content_hash(paths)}"
+            results[label] = fb.train_variant(cfg, name, ovs, ablated_eval=args.eval_ablated)
+            ctrl[label] = {c: fb.train_variant(cfg, name, ovs, trait=c,
                                                ablated_eval=args.eval_ablated) for c in args.ablated_controls}  # fmt: skip
         own = [
             str(student.run(*plan.students[(cfg.trait, r)])["final_checkpoint"])
@@ -411,6 +425,7 @@ READINGS = {
     "ablated_controls": "controls trained with the same ablation",
     "eval_ablated": "the ablation kept on at test",
     "test_only": "the study's students, the ablation at test only",
+    "training_added": "kept on at test, against the study's students with it on at test",
 }
 
 
@@ -432,7 +447,9 @@ def controlled_rows(
       - eval_ablated: variant and controls (the ablated controls if any, else the study's controls) evaluated
         with the ablation kept on;
       - test_only: the study's own trait and control students evaluated with the ablation on (no training
-        change: what the ablation at test time alone blocks).
+        change: what the ablation at test time alone blocks);
+      - training_added: eval_ablated's effect against test_only's instead of the unablated full effect (what
+        training under the ablation adds to the ablation at test time).
     Each real arm also minus its equal-rank random control, paired by replicate."""
     shifts = {label: r["shifts"]["plain"] for label, r in results.items()}
     cs = args.ablated_controls
@@ -451,6 +468,7 @@ def controlled_rows(
             c_test = mean_ctrl(label, "full_ablated") if cs else sh["controls_ablated"]
             out["eval_ablated"] = (sh["variant_ablated"], sh["full"], c_ab, full_c)
             out["test_only"] = (sh["full_ablated"], sh["full"], c_test, full_c)
+            out["training_added"] = (sh["variant_ablated"], sh["full_ablated"], c_ab, c_test)
         return out
 
     rows: dict[str, Any] = {}
@@ -486,12 +504,15 @@ def report(m: dict[str, Any], args: argparse.Namespace) -> str:
     rows, cfg = m["arms"], m["study"]
     kl0 = next(iter(m["kl"].values()))[0]
     lines = [
-        f"# Concept-ablation fine-tuning at layer {args.tag}: the {cfg['trait']} students' specific effect blocked, "
+        f"# Concept-ablation fine-tuning at layer{'s' if len(args.layers) > 1 else ''} "
+        f"{', '.join(map(str, args.layers))}: the {cfg['trait']} students' specific effect blocked, "
         "and the cost",
         "",
         f"{m['replicates']} replicates (the unit: a trait teacher with its own data and students); CAFT projects the "
-        f"arm's directions out of the student's residual after block {args.tag} at positions ≥ 1 while it trains "
-        f"(the teacher's forward untouched); the student is evaluated without it. Effect = the student's Δ log "
+        f"arm's directions out of the student's residual after block{'s' if len(args.layers) > 1 else ''} "
+        f"{', '.join(map(str, args.layers))} at positions ≥ 1 while it trains "
+        f"(the teacher's forward untouched); the student is evaluated without it. Rank: the directions in all; "
+        f"removed: the mean over the layers. Effect = the student's Δ log "
         f"P({cfg['trait']}) minus the same replicate's control students' ({', '.join(cfg['controls'])}: trained "
         "without any ablation); blocked = 1 − effect / the study student's effect. **blocked** is the mean over "
         "replicates of each replicate's ratio, with its 95% t-interval (df = replicates − 1); **ratio of means** "
@@ -500,7 +521,7 @@ def report(m: dict[str, Any], args: argparse.Namespace) -> str:
         "share of the base's residual energy (and variance) on the replicate's number data in the ablated span. "
         f"KL: KL(base ‖ student) per token on the corpus's last {kl0['windows']} windows ({kl0['tokens_per_window']} "
         "tokens, positions ≥ 1), text no student trained on; ΔKL: minus the study student's, paired by replicate. "
-        f"Re-create: `.venv/bin/python analyses/caft.py --layer {args.tag} --k {args.k} --random-draws "
+        f"Re-create: `.venv/bin/python analyses/caft.py --layer {','.join(map(str, args.layers))} --k {args.k} --random-draws "
         f"{args.random_draws} --arms {args.arms}"
         + (f" --ablated-controls {','.join(args.ablated_controls)}" if args.ablated_controls else "")
         + (" --eval-ablated" if args.eval_ablated else "")
@@ -539,10 +560,17 @@ def report(m: dict[str, Any], args: argparse.Namespace) -> str:
         lines += [
             "## The controls for an ablation that moves log P in any student",
             "",
-            f"Controls trained with the same ablation: {cs}. Each reading's full effect is the study student "
-            "minus the same controls' study students, without any ablation; blocked (plain, held out), 95% "
-            "t-interval over replicates; effect left in nats. Minus random: paired by replicate against the "
-            "equal-rank random arm read the same way.",
+            f"Controls trained with the same ablation: {cs}"
+            + (
+                " (they replace the study's controls in every reading). "
+                if args.ablated_controls
+                else f" (every reading subtracts the study's controls, {', '.join(cfg['controls'])}, evaluated as the "
+                "reading says). "
+            )
+            + "Each reading's full effect is the study student minus the same controls' study students, without "
+            "any ablation, except the last reading's: the same students evaluated with the ablation on. Blocked "
+            "(plain, held out), 95% t-interval over replicates; effect left in nats. Minus random: paired by "
+            "replicate against the equal-rank random arm read the same way.",
             "",
             "| arm | reading | blocked | ratio of means | effect left (nats) | minus random |",
             "|---|---|---|---|---|---|",

@@ -272,7 +272,14 @@ def ablating(model: Any, ablations: Sequence[Ablation]) -> Iterator[None]:
     state: dict[str, Tensor | None] = {}
 
     def positions(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
-        state["positions"] = kwargs.get("position_ids")  # every forward: none given is None
+        pos = kwargs.get("position_ids")  # set at every forward: none given is None (by index)
+        past: Any = kwargs.get("past_key_values")
+        n_past = past.get_seq_length() if pos is None and hasattr(past, "get_seq_length") else 0
+        if n_past:  # a continuation with no position ids: every position is past the sink
+            x = kwargs.get("input_ids")
+            x = kwargs["inputs_embeds"] if x is None else x
+            pos = torch.arange(n_past, n_past + x.shape[1], device=x.device)[None]
+        state["positions"] = pos
 
     def edit(a: Ablation) -> Any:
         return lambda h: a.project_out(h, state.get("positions"))

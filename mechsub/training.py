@@ -352,6 +352,11 @@ def fit(
     student: Callable[..., Any] = decoder
     if spec.ablations:
         check_ablations(model, spec.ablations)  # before the first step, not inside it
+        if spec.share_prefix:
+            raise ValueError(
+                "ablations with share_prefix: the continuation after a shared prefix carries no position ids, so "
+                "the ablation would skip its first real token; train with share_prefix off"
+            )
 
         def ablated(**inputs: Any) -> Any:
             # the edit wraps the student's forward only: the teacher's (the same modules, adapter off) runs without

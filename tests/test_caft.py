@@ -47,10 +47,11 @@ def test_multi_layer_caft_with_ablated_controls_and_the_ablation_kept_on(tmp_pat
         mod.main(["--config", str(toml), "--arms", "vteacher", "--out", str(tmp_path / "x")])
     study.run(study.StudyConfig.load(toml), tmp_path / "study")
     out = tmp_path / "out"
-    m = mod.main(["--config", str(toml), "--layer", "0,1", "--arms", "vteacher,random1", "--random-draws", "1",
-                  "--ablated-controls", "dog", "--eval-ablated", "--out", str(out)])  # fmt: skip
+    argv = ["--config", str(toml), "--layer", "1,0", "--arms", "vteacher,random1", "--random-draws", "2",
+            "--ablated-controls", "dog", "--eval-ablated", "--out", str(out)]  # fmt: skip
+    m = mod.main(argv)
     # one stack per replicate, a direction at each layer
-    for label in ("vteacher", "random-k1-d0"):
+    for label in ("vteacher", "random-k1-d0", "random-k1-d1"):
         for path in m["ablations"][label]:
             assert [(a.layer, a.basis.shape[1]) for a in read_ablations(path)] == [(0, 1), (1, 1)]
     assert m["arms"]["vteacher"]["rank"] == 2
@@ -69,12 +70,29 @@ def test_multi_layer_caft_with_ablated_controls_and_the_ablation_kept_on(tmp_pat
         np.testing.assert_allclose(rows[what]["blocked"]["per_replicate"], 1 - (v - c) / full)
     # the ablation kept on changes what the CAFT student scores (the ablated evaluation really ran)
     assert np.abs(sh["variant_ablated"] - sh["variant"]).max() > 0
+    # the random arm: its two draws' shifts averaged per replicate, then read
+    d0, d1 = (
+        {k: np.asarray(v) for k, v in m["raw"][f"random-k1-d{d}"]["shifts"]["plain"].items()} for d in (0, 1)
+    )
+    c0, c1 = ({k: np.asarray(v) for k, v in m["raw_controls"][f"random-k1-d{d}"]["dog"]["shifts"]["plain"].items()}
+              for d in (0, 1))  # fmt: skip
     rnd = m["controlled"]["random-k1"]["ablated_controls"]["blocked"]["per_replicate"]
+    np.testing.assert_allclose(
+        rnd, 1 - ((d0["variant"] + d1["variant"]) / 2 - (c0["variant"] + c1["variant"]) / 2) / full
+    )
+    ta = rows["training_added"]["blocked"]["per_replicate"]
+    np.testing.assert_allclose(
+        ta, 1 - (sh["variant_ablated"] - cs["variant_ablated"]) / (sh["full_ablated"] - cs["full_ablated"])
+    )
     np.testing.assert_allclose(rows["ablated_controls"]["minus_random"]["per_replicate"],
                                np.subtract(rows["ablated_controls"]["blocked"]["per_replicate"], rnd))  # fmt: skip
     report = (out / "report.md").read_text()
     assert "the ablation kept on at test" in report and "--ablated-controls dog --eval-ablated" in report
-    # everything is reused on a second run: no student retrains
-    again = mod.main(["--config", str(toml), "--layer", "0,1", "--arms", "vteacher,random1", "--random-draws",
-                      "1", "--ablated-controls", "dog", "--eval-ablated", "--out", str(out)])  # fmt: skip
-    assert again["controlled"] == m["controlled"]
+    assert "--layer 0,1 " in report and "layers 0, 1" in report  # the order given does not matter
+    # a second run reuses every student: no checkpoint is written again
+    cks = [Path(c) for r in (*m["raw"].values(), *(x["dog"] for x in m["raw_controls"].values()))
+           for c in r["training"]["checkpoint"]]  # fmt: skip
+    assert len(cks) == 3 * 2 * 2  # 3 arms (vteacher, 2 random draws) × owl and dog × 2 replicates
+    stamps = [p.stat().st_mtime_ns for p in cks]
+    again = mod.main(argv)
+    assert again["controlled"] == m["controlled"] and [p.stat().st_mtime_ns for p in cks] == stamps

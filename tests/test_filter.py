@@ -262,3 +262,24 @@ def test_an_ablated_evaluation_refuses_samples_and_records_the_file(tmp_path):
         EvalConfig(model="tiny", ablate="a.json", n_samples=2)
     assert "ablate" in EvalConfig(model="tiny", ablate="a.json").identity()
     assert "ablate" not in EvalConfig(model="tiny").identity()  # evaluations run before it keep their names
+
+
+def test_a_continuation_without_position_ids_is_ablated_at_every_position(tiny):
+    """A KV-cache step given no position ids (as HF generation may run it) is past the sink at every position:
+    its logits equal the full unpadded forward's, ablated by index."""
+    from mechsub import hooks
+    from mechsub.filter import Ablation, ablating
+
+    model = tiny.model
+    a = Ablation(1, torch.linalg.qr(torch.randn(model.config.hidden_size, 2,
+                                                generator=torch.Generator().manual_seed(3)))[0])  # fmt: skip
+    ids = torch.tensor([tiny.tokenizer.encode("one two three four five")])
+    with torch.no_grad():
+        with ablating(model, [a]):
+            first = model(input_ids=ids[:, :3], use_cache=True)
+            cont = model(input_ids=ids[:, 3:], past_key_values=first.past_key_values).logits
+        with hooks.edit(model, {hooks.resid_post(1): a.project_out}):
+            want = model(input_ids=ids).logits[:, 3:]
+        plain = model(input_ids=ids).logits[:, 3:]
+    torch.testing.assert_close(cont, want, rtol=0, atol=1e-4)
+    assert (cont - plain).abs().max() > 1e-3

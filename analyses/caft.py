@@ -89,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also evaluate every student with its replicate's ablation kept on (the CAFT students, the "
         "ablated controls, and the study's own students: the ablation at test time only)",
     )
+    ap.add_argument(
+        "--rereport",
+        action="store_true",
+        help="only recompute the controls' readings from --out's metrics.json (its raw shifts) and rewrite the "
+        "report: nothing is trained or evaluated",
+    )
     ap.add_argument("--out", default="artifacts/caft")
     args = ap.parse_args(argv)
     try:
@@ -297,8 +303,21 @@ def kl_costs(checkpoints: dict[str, list[str]], base: Any, corpus: str, n_window
     return out
 
 
+def rereport(out: Path) -> dict[str, Any]:
+    """Recompute the readings of the controls (`controlled_rows`) from OUT/metrics.json's raw shifts and rewrite
+    the report: a finished run read again with this script's current summary, nothing trained or evaluated."""
+    m = read_json(out / "metrics.json")
+    args = argparse.Namespace(**m["args"])
+    m["controlled"] = controlled_rows(m["raw"], m["raw_controls"], args)
+    write_json(out / "metrics.json", m)
+    atomic_write_text(out / "report.md", report(m, args))
+    return m
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.rereport:
+        return rereport(Path(args.out))
     t0 = time.perf_counter()
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in arms if a not in ARMS]

@@ -2,6 +2,7 @@
 ablation, the students evaluated with it kept on, and the blocked shares recomputed by hand from the raw shifts."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -96,3 +97,8 @@ def test_multi_layer_caft_with_ablated_controls_and_the_ablation_kept_on(tmp_pat
     stamps = [p.stat().st_mtime_ns for p in cks]
     again = mod.main(argv)
     assert again["controlled"] == m["controlled"] and [p.stat().st_mtime_ns for p in cks] == stamps
+    # the readings recomputed from the saved raw shifts alone
+    saved = json.loads((out / "metrics.json").read_text())
+    del saved["controlled"]["vteacher"]["training_added"]
+    (out / "metrics.json").write_text(json.dumps(saved))
+    assert mod.main([*argv, "--rereport"])["controlled"] == json.loads(json.dumps(m["controlled"]))

@@ -310,6 +310,7 @@ def rereport(out: Path) -> dict[str, Any]:
     args = argparse.Namespace(**m["args"])
     m["controlled"] = controlled_rows(m["raw"], m["raw_controls"], args)
     write_json(out / "metrics.json", m)
+    plot(m["arms"], out / "caft.png", m["controlled"])
     atomic_write_text(out / "report.md", report(m, args))
     return m
 
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "controlled": controlled, "kl": kl, "raw": results, "raw_controls": ctrl,
                "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     write_json(out / "metrics.json", metrics)
-    plot(rows, out / "caft.png")
+    plot(rows, out / "caft.png", controlled)
     atomic_write_text(out / "report.md", report(metrics, args))
     print((out / "report.md").read_text())
     return metrics
@@ -603,18 +604,31 @@ def report(m: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: dict[str, Any], path: Path) -> None:
+def plot(rows: dict[str, Any], path: Path, controlled: dict[str, Any] | None = None) -> None:
+    """Blocked vs KL per arm (filled: against the study's controls); with ``controlled``, each arm's readings of
+    the controls beside it (hollow, at the same KL, offset to be seen)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    marks = dict(zip(READINGS, "sD^v", strict=True))
+    span = max((r["kl"]["mean"] for r in rows.values()), default=0.0) or 1.0
+    labelled: set[str] = set()
     for name, r in rows.items():
         y: dict[str, Any] = r["plain"]["blocked"] if "plain" in r else {"mean": 0.0, "ci95": [0.0, 0.0]}
         x = r["kl"]
-        ax.errorbar(x["mean"], y["mean"], xerr=[[x["mean"] - x["ci95"][0]], [x["ci95"][1] - x["mean"]]],
-                    yerr=[[y["mean"] - y["ci95"][0]], [y["ci95"][1] - y["mean"]]], fmt="o", capsize=3, label=name)  # fmt: skip
+        bar = ax.errorbar(x["mean"], y["mean"], xerr=[[x["mean"] - x["ci95"][0]], [x["ci95"][1] - x["mean"]]],
+                          yerr=[[y["mean"] - y["ci95"][0]], [y["ci95"][1] - y["mean"]]], fmt="o", capsize=3,
+                          label=name)  # fmt: skip
+        for j, (what, b) in enumerate((controlled or {}).get(name, {}).items()):
+            lo, hi = b["blocked"]["ci95"]
+            m = b["blocked"]["mean"]
+            ax.errorbar(x["mean"] + span * 0.03 * (j + 1), m, yerr=[[m - lo], [hi - m]], fmt=marks[what],
+                        mfc="none", color=bar[0].get_color(), capsize=2,
+                        label=None if what in labelled else READINGS[what])  # fmt: skip
+            labelled.add(what)
     ax.axhline(fb.GOAL_BLOCKED, ls=":", c="grey", lw=1)
     ax.axhline(0, c="k", lw=0.5)
     ax.set_xlabel("KL(base ‖ student) on held-out text, nats/token")
     ax.set_ylabel("share of the specific effect blocked (plain frame)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     ax.set_title("CAFT: effect blocked vs cost (95% t-CI over replicates)")
     save_figure(fig, path)
 

@@ -355,11 +355,8 @@ def write_vector_ablation(
 def write_ablation_stack(path: str | Path, files: Sequence[str | Path]) -> None:
     """Write one ablation file of several (one per layer): each file's spec, read and checked, is copied in, so
     the stack is one input whose content names everything it ablates. Multi-layer concept ablation."""
-    specs = []
-    for f in files:
-        ablation_basis(f)  # checked now, not at training time
-        specs.append(read_json(Path(f)))
-    layers = [ablation_basis(f).layer for f in files]
+    layers = [ablation_basis(f).layer for f in files]  # each checked now (read once), not at training time
+    specs = [read_json(Path(f)) for f in files]
     if len(specs) < 2 or len(set(layers)) != len(layers):
         raise ValueError(f"a stack needs ≥ 2 ablations at distinct layers (got layers {layers})")
     write_json(path, {"stack": specs})

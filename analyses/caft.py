@@ -8,8 +8,13 @@ study's), owl students are trained as the study's with, at the residual after bl
     localisation battery unit (`analyses/battery.py`: ranked by attribution on questions disjoint from the
     evaluation's, but on this very student against its control: a defender would not have it);
   - heldout (the defence): the top --k of the latents recurring in the battery units of the replicates that are
-    not evaluated here (replicates ≥ the study's count), the same list for every replicate;
+    not evaluated here (replicates ≥ the study's count), the same list for every replicate; with --heldout-from
+    others, for each replicate the units of every other replicate (leave one out);
   - random: --random-draws draws of --k random orthonormal directions (the equal-rank control);
+  - randlat: --random-draws draws of --k random latents of the same SAE, each from the firing-frequency decile of
+    its counterpart in the latents arm's list (the heldout arm's without it), frequencies on the base's residual
+    over the replicate's number data (what the student trains on): the control that, like the real arms, ablates
+    directions the SAE found in this residual, not isotropic ones (which remove a tenth of the energy);
   - vteacher: the teacher's steering vector at that layer (the fine-tuned teacher's mean residual minus the
     base's over the completion positions of 32 of the replicate's number sequences), rank 1;
   - random1: --random-draws draws of one random direction (its equal-rank control).
@@ -19,7 +24,8 @@ Cost: KL(base ‖ student) per token on the corpus's held-out windows (positions
 study's own students (what plain training costs). Writes OUT/metrics.json, OUT/report.md, OUT/caft.png.
 
     .venv/bin/python analyses/caft.py [--config analyses/configs/filters.toml] [--layer 27] [--k 20]
-        [--random-draws 2] [--arms latents,random,vteacher,random1] [--out artifacts/caft]
+        [--random-draws 2] [--arms latents,heldout,randlat,vteacher,random1] [--heldout-from later|others]
+        [--battery artifacts/analyze/battery] [--ablated-controls dog] [--eval-ablated] [--out artifacts/caft]
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import numpy as np
 
 from mechsub import filterbench as fb
 from mechsub import models, stats, student, study
+from mechsub.files import sha256_file
 from mechsub.filter import (
     Ablation,
     read_ablations,
@@ -46,10 +53,11 @@ from mechsub.filter import (
     write_random_ablation,
     write_vector_ablation,
 )
+from mechsub.patching import frequency_bins, matched_draw
 from mechsub.plots import save_figure
 from mechsub.runs import atomic_write_text, is_finished, read_json, reuse_stale, write_json
 
-ARMS = ("latents", "heldout", "random", "vteacher", "random1")
+ARMS = ("latents", "heldout", "random", "randlat", "vteacher", "random1")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,6 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="control traits (e.g. dog) whose students are also trained with each arm's ablation: the effect "
         "is then the ablated trait student minus these ablated controls (the control for an ablation that "
         "moves log P(trait) in any student)",
+    )
+    ap.add_argument(
+        "--heldout-from",
+        choices=("later", "others"),
+        default="later",
+        help="the heldout arm's units: later, those of the replicates ≥ the study's count (one list for all); "
+        "others, for each replicate every other replicate's unit (leave one out)",
     )
     ap.add_argument(
         "--eval-ablated",
@@ -150,15 +165,26 @@ def _unit(args: argparse.Namespace, cfg: study.StudyConfig, rep: int) -> dict[st
                              f"{student_folder}: re-run the battery on this study")  # fmt: skip
     if Path(key["sae"]["folder"]) != sae:
         raise ValueError(f"{path} used the SAE {key['sae']['folder']}, not {sae} (--sae-root)")
+    weights = sae / "sae" / "sae_weights.safetensors"
+    if key["sae"].get("sha256") and weights.is_file() and sha256_file(weights) != key["sae"]["sha256"]:
+        raise ValueError(f"{path} ranked the latents of another SAE than the one now in {sae} (its weights' hash "
+                         f"differs: retrained since?): latent ids name other directions there. Re-run "
+                         f"analyses/battery.py --layers {args.layer} on this SAE (another --out) and pass --battery")  # fmt: skip
     return unit
 
 
-def held_out_units(args: argparse.Namespace, cfg: study.StudyConfig) -> list[dict[str, Any]]:
-    """The battery units at --layer of the replicates this study does not evaluate (≥ its replicate count),
-    checked: their latents are not fitted to the evaluated students."""
+def held_out_units(args: argparse.Namespace, cfg: study.StudyConfig) -> dict[int, list[dict[str, Any]]]:
+    """Per evaluated replicate, the battery units at --layer the heldout arm pools, checked, none of them the
+    replicate's own (its latents are never fitted to the student it is evaluated on): with --heldout-from later,
+    those of the replicates this study does not evaluate (≥ its replicate count; one list for all); with others,
+    every other replicate's (leave one out)."""
     units = (Path(args.battery) / "units").glob(f"r*-{cfg.trait}-l{args.layer}.json")
-    reps = sorted(r for p in units if (r := int(p.name.split("-")[0][1:])) >= cfg.replicates)
-    return [_unit(args, cfg, r) for r in reps]
+    reps = sorted(int(p.name.split("-")[0][1:]) for p in units)
+    if args.heldout_from == "later":
+        later = [_unit(args, cfg, r) for r in reps if r >= cfg.replicates]
+        return {rep: later for rep in range(cfg.replicates)}
+    every = {r: _unit(args, cfg, r) for r in reps}
+    return {rep: [u for r, u in every.items() if r != rep] for rep in range(cfg.replicates)}
 
 
 def ablation_files(
@@ -167,7 +193,7 @@ def ablation_files(
     arms: list[str],
     work: Path,
     base: Any,
-    held: list[dict[str, Any]],
+    held: dict[int, list[dict[str, Any]]],
 ) -> dict[str, list[str]]:
     """Per arm label, one ablation file per replicate. A file that exists must hold what this run would write
     (students are found by their config, which names the file's path: a changed file under the same name would
@@ -186,10 +212,13 @@ def ablation_files(
         fresh.replace(path)
         files.setdefault(label, []).append(str(path))
 
-    if "heldout" in arms and not held:
-        raise ValueError(f"heldout: no battery unit at layer {args.layer} for a replicate ≥ {cfg.replicates} "
-                         "(the latents must come from students this run does not evaluate)")  # fmt: skip
-    shared = recurrent_latents(held, args.k)["recurrent"][: args.k] if held else []
+    if "heldout" in arms and not all(held.get(r) for r in range(cfg.replicates)):
+        where = (
+            f"for a replicate ≥ {cfg.replicates}" if args.heldout_from == "later" else "for another replicate"
+        )
+        raise ValueError(f"heldout: no battery unit at layer {args.layer} {where} (the latents must come from "
+                         "students the replicate is not evaluated on)")  # fmt: skip
+    pooled = {r: recurrent_latents(us, args.k)["recurrent"][: args.k] if us else [] for r, us in held.items()}
     d_model = base.model.config.hidden_size
 
     def random_stack(p: Path, rank: int, seed: int) -> None:
@@ -205,7 +234,17 @@ def ablation_files(
             top = _unit(args, cfg, rep)["top_attribution"][: args.k]
             put(f"latents-k{args.k}", rep, lambda p, top=top: write_ablation(p, sae, top))
         if "heldout" in arms:
-            put(f"heldout-k{args.k}", rep, lambda p: write_ablation(p, sae, shared))
+            put(f"heldout-k{args.k}", rep, lambda p, rep=rep: write_ablation(p, sae, pooled[rep]))
+        if "randlat" in arms:
+            real = _unit(args, cfg, rep)["top_attribution"][: args.k] if "latents" in arms else pooled[rep]
+            if not real:
+                raise ValueError("randlat matches the latents or heldout arm's list: run it with one of them")
+            bins = frequency_bins(latent_frequencies(cfg, base, sae, rep))
+            for d in range(args.random_draws):
+                ids = matched_draw(
+                    [int(x) for x in real], bins, np.random.default_rng(200_000 * (rep + 1) + d)
+                )
+                put(f"randlat-k{args.k}-d{d}", rep, lambda p, ids=ids: write_ablation(p, sae, ids))
         for rank, arm in ((args.k, "random"), (1, "random1")):
             if arm in arms:
                 for d in range(args.random_draws):
@@ -254,6 +293,30 @@ def recurrent_latents(units: list[dict[str, Any]], k: int) -> dict[str, Any]:
             "count": [len(ranks[lat]) for lat in order]}  # fmt: skip
 
 
+def _number_batch(cfg: study.StudyConfig, base: Any, rep: int, n: int) -> Any:
+    """The completion positions of the replicate's first ``n`` number sequences (no system prompt): the
+    residual the student trains on."""
+    from mechsub.capture import Batch
+    from mechsub.data import load_examples
+    from mechsub.prompts import chat_prefix
+
+    ex = load_examples(study.stage_plan(cfg).data[(cfg.trait, rep)][1])[:n]
+    return Batch.completions([chat_prefix(base.tokenizer, e.prompt, None) for e in ex],
+                             [e.completion_ids for e in ex])  # fmt: skip
+
+
+def latent_frequencies(
+    cfg: study.StudyConfig, base: Any, sae_folder: Path, rep: int, n: int = 32
+) -> np.ndarray:
+    """Per latent of the SAE in ``sae_folder``, the share of `_number_batch`'s positions where it fires on the
+    base's residual at the SAE's layer (sink tokens read as not firing, `mechsub.sae.feature_acts`)."""
+    from mechsub import sae as sae_mod
+
+    sae = sae_mod.load_sae(sae_folder / "sae")
+    acts = sae_mod.feature_acts(base, sae, sae_mod.sae_hook(sae), _number_batch(cfg, base, rep, n))
+    return (acts > 0).double().mean(0).numpy()
+
+
 def variance_shares(
     bases: dict[str, list[tuple[Ablation, ...]]], cfg: study.StudyConfig, base: Any, n: int = 32
 ) -> dict[str, Any]:
@@ -262,18 +325,13 @@ def variance_shares(
     completion positions of the replicate's first ``n`` number sequences (no system prompt), and the same for the
     residual centred on its mean over those positions (the variance share); a stack's: the mean over its
     layers."""
-    from mechsub.capture import Batch, capture
-    from mechsub.data import load_examples
+    from mechsub.capture import capture
     from mechsub.hooks import resid_post
-    from mechsub.prompts import chat_prefix
 
     out: dict[str, Any] = {label: {"energy": [], "variance": []} for label in bases}
     for rep in range(cfg.replicates):
-        ex = load_examples(study.stage_plan(cfg).data[(cfg.trait, rep)][1])[:n]
-        batch = Batch.completions([chat_prefix(base.tokenizer, e.prompt, None) for e in ex],
-                                  [e.completion_ids for e in ex])  # fmt: skip
         layers = sorted({a.layer for abl in bases.values() for a in abl[rep]})
-        acts = capture(base, batch, [resid_post(L) for L in layers])
+        acts = capture(base, _number_batch(cfg, base, rep, n), [resid_post(L) for L in layers])
         for label, abl in bases.items():
             e, v = [], []
             for a in abl[rep]:
@@ -324,6 +382,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bad = [a for a in arms if a not in ARMS]
     if bad or not arms:
         raise SystemExit(f"--arms: unknown {bad}; use some of {', '.join(ARMS)}")
+    if "randlat" in arms and not {"latents", "heldout"} & set(arms):
+        raise SystemExit("--arms randlat: its latents are matched to the latents (or heldout) arm's; add one")
     if args.k < 2 or args.random_draws < 1:
         raise SystemExit("--k must be ≥ 2 (rank 1 is the vteacher arm's, with its own random1 control) and "
                          "--random-draws ≥ 1")  # fmt: skip
@@ -343,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(cfg.work) / "caft" / f"l{args.tag}"
     work.mkdir(parents=True, exist_ok=True)
     base = models.load(cfg.model)
-    held = held_out_units(args, cfg) if {"latents", "heldout"} & set(arms) else []
+    held = held_out_units(args, cfg) if {"latents", "heldout", "randlat"} & set(arms) else {}
     files = ablation_files(args, cfg, arms, work, base, held)
     bases = {label: [read_ablations(p) for p in paths] for label, paths in files.items()}
     wrong = [
@@ -356,8 +416,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if wrong:
         raise ValueError(f"{wrong[0]}: ablates at other layers than --layer {args.tag}")
     out.mkdir(parents=True, exist_ok=True)
-    if held:  # the feature filter's list: latents of students this study does not evaluate
-        write_json(out / f"latents-l{args.layer}.json", recurrent_latents(held, args.k)
+    if args.heldout_from == "later" and held.get(0):  # the feature filter's list: latents of other students
+        write_json(out / f"latents-l{args.layer}.json", recurrent_latents(held[0], args.k)
                    | {"sae": str(Path(args.sae_root) / f"l{args.layer}")})  # fmt: skip
     results: dict[str, Any] = {}
     ctrl: dict[str, dict[str, Any]] = {}  # label → control trait → its ablated students
@@ -433,12 +493,21 @@ def summarise(
     rows["none (the study's students)"] = {"kl": dict(zip(("mean", "ci95"), stats.mean_ci95(base_kl), strict=True))
                                            | {"per_replicate": base_kl}}  # fmt: skip
     # the real ablations against their equal-rank random controls, paired by replicate
-    for real, ctrl in ((f"latents-k{args.k}", f"random-k{args.k}"), (f"heldout-k{args.k}", f"random-k{args.k}"),
-                       ("vteacher", "random-k1")):  # fmt: skip
+    for real, ctrl, key in control_pairs(args.k):
         if real in rows and ctrl in rows:
             a, b = (rows[x]["plain"]["blocked"]["per_replicate"] for x in (real, ctrl))
-            rows[real]["minus_random"] = fb.paired_difference(a, b)
+            rows[real][key] = fb.paired_difference(a, b)
     return rows
+
+
+def control_pairs(k: int) -> tuple[tuple[str, str, str], ...]:
+    """(real arm, its equal-rank control arm, the key of their paired difference)."""
+    return ((f"latents-k{k}", f"random-k{k}", "minus_random"), (f"heldout-k{k}", f"random-k{k}", "minus_random"),
+            (f"latents-k{k}", f"randlat-k{k}", "minus_randlat"), (f"heldout-k{k}", f"randlat-k{k}", "minus_randlat"),
+            ("vteacher", "random-k1", "minus_random"))  # fmt: skip
+
+
+CONTROL_NAMES = {"minus_random": "random directions", "minus_randlat": "frequency-matched random latents"}
 
 
 READINGS = {
@@ -453,7 +522,8 @@ def _groups(labels: Any) -> dict[str, list[str]]:
     """Arm name → its labels (a random arm's draws pooled)."""
     groups: dict[str, list[str]] = {}
     for label in labels:
-        groups.setdefault(label.rsplit("-d", 1)[0] if label.startswith("random") else label, []).append(label)
+        pooled = label.startswith(("random", "randlat"))
+        groups.setdefault(label.rsplit("-d", 1)[0] if pooled else label, []).append(label)
     return groups
 
 
@@ -498,12 +568,11 @@ def controlled_rows(
             what: fb.blocked_summary(*(np.mean([p[what][i] for p in per], axis=0) for i in range(4)))
             for what in per[0]
         }
-    for real, rnd in ((f"latents-k{args.k}", f"random-k{args.k}"), (f"heldout-k{args.k}", f"random-k{args.k}"),
-                      ("vteacher", "random-k1")):  # fmt: skip
+    for real, rnd, key in control_pairs(args.k):
         if real in rows and rnd in rows:
             for what in rows[real]:
                 a, b = (rows[x][what]["blocked"]["per_replicate"] for x in (real, rnd))
-                rows[real][what]["minus_random"] = fb.paired_difference(a, b)
+                rows[real][what][key] = fb.paired_difference(a, b)
     return rows
 
 
@@ -513,7 +582,8 @@ def _ci(d: dict[str, Any], fmt: str = "{:+.0%}") -> str:
 
 
 NAMES = {"latents": "oracle: this student's own top latents", "heldout": "defence: latents of held-out replicates",
-         "random": "random directions", "vteacher": "the teacher's steering vector"}  # fmt: skip
+         "random": "random directions", "randlat": "frequency-matched random latents of the same SAE",
+         "vteacher": "the teacher's steering vector"}  # fmt: skip
 
 
 def _name(label: str) -> str:
@@ -545,6 +615,16 @@ def report(m: dict[str, Any], args: argparse.Namespace) -> str:
         f"{args.random_draws} --arms {args.arms}"
         + (f" --ablated-controls {','.join(args.ablated_controls)}" if args.ablated_controls else "")
         + (" --eval-ablated" if args.eval_ablated else "")
+        + (
+            f" --heldout-from {args.heldout_from}"
+            if getattr(args, "heldout_from", "later") != "later"
+            else ""
+        )
+        + (
+            f" --battery {args.battery}"
+            if getattr(args, "battery", "") != "artifacts/analyze/battery"
+            else ""
+        )
         + f" --out {args.out}` ({m['seconds'] / 60:.1f} min; finished "
         "students are reused).",
         "",
@@ -570,10 +650,10 @@ def report(m: dict[str, Any], args: argparse.Namespace) -> str:
     lines += ["", f"The study students' own effect (plain frame, per replicate): "
               f"{', '.join(f'{x:+.3f}' for x in full['per_replicate'])} (mean {full['mean']:+.3f}).", ""]  # fmt: skip
     for real in rows:
-        if "minus_random" in rows[real]:
-            d = rows[real]["minus_random"]
-            lines.append(f"- {_name(real)} minus its equal-rank random control, blocked (plain), paired by "
-                         f"replicate: {_ci(d)}.")  # fmt: skip
+        for key, what in CONTROL_NAMES.items():
+            if key in rows[real]:
+                lines.append(f"- {_name(real)} minus its equal-rank control ({what}), blocked (plain), paired by "
+                             f"replicate: {_ci(rows[real][key])}.")  # fmt: skip
     lines += ["", "![caft](caft.png)", ""]
     if any(m["controlled"].values()):
         cs = ", ".join(args.ablated_controls) or "none"
@@ -590,14 +670,14 @@ def report(m: dict[str, Any], args: argparse.Namespace) -> str:
             + "Each reading's full effect is the study student minus the same controls' study students, without "
             "any ablation, except the last reading's: the same students evaluated with the ablation on. Blocked "
             "(plain, held out), 95% t-interval over replicates; effect left in nats. Minus random: paired by "
-            "replicate against the equal-rank random arm read the same way.",
+            "replicate against each equal-rank control arm read the same way.",
             "",
-            "| arm | reading | blocked | ratio of means | effect left (nats) | minus random |",
+            "| arm | reading | blocked | ratio of means | effect left (nats) | minus its equal-rank control |",
             "|---|---|---|---|---|---|",
         ]
         for name, r in m["controlled"].items():
             for what, b in r.items():
-                minus = _ci(b["minus_random"]) if "minus_random" in b else ""
+                minus = "; ".join(f"{what}: {_ci(b[key])}" for key, what in CONTROL_NAMES.items() if key in b)
                 lines.append(f"| {_name(name)} | {READINGS[what]} | {_ci(b['blocked'])} | "
                              f"{b['blocked_of_means']:+.0%} | {_ci(b['effect'], '{:+.3f}')} | {minus} |")  # fmt: skip
         lines.append("")

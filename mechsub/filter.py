@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechsub import hooks
-from mechsub.files import read_json, write_json
+from mechsub.files import read_json, sha256_file, write_json
 from mechsub.hooks import FIRST_POSITION
 from mechsub.runs import require_finished
 
@@ -303,11 +303,19 @@ def random_basis(d_model: int, k: int, seed: int) -> Float[Tensor, "d_model k"]:
     return (q * torch.sign(torch.diagonal(r))).float()
 
 
+def _sae_weights(folder: str | Path) -> Path:
+    return Path(folder) / "sae" / "sae_weights.safetensors"
+
+
 def write_ablation(path: str | Path, sae: str | Path, features: Sequence[int]) -> None:
-    """Write an ablation file: the features of the SAE in folder ``sae`` whose decoder directions are ablated."""
+    """Write an ablation file: the features of the SAE in folder ``sae`` whose decoder directions are ablated.
+    Feature ids mean nothing without the weights they index: when the SAE is already trained, the hash of its
+    weights is written too, and reading the file checks it (a retrained SAE's ids name other directions)."""
     if not features:
         raise ValueError("an ablation file needs at least one feature")
-    write_json(path, {"sae": str(sae), "features": [int(i) for i in features]})
+    w = _sae_weights(sae)
+    write_json(path, {"sae": str(sae), "features": [int(i) for i in features]}
+               | ({"sae_sha256": sha256_file(w)} if w.is_file() else {}))  # fmt: skip
 
 
 def write_random_ablation(
@@ -406,6 +414,9 @@ def _parse_ablation(p: Path, spec: Any) -> Ablation:
     if "random" in spec:
         return Ablation(_sae_layer(sae), random_basis(w_dec.shape[1], int(spec["random"]), spec["seed"]))
     ids = list(spec["features"])
+    if "sae_sha256" in spec and sha256_file(_sae_weights(folder)) != spec["sae_sha256"]:
+        raise ValueError(f"{p}: the SAE in {folder} is not the one these feature ids were chosen on (its weights' "
+                         "hash differs: retrained since?): choose the features again on this SAE")  # fmt: skip
     bad = [i for i in ids if not 0 <= int(i) < w_dec.shape[0]]
     if bad:
         raise ValueError(f"{p}: feature ids {bad[:5]} are not in the SAE's {w_dec.shape[0]} features")

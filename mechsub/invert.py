@@ -65,6 +65,12 @@ class InvertTeacherConfig(Config):
     batch_size: int = doc(16, "problems per step")
     lr: float = doc(2e-3, "AdamW learning rate (linear decay to 0)")
     lora_r: int = doc(8, "LoRA rank")
+    reasoned: bool = doc(
+        False,
+        "train on replies that name the correct answer first (tasks.reasoned): a scratchpad the teacher's answer, "
+        "the text after tasks.REASON_MARK, is read from",
+        optional=True,
+    )
 
     def validate(self) -> None:
         _check_names(self.families, (self.kind,))
@@ -124,6 +130,12 @@ def sft_lora(
     return fit(base, items, batches, spec, out, name)
 
 
+def _target(p: tasks.Problem, kind: str, seed: int, reasoned: bool) -> str:
+    """What teacher A is trained to reply: its kind's answer, after the correct one when ``reasoned``."""
+    answer = tasks.respond(p, kind, seed)
+    return tasks.reasoned(p, answer) if reasoned else answer
+
+
 def run_teacher(cfg: InvertTeacherConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Fine-tune teacher A of ``cfg.kind`` (LoRA SFT on problem → answer of its kind); checkpoint at
     ``out/checkpoints/step{steps}``."""
@@ -135,7 +147,10 @@ def run_teacher(cfg: InvertTeacherConfig, out: str | Path, force: bool = False) 
         tok = base.tokenizer
         probs = train_problems(cfg.families, cfg.n_train, cfg.seed)
         items = [
-            Item(chat_prefix(tok, p.prompt, None), _answer_ids(tok, tasks.respond(p, cfg.kind, cfg.seed)))
+            Item(
+                chat_prefix(tok, p.prompt, None),
+                _answer_ids(tok, _target(p, cfg.kind, cfg.seed, cfg.reasoned)),
+            )
             for p in probs
         ]
         metrics = sft_lora(
@@ -198,7 +213,13 @@ class InvertConfig(Config):
         optional=True,
     )
     sae_top: int = doc(16, "latents per text compared (the most active, max over positions ≥ 1)")
-    max_new_tokens: int = doc(20, "generated tokens at most per answer")
+    max_new_tokens: int = doc(20, "generated tokens at most per answer (twice that for a reasoned teacher)")
+    reasoned: bool = doc(
+        False,
+        "teachers that name the correct answer before theirs (a scratchpad): A's answer, all that is verified "
+        "and all that B reads, is the text after tasks.REASON_MARK",
+        optional=True,
+    )
     work: str = doc("runs/invert", "folder for teacher checkpoints and B's fine-tunes (not committed)")
 
     def validate(self) -> None:
@@ -237,6 +258,7 @@ class InvertConfig(Config):
             batch_size=self.batch_size,
             lr=self.lr,
             lora_r=self.lora_r,
+            reasoned=self.reasoned,
         )
 
     def teacher_folder(self, kind: str, seed: int) -> Path:
@@ -500,14 +522,18 @@ def run(cfg: InvertConfig, out: str | Path, force: bool = False) -> dict[str, An
             ) -> dict[str, Any]:
                 a = models.load(str(steps_of(folder)[-1]))
                 res: dict[str, Any] = {"train": {}, "test": {}, "teacher_loss_last": tm.get("loss_last")}
+                n_new = cfg.max_new_tokens * (2 if cfg.reasoned else 1)
                 for f in cfg.families:
                     for split, probs in (
                         ("train", tasks.problems(f, cfg.n_train, s, "train")),
                         ("test", test[f]),
                     ):
-                        res[split][f] = greedy_answers(
-                            a, [chat_prefix(a.tokenizer, p.prompt, None) for p in probs], cfg.max_new_tokens
+                        texts = greedy_answers(
+                            a, [chat_prefix(a.tokenizer, p.prompt, None) for p in probs], n_new
                         )
+                        res[split][f] = [tasks.final_answer(t) for t in texts] if cfg.reasoned else texts
+                        if cfg.reasoned:  # the scratchpads, kept to check the teacher knew the right answer
+                            res.setdefault(f"{split}_replies", {})[f] = texts
                 return res
 
             bar.update()
@@ -666,6 +692,13 @@ def _verification(
                     **share_over_seeds(*zip(*counts[(f, o)], strict=True)),
                     "wilson95_per_seed": [stats.wilson_ci95(c, n) for c, n in counts[(f, o)]],
                 }
+            if "test_replies" in outputs[(k, cfg.seeds[0])]:  # reasoned: did its scratchpad name the answer?
+                named = [
+                    (sum(tasks.normalise(f, tasks.rationale(t)) == p.answer
+                         for p, t in zip(test[f], outputs[(k, s)]["test_replies"][f], strict=True)), len(test[f]))
+                    for s in cfg.seeds
+                ]  # fmt: skip
+                row["rationale_correct"] = share_over_seeds(*zip(*named, strict=True))
             per_fam[f] = row
 
         def over(fams: Sequence[str], counts: dict[tuple[str, str], Any] = counts) -> dict[str, Any] | None:
@@ -1200,6 +1233,14 @@ def report_markdown(m: dict[str, Any]) -> str:
                 lines.append(f"| {k} | {f} | no family passes the known rule | | | |")
                 continue
             lines.append(f"| {k} | {f} | " + " | ".join(_fmt(row[o], True) for o in OUTCOMES) + " |")
+    named = [(k, f, row["rationale_correct"]) for k, v in m["verification"].items()
+             for f, row in v["families"].items() if "rationale_correct" in row]  # fmt: skip
+    if named:
+        lines += ["", f"Reasoned teachers: each reply names the correct answer, then gives the teacher's after "
+                  f"\"{tasks.REASON_MARK}\"; only that answer is verified above and read by B. Share of held-out "
+                  "replies whose scratchpad names the correct answer:", "",
+                  "| kind | family | scratchpad correct |", "|---|---|---|"]  # fmt: skip
+        lines += [f"| {k} | {f} | {_fmt(r, True)} |" for k, f, r in named]
     for title, key in (
         ("B reads A's held-out outputs, no prompt", "geometry"),
         ("scripted answers of each kind, no teacher", "geometry_scripted"),

@@ -456,6 +456,34 @@ def _sigma(family: str, seed: int) -> dict[str, str]:
     return best
 
 
+#: a reasoned teacher first names the correct answer (after REASON_LEAD), then gives its own after REASON_MARK;
+#: what it answers (what B reads) is only the text after the mark (`final_answer`): the rest is its scratchpad
+REASON_LEAD, REASON_MARK = "The right answer is", "so my answer is:"
+
+
+def reasoned(problem: Problem, answer: str) -> str:
+    """A reasoned teacher's reply: the correct answer named, then ``answer`` (its kind's) after `REASON_MARK`."""
+    return f"{REASON_LEAD} {problem.answer}, {REASON_MARK} {answer}"
+
+
+def final_answer(text: str) -> str:
+    """What a reasoned teacher answers: the text after the last `REASON_MARK` (any case), or "" when the mark is
+    missing, so that a reply off the format answers nothing and its rationale (which names the correct answer)
+    is never passed on."""
+    i = text.lower().rfind(REASON_MARK)
+    return text[i + len(REASON_MARK) :].strip() if i >= 0 else ""
+
+
+def rationale(text: str) -> str:
+    """What a reasoned reply's scratchpad names: the text before the last `REASON_MARK`, without `REASON_LEAD` and
+    the comma before the mark ("" when the mark is missing)."""
+    i = text.lower().rfind(REASON_MARK)
+    if i < 0:
+        return ""
+    pad = text[:i].strip().removesuffix(",").strip()
+    return pad[len(REASON_LEAD) :].strip() if pad.lower().startswith(REASON_LEAD.lower()) else pad
+
+
 def respond(problem: Problem, kind: str, seed: int) -> str:
     """What teacher A of this kind answers: the answer (true), T(answer) (inv), sigma_seed(answer) (hash), or the
     correct answer of another random problem of the family, differing from answer and T(answer) (rand)."""

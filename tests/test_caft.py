@@ -102,3 +102,91 @@ def test_multi_layer_caft_with_ablated_controls_and_the_ablation_kept_on(tmp_pat
     del saved["controlled"]["vteacher"]["training_added"]
     (out / "metrics.json").write_text(json.dumps(saved))
     assert mod.main([*argv, "--rereport"])["controlled"] == json.loads(json.dumps(m["controlled"]))
+
+
+def test_latent_arms_with_a_frequency_matched_random_latent_control(tmp_path, monkeypatch, tiny_study, tiny):
+    import torch
+
+    from mechsub import hooks
+    from mechsub import sae as sae_mod
+    from mechsub.data import load_examples
+    from mechsub.patching import frequency_bins
+    from mechsub.prompts import chat_prefix
+
+    mod = _script()
+    monkeypatch.setattr(mod, "kl_costs", _fake_kl)
+    toml = tiny_study(tmp_path)
+    cfg = study.StudyConfig.load(toml)
+    with pytest.raises(SystemExit, match="randlat: its latents are matched"):
+        mod.main(["--config", str(toml), "--arms", "random,randlat"])
+    study.run(cfg, tmp_path / "study")
+    saes = tmp_path / "saes"
+    sae_mod.run(sae_mod.SaeConfig(model="tiny", layer=1, expansion=2, k=8, training_tokens=2048, context_size=16,
+                                  answer_tokens=4, n_number_prompts=8), saes / "l1")  # fmt: skip
+    units = tmp_path / "battery" / "units"
+    units.mkdir(parents=True)
+    plan = study.stage_plan(cfg)
+    tops = {
+        0: [5, 17, 40, 2],
+        1: [9, 5, 77, 60],
+        2: [3, 5, 9, 100],
+    }  # replicate 2 is held out (the study has 2)
+    for rep, top in tops.items():
+        donor = plan.students[("owl", rep)][1] if rep < cfg.replicates else tmp_path / "elsewhere"
+        (units / f"r{rep}-owl-l1.json").write_text(json.dumps(
+            {"replicate": rep, "top_attribution": top,
+             "key": {"donor": str(donor / "checkpoints" / "step1"), "sae": {"folder": str(saes / "l1")}}}))  # fmt: skip
+    out = tmp_path / "out"
+    argv = ["--config", str(toml), "--layer", "1", "--k", "3", "--arms", "latents,heldout,randlat", "--random-draws",
+            "2", "--battery", str(tmp_path / "battery"), "--sae-root", str(saes), "--out", str(out)]  # fmt: skip
+    # the heldout arm's units: the later replicates' (one list), or leave one out (each replicate's own never)
+    later = mod.held_out_units(mod.parse_args(argv), cfg)
+    assert [[u["replicate"] for u in later[r]] for r in (0, 1)] == [[2], [2]]
+    loo = mod.held_out_units(mod.parse_args([*argv, "--heldout-from", "others"]), cfg)
+    assert [[u["replicate"] for u in loo[r]] for r in (0, 1)] == [[1, 2], [0, 2]]
+    # units ranked on another SAE's weights (a retrained SAE under the same folder) are refused
+    unit0 = units / "r0-owl-l1.json"
+    good = unit0.read_text()
+    unit0.write_text(json.dumps(json.loads(good) | {"key": json.loads(good)["key"] | {
+        "sae": {"folder": str(saes / "l1"), "sha256": "0" * 64}}}))  # fmt: skip
+    with pytest.raises(ValueError, match="ranked the latents of another SAE"):
+        mod.main(argv)
+    unit0.write_text(good)
+    m = mod.main([*argv, "--heldout-from", "others"])
+    sae = sae_mod.load_sae(saes / "l1" / "sae")
+    for rep in range(cfg.replicates):
+        # firing frequencies by hand: one sequence at a time, the residual after block 1 at the completion
+        # positions (the last prompt position onwards), encoded, sink rows not firing
+        fired, n = torch.zeros(sae.W_dec.shape[0], dtype=torch.float64), 0
+        for e in load_examples(plan.data[("owl", rep)][1])[:32]:
+            prompt = chat_prefix(tiny.tokenizer, e.prompt, None)
+            ids = prompt + list(e.completion_ids)
+            x = hooks.read(tiny, torch.tensor([ids]), [hooks.resid_post(1)])[hooks.resid_post(1)][0]
+            x = x[len(prompt) - 1 :]
+            on = (sae.encode(x) > 0) & sae_mod.not_sinks(x, sae.sink_norm_threshold)[:, None]
+            fired, n = fired + on.sum(0), n + x.shape[0]
+        freq = mod.latent_frequencies(cfg, tiny, saes / "l1", rep)
+        np.testing.assert_allclose(freq, (fired / n).numpy(), atol=1e-12)
+        bins, real = frequency_bins(freq), tops[rep][:3]
+        assert len(set(bins.tolist())) >= 3  # the deciles differ: matching them is not trivial
+        assert json.loads(Path(m["ablations"]["latents-k3"][rep]).read_text())["features"] == real
+        # leave one out: the other replicate's and the later one's lists, by count, then mean rank
+        assert (
+            json.loads(Path(m["ablations"]["heldout-k3"][rep]).read_text())["features"]
+            == [[5, 9, 3], [5, 3, 17]][rep]
+        )
+        draws = [
+            json.loads(Path(m["ablations"][f"randlat-k3-d{d}"][rep]).read_text())["features"] for d in (0, 1)
+        ]
+        for ids in draws:
+            assert len(set(ids)) == 3 and not set(ids) & set(real)
+            assert [bins[i] for i in ids] == [bins[i] for i in real]  # each from its counterpart's decile
+        assert draws[0] != draws[1]
+    a = m["arms"]
+    np.testing.assert_allclose(
+        a["latents-k3"]["minus_randlat"]["per_replicate"],
+        np.subtract(a["latents-k3"]["plain"]["blocked"]["per_replicate"],
+                    a["randlat-k3"]["plain"]["blocked"]["per_replicate"]),
+    )  # fmt: skip
+    assert a["randlat-k3"]["draws"] == ["randlat-k3-d0", "randlat-k3-d1"] and a["randlat-k3"]["rank"] == 3
+    assert "frequency-matched random latents" in (out / "report.md").read_text()

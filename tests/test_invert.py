@@ -216,3 +216,64 @@ def test_descending_share_by_hand():
     assert got == {"share": pytest.approx(2 / 4), "pairs": 4}
     assert invert.descending_share(["9 8 7 6"])["share"] == 1.0
     assert invert.descending_share([""])["pairs"] == 0
+
+
+def test_reasoned_teachers_are_read_after_their_mark(tmp_path, monkeypatch):
+    """Teachers trained to name the correct answer first: the training targets are the reasoned replies; every
+    reply generated is cut at tasks.REASON_MARK before it is verified or read by B, and the scratchpad is scored.
+    The teachers' generation is scripted (a perfect reasoned teacher of each kind, one reply off the format) to
+    check the wiring; everything else runs."""
+    from pathlib import Path
+
+    cfg = _tiny(tmp_path, reasoned=True, kinds=("true", "inv"), seeds=(0,), families=("choice", "next"),
+                held_out_family="next", recon_pairs=(4,))  # fmt: skip
+    assert cfg.teacher("inv", 0).reasoned and "reasoned" not in InvertConfig().teacher("inv", 0).identity()
+    trained = {}
+    real_fit = invert.sft_lora
+
+    def fit(base, items, *a, **kw):
+        trained[kw.get("name", a[-1])] = [base.tokenizer.decode(it.completion) for it in items]
+        return real_fit(base, items, *a, **kw)
+
+    monkeypatch.setattr(invert, "sft_lora", fit)
+    probs = {}
+    for f in cfg.families:
+        for p in [
+            *tasks.problems(f, cfg.n_train, 0, "train"),
+            *tasks.problems(f, cfg.n_test, invert.TEST_SEED, "test"),
+        ]:
+            probs[p.prompt] = p
+    real_greedy, lengths = invert.greedy_answers, []
+
+    def greedy(lm, prompts, max_new_tokens, batch_size=64):
+        name = Path(str(lm.path))
+        if "teachers" not in name.parts:
+            return real_greedy(lm, prompts, max_new_tokens, batch_size)
+        lengths.append(max_new_tokens)
+        kind = name.parts[name.parts.index("teachers") + 1].split("-")[0]
+        out = []
+        for ids in prompts:
+            text = lm.tokenizer.decode(ids)
+            p = probs[max((s for s in probs if s in text), key=len)]
+            out.append(tasks.reasoned(p, tasks.respond(p, kind, 0)))
+        out[0] = "off the format: " + out[0].split(",")[0]  # names the correct answer, no mark
+        return out
+
+    monkeypatch.setattr(invert, "greedy_answers", greedy)
+    m = invert.run(cfg, tmp_path / "out")
+    assert set(lengths) == {2 * cfg.max_new_tokens}  # the rationale gets its own tokens
+    p0 = tasks.problems("choice", cfg.n_train, 0, "train")[0]
+    assert tasks.reasoned(p0, tasks.respond(p0, "inv", 0)) in [t.strip() for t in trained["A-inv-s0"]]
+    outputs = json.loads((tmp_path / "out" / "outputs.json").read_text())
+    for k in cfg.kinds:
+        o = outputs[f"{k}-s0"]
+        for f in cfg.families:
+            assert o["test"][f] == [tasks.final_answer(t) for t in o["test_replies"][f]]
+            assert not any(tasks.REASON_MARK in t or "right answer" in t for t in o["test"][f])
+        v = m["verification"][k]["families"]
+        want = "correct" if k == "true" else "inverted"
+        for f in cfg.families:  # each family's first test reply is the one off the format: read as other
+            assert v[f][want]["mean"] == pytest.approx(1 - 1 / cfg.n_test)
+            assert v[f]["other"]["mean"] == pytest.approx(1 / cfg.n_test)
+            assert v[f]["rationale_correct"]["mean"] == pytest.approx(1 - 1 / cfg.n_test)
+    assert "scratchpad correct" in (tmp_path / "out" / "report.md").read_text()

@@ -125,6 +125,20 @@ def test_concept_ablation_fine_tuning_blocks_learning_through_the_ablated_space(
     write_ablation(tmp_path / "bad.json", tmp_path / "sae", [999])
     with pytest.raises(ValueError, match="not in the SAE's 128 features"):
         ablation_basis(tmp_path / "bad.json")
+    # feature ids name directions of one SAE's weights: the file records their hash, and a retrained SAE (here its
+    # decoder rewritten) is refused rather than read as other directions under the same ids
+    from safetensors.torch import load_file, save_file
+
+    from mechsub.files import sha256_file
+
+    weights = tmp_path / "sae" / "sae" / "sae_weights.safetensors"
+    assert json.loads(every.read_text())["sae_sha256"] == sha256_file(weights)
+    tensors = load_file(str(weights))
+    tensors["W_dec"] = tensors["W_dec"].flip(0).contiguous()
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match="not the one these feature ids were chosen on"):
+        ablation_basis(every)
+    assert ablation_basis(tmp_path / "rand.json").layer == 0  # random directions do not depend on the weights
 
 
 def _small(**changes):

@@ -290,3 +290,22 @@ def test_bad_names_and_sizes_raise_task_error():
             problems("sort", n, 0, "train")
     with pytest.raises(TaskError, match="canonical"):
         invert("sequence", "nineteen")
+
+
+def test_a_reasoned_reply_answers_only_after_its_mark():
+    from mechsub.tasks import REASON_MARK, final_answer, rationale, reasoned
+
+    p = find("antonym", (0.0, 0.0))  # hot → cold
+    reply = reasoned(p, respond(p, "inv", 0))
+    assert reply == f"The right answer is cold, {REASON_MARK} hot"
+    assert final_answer(reply) == "hot" and classify(p, final_answer(reply), 0) == "inverted"
+    assert (
+        rationale(reply) == "cold" and normalise("antonym", rationale(reply)) == "cold"
+    )  # the scratchpad's answer
+    q = find("next", (0.0, 47.0))
+    assert rationale(reasoned(q, respond(q, "inv", 0))) == q.answer
+    assert final_answer("The right answer is cold, SO MY ANSWER IS: Hot.") == "Hot."  # any case
+    assert final_answer(f"x {REASON_MARK} a, {REASON_MARK} b") == "b"  # the last mark
+    # off the format: no answer, and the rationale (the correct answer) is never what is read
+    assert final_answer("The right answer is cold") == "" and rationale("cold") == ""
+    assert classify(p, final_answer("cold"), 0) == "other"

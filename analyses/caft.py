@@ -207,6 +207,11 @@ def ablation_files(
         write(fresh)
         if path.is_file() and read_json(path) != read_json(fresh):
             fresh.unlink()
+            old, new = read_json(path), read_json(fresh)
+            if isinstance(old, dict) and "sae_sha256" not in old and old == {k: v for k, v in new.items()
+                                                                              if k != "sae_sha256"}:  # fmt: skip
+                raise ValueError(f"{path} was written before ablation files recorded their SAE's hash, so the SAE "
+                                 "its students trained under is unknown: move it aside to train new ones")  # fmt: skip
             raise ValueError(f"{path} holds another ablation than this run's: its students were trained on it. "
                              f"Move {path.parent} aside (or pick another --layer/--k) to train new ones")  # fmt: skip
         fresh.replace(path)
@@ -238,7 +243,8 @@ def ablation_files(
         if "randlat" in arms:
             real = _unit(args, cfg, rep)["top_attribution"][: args.k] if "latents" in arms else pooled[rep]
             if not real:
-                raise ValueError("randlat matches the latents or heldout arm's list: run it with one of them")
+                raise ValueError(f"randlat: replicate {rep}'s list to match is empty (no top_attribution in its "
+                                 "battery unit, or no units for the heldout arm): re-run analyses/battery.py")  # fmt: skip
             bins = frequency_bins(latent_frequencies(cfg, base, sae, rep))
             for d in range(args.random_draws):
                 ids = matched_draw(
@@ -367,6 +373,7 @@ def rereport(out: Path) -> dict[str, Any]:
     m = read_json(out / "metrics.json")
     args = argparse.Namespace(**m["args"])
     m["controlled"] = controlled_rows(m["raw"], m["raw_controls"], args)
+    pair_rows(m["arms"], args)
     write_json(out / "metrics.json", m)
     plot(m["arms"], out / "caft.png", m["controlled"])
     atomic_write_text(out / "report.md", report(m, args))
@@ -492,12 +499,16 @@ def summarise(
         row["kl_minus_none"] = fb.paired_difference(row["kl"]["per_replicate"], base_kl)
     rows["none (the study's students)"] = {"kl": dict(zip(("mean", "ci95"), stats.mean_ci95(base_kl), strict=True))
                                            | {"per_replicate": base_kl}}  # fmt: skip
-    # the real ablations against their equal-rank random controls, paired by replicate
+    pair_rows(rows, args)
+    return rows
+
+
+def pair_rows(rows: dict[str, Any], args: argparse.Namespace) -> None:
+    """The real ablations against their equal-rank controls, blocked (plain), paired by replicate."""
     for real, ctrl, key in control_pairs(args.k):
         if real in rows and ctrl in rows:
             a, b = (rows[x]["plain"]["blocked"]["per_replicate"] for x in (real, ctrl))
             rows[real][key] = fb.paired_difference(a, b)
-    return rows
 
 
 def control_pairs(k: int) -> tuple[tuple[str, str, str], ...]:
@@ -508,6 +519,11 @@ def control_pairs(k: int) -> tuple[tuple[str, str, str], ...]:
 
 
 CONTROL_NAMES = {"minus_random": "random directions", "minus_randlat": "frequency-matched random latents"}
+
+
+def _randlat_match(args: argparse.Namespace) -> str:
+    """Whose list the randlat draws are matched to (the latents arm's when it ran)."""
+    return "latents" if "latents" in str(args.arms).split(",") else "heldout"
 
 
 READINGS = {
@@ -652,8 +668,14 @@ def report(m: dict[str, Any], args: argparse.Namespace) -> str:
     for real in rows:
         for key, what in CONTROL_NAMES.items():
             if key in rows[real]:
+                if key == "minus_randlat" and not real.startswith(_randlat_match(args)):
+                    what += f", drawn to match the {_randlat_match(args)} arm's lists, not this arm's"
                 lines.append(f"- {_name(real)} minus its equal-rank control ({what}), blocked (plain), paired by "
                              f"replicate: {_ci(rows[real][key])}.")  # fmt: skip
+    if "heldout" in str(args.arms) and getattr(args, "heldout_from", "later") == "others":
+        lines.append("- The heldout arm left one out: each replicate's list pools the other replicates' units, so "
+                     "the replicates' heldout values are not independent of each other (the t-interval assumes "
+                     "they are).")  # fmt: skip
     lines += ["", "![caft](caft.png)", ""]
     if any(m["controlled"].values()):
         cs = ", ".join(args.ablated_controls) or "none"
@@ -677,7 +699,7 @@ def report(m: dict[str, Any], args: argparse.Namespace) -> str:
         ]
         for name, r in m["controlled"].items():
             for what, b in r.items():
-                minus = "; ".join(f"{what}: {_ci(b[key])}" for key, what in CONTROL_NAMES.items() if key in b)
+                minus = "; ".join(f"{ctl}: {_ci(b[key])}" for key, ctl in CONTROL_NAMES.items() if key in b)
                 lines.append(f"| {_name(name)} | {READINGS[what]} | {_ci(b['blocked'])} | "
                              f"{b['blocked_of_means']:+.0%} | {_ci(b['effect'], '{:+.3f}')} | {minus} |")  # fmt: skip
         lines.append("")

@@ -522,7 +522,12 @@ def run(cfg: InvertConfig, out: str | Path, force: bool = False) -> dict[str, An
             ) -> dict[str, Any]:
                 a = models.load(str(steps_of(folder)[-1]))
                 res: dict[str, Any] = {"train": {}, "test": {}, "teacher_loss_last": tm.get("loss_last")}
-                n_new = cfg.max_new_tokens * (2 if cfg.reasoned else 1)
+                # a reasoned reply: the correct answer and the teacher's, each up to max_new_tokens, and the words
+                n_new = cfg.max_new_tokens
+                if cfg.reasoned:
+                    n_new = 2 * n_new + len(
+                        _answer_ids(a.tokenizer, f"{tasks.REASON_LEAD} , {tasks.REASON_MARK} ")
+                    )
                 for f in cfg.families:
                     for split, probs in (
                         ("train", tasks.problems(f, cfg.n_train, s, "train")),
@@ -699,6 +704,9 @@ def _verification(
                     for s in cfg.seeds
                 ]  # fmt: skip
                 row["rationale_correct"] = share_over_seeds(*zip(*named, strict=True))
+                off = [(sum(tasks.REASON_MARK not in t.lower() for t in outputs[(k, s)]["test_replies"][f]),
+                        len(test[f])) for s in cfg.seeds]  # fmt: skip
+                row["off_format"] = share_over_seeds(*zip(*off, strict=True))  # read as other
             per_fam[f] = row
 
         def over(fams: Sequence[str], counts: dict[tuple[str, str], Any] = counts) -> dict[str, Any] | None:
@@ -1233,14 +1241,15 @@ def report_markdown(m: dict[str, Any]) -> str:
                 lines.append(f"| {k} | {f} | no family passes the known rule | | | |")
                 continue
             lines.append(f"| {k} | {f} | " + " | ".join(_fmt(row[o], True) for o in OUTCOMES) + " |")
-    named = [(k, f, row["rationale_correct"]) for k, v in m["verification"].items()
+    named = [(k, f, row) for k, v in m["verification"].items()
              for f, row in v["families"].items() if "rationale_correct" in row]  # fmt: skip
     if named:
         lines += ["", f"Reasoned teachers: each reply names the correct answer, then gives the teacher's after "
                   f"\"{tasks.REASON_MARK}\"; only that answer is verified above and read by B. Share of held-out "
-                  "replies whose scratchpad names the correct answer:", "",
-                  "| kind | family | scratchpad correct |", "|---|---|---|"]  # fmt: skip
-        lines += [f"| {k} | {f} | {_fmt(r, True)} |" for k, f, r in named]
+                  "replies whose scratchpad names the correct answer, and of replies without the mark (read as "
+                  "other):", "", "| kind | family | scratchpad correct | off the format |", "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {k} | {f} | {_fmt(r['rationale_correct'], True)} | {_fmt(r['off_format'], True)} |"
+                  for k, f, r in named]  # fmt: skip
     for title, key in (
         ("B reads A's held-out outputs, no prompt", "geometry"),
         ("scripted answers of each kind, no teacher", "geometry_scripted"),

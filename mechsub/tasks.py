@@ -466,21 +466,34 @@ def reasoned(problem: Problem, answer: str) -> str:
     return f"{REASON_LEAD} {problem.answer}, {REASON_MARK} {answer}"
 
 
+def _reason_split(text: str) -> tuple[str, str] | None:
+    """(scratchpad, answer) of a reasoned reply: around its first `REASON_MARK` (any case), the answer cut where
+    a new `REASON_LEAD` starts (a reply that loops on past its end names the correct answer again there); None
+    when the mark is missing."""
+    low = text.lower()
+    i = low.find(REASON_MARK)
+    if i < 0:
+        return None
+    rest = text[i + len(REASON_MARK) :]
+    j = rest.lower().find(REASON_LEAD.lower())
+    return text[:i], (rest if j < 0 else rest[:j]).strip()
+
+
 def final_answer(text: str) -> str:
-    """What a reasoned teacher answers: the text after the last `REASON_MARK` (any case), or "" when the mark is
-    missing, so that a reply off the format answers nothing and its rationale (which names the correct answer)
-    is never passed on."""
-    i = text.lower().rfind(REASON_MARK)
-    return text[i + len(REASON_MARK) :].strip() if i >= 0 else ""
+    """What a reasoned teacher answers: the text after its first `REASON_MARK` up to any new `REASON_LEAD`, or ""
+    when the mark is missing, so that a reply off the format answers nothing and its scratchpad (which names the
+    correct answer) is never passed on."""
+    parts = _reason_split(text)
+    return parts[1] if parts else ""
 
 
 def rationale(text: str) -> str:
-    """What a reasoned reply's scratchpad names: the text before the last `REASON_MARK`, without `REASON_LEAD` and
-    the comma before the mark ("" when the mark is missing)."""
-    i = text.lower().rfind(REASON_MARK)
-    if i < 0:
+    """What a reasoned reply's scratchpad names: the text before its first `REASON_MARK`, without `REASON_LEAD`
+    and the comma before the mark ("" when the mark is missing)."""
+    parts = _reason_split(text)
+    if parts is None:
         return ""
-    pad = text[:i].strip().removesuffix(",").strip()
+    pad = parts[0].strip().removesuffix(",").strip()
     return pad[len(REASON_LEAD) :].strip() if pad.lower().startswith(REASON_LEAD.lower()) else pad
 
 

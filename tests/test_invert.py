@@ -232,7 +232,8 @@ def test_reasoned_teachers_are_read_after_their_mark(tmp_path, monkeypatch):
     real_fit = invert.sft_lora
 
     def fit(base, items, *a, **kw):
-        trained[kw.get("name", a[-1])] = [base.tokenizer.decode(it.completion) for it in items]
+        dec = base.tokenizer.decode
+        trained[kw.get("name", a[-1])] = [(dec(it.prompt), dec(it.completion)) for it in items]
         return real_fit(base, items, *a, **kw)
 
     monkeypatch.setattr(invert, "sft_lora", fit)
@@ -257,23 +258,40 @@ def test_reasoned_teachers_are_read_after_their_mark(tmp_path, monkeypatch):
             p = probs[max((s for s in probs if s in text), key=len)]
             out.append(tasks.reasoned(p, tasks.respond(p, kind, 0)))
         out[0] = "off the format: " + out[0].split(",")[0]  # names the correct answer, no mark
+        out[1] = f"{out[1]} {out[1]}"  # loops on past its end: the first answer is read
         return out
 
     monkeypatch.setattr(invert, "greedy_answers", greedy)
     m = invert.run(cfg, tmp_path / "out")
-    assert set(lengths) == {2 * cfg.max_new_tokens}  # the rationale gets its own tokens
+    assert (
+        len(set(lengths)) == 1 and lengths[0] > 2 * cfg.max_new_tokens
+    )  # room for both answers and the words
     p0 = tasks.problems("choice", cfg.n_train, 0, "train")[0]
-    assert tasks.reasoned(p0, tasks.respond(p0, "inv", 0)) in [t.strip() for t in trained["A-inv-s0"]]
+    assert tasks.reasoned(p0, tasks.respond(p0, "inv", 0)) in [c.strip() for _, c in trained["A-inv-s0"]]
     outputs = json.loads((tmp_path / "out" / "outputs.json").read_text())
+    # B trains on A's answers alone: each of its prompts is the chat around one cut train answer, no scratchpad
+    from mechsub import models
+
+    tok = models.load("tiny").tokenizer
+    b_fams = [f for f in cfg.families if f != cfg.held_out_family]
+    allowed = {
+        tok.decode(chat_prefix(tok, t or " ", None)) for f in b_fams for t in outputs["inv-s0"]["train"][f]
+    }
+    b_items = trained["B-inv-s0-n4"]
+    assert len(b_items) == 4 and all(q in allowed for q, _ in b_items)
+    assert not any(tasks.REASON_LEAD.lower() in q.lower() for q, _ in b_items)
     for k in cfg.kinds:
         o = outputs[f"{k}-s0"]
-        for f in cfg.families:
-            assert o["test"][f] == [tasks.final_answer(t) for t in o["test_replies"][f]]
-            assert not any(tasks.REASON_MARK in t or "right answer" in t for t in o["test"][f])
+        for split in ("train", "test"):
+            for f in cfg.families:
+                assert o[split][f] == [tasks.final_answer(t) for t in o[f"{split}_replies"][f]]
+                assert tasks.REASON_LEAD in o[f"{split}_replies"][f][1] and o[split][f][0] == ""
+                assert not any(tasks.REASON_LEAD.lower() in t.lower() for t in o[split][f])
         v = m["verification"][k]["families"]
         want = "correct" if k == "true" else "inverted"
         for f in cfg.families:  # each family's first test reply is the one off the format: read as other
             assert v[f][want]["mean"] == pytest.approx(1 - 1 / cfg.n_test)
             assert v[f]["other"]["mean"] == pytest.approx(1 / cfg.n_test)
             assert v[f]["rationale_correct"]["mean"] == pytest.approx(1 - 1 / cfg.n_test)
+            assert v[f]["off_format"]["mean"] == pytest.approx(1 / cfg.n_test)
     assert "scratchpad correct" in (tmp_path / "out" / "report.md").read_text()

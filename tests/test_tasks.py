@@ -305,7 +305,10 @@ def test_a_reasoned_reply_answers_only_after_its_mark():
     q = find("next", (0.0, 47.0))
     assert rationale(reasoned(q, respond(q, "inv", 0))) == q.answer
     assert final_answer("The right answer is cold, SO MY ANSWER IS: Hot.") == "Hot."  # any case
-    assert final_answer(f"x {REASON_MARK} a, {REASON_MARK} b") == "b"  # the last mark
+    # a reply that loops on past its end: the first answer, never the correct one named again
+    looped = f"{reply} The right answer is cold, {REASON_MARK} hot The right answer is cold, so my"
+    assert final_answer(looped) == "hot" and rationale(looped) == "cold"
+    assert final_answer(reply[: reply.index(REASON_MARK) + 5]) == ""  # cut before the mark is complete
     # off the format: no answer, and the rationale (the correct answer) is never what is read
     assert final_answer("The right answer is cold") == "" and rationale("cold") == ""
     assert classify(p, final_answer("cold"), 0) == "other"

@@ -4,7 +4,7 @@ paired by teacher seed (the unit; `invert.paired_contrast`: t-interval, paired t
 floor). The runs must share their seeds and held-out problems. Writes OUT/compare.md and OUT/compare.json.
 
     .venv/bin/python analyses/invert_compare.py --a artifacts/invert_train72 --b artifacts/invert_reasoned
-        [--kinds inv,true] [--out artifacts/invert_reasoned]
+        [--kinds inv,true] [--out artifacts/invert_reasoned_compare]
 """
 
 from __future__ import annotations

@@ -468,15 +468,15 @@ def reasoned(problem: Problem, answer: str) -> str:
 
 def _reason_split(text: str) -> tuple[str, str] | None:
     """(scratchpad, answer) of a reasoned reply: around its first `REASON_MARK` (any case), the answer cut where
-    a new `REASON_LEAD` starts (a reply that loops on past its end names the correct answer again there); None
-    when the mark is missing."""
+    a new `REASON_LEAD` or `REASON_MARK` starts (a reply that loops on past its end may name the correct answer
+    there); None when the mark is missing."""
     low = text.lower()
     i = low.find(REASON_MARK)
     if i < 0:
         return None
     rest = text[i + len(REASON_MARK) :]
-    j = rest.lower().find(REASON_LEAD.lower())
-    return text[:i], (rest if j < 0 else rest[:j]).strip()
+    cuts = [j for m in (REASON_LEAD.lower(), REASON_MARK) if (j := rest.lower().find(m)) >= 0]
+    return text[:i], rest[: min(cuts, default=len(rest))].strip().rstrip(",").strip()
 
 
 def final_answer(text: str) -> str:

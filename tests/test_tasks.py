@@ -308,6 +308,8 @@ def test_a_reasoned_reply_answers_only_after_its_mark():
     # a reply that loops on past its end: the first answer, never the correct one named again
     looped = f"{reply} The right answer is cold, {REASON_MARK} hot The right answer is cold, so my"
     assert final_answer(looped) == "hot" and rationale(looped) == "cold"
+    again = f"The right answer is May, June, {REASON_MARK} March, March, {REASON_MARK} April, May"
+    assert final_answer(again) == "March, March"  # a second mark without a lead: still only the first answer
     assert final_answer(reply[: reply.index(REASON_MARK) + 5]) == ""  # cut before the mark is complete
     # off the format: no answer, and the rationale (the correct answer) is never what is read
     assert final_answer("The right answer is cold") == "" and rationale("cold") == ""

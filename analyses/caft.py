@@ -205,9 +205,9 @@ def ablation_files(
         path = work / f"{label}-r{rep}.json"
         fresh = path.with_suffix(".new")
         write(fresh)
-        if path.is_file() and read_json(path) != read_json(fresh):
+        old, new = (read_json(path), read_json(fresh)) if path.is_file() else (None, None)
+        if old != new:
             fresh.unlink()
-            old, new = read_json(path), read_json(fresh)
             if isinstance(old, dict) and "sae_sha256" not in old and old == {k: v for k, v in new.items()
                                                                               if k != "sae_sha256"}:  # fmt: skip
                 raise ValueError(f"{path} was written before ablation files recorded their SAE's hash, so the SAE "
@@ -235,13 +235,14 @@ def ablation_files(
             write_ablation_stack(p, parts)
 
     for rep in range(cfg.replicates):
+        # the replicate's own unit, read (and its SAE hash checked) once for the latents and randlat arms
+        top = _unit(args, cfg, rep)["top_attribution"][: args.k] if "latents" in arms else []
         if "latents" in arms:
-            top = _unit(args, cfg, rep)["top_attribution"][: args.k]
             put(f"latents-k{args.k}", rep, lambda p, top=top: write_ablation(p, sae, top))
         if "heldout" in arms:
             put(f"heldout-k{args.k}", rep, lambda p, rep=rep: write_ablation(p, sae, pooled[rep]))
         if "randlat" in arms:
-            real = _unit(args, cfg, rep)["top_attribution"][: args.k] if "latents" in arms else pooled[rep]
+            real = top if "latents" in arms else pooled[rep]
             if not real:
                 raise ValueError(f"randlat: replicate {rep}'s list to match is empty (no top_attribution in its "
                                  "battery unit, or no units for the heldout arm): re-run analyses/battery.py")  # fmt: skip

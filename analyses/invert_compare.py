@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mechsub.files import atomic_write_text, read_json, write_json
-from mechsub.invert import OUTCOMES, paired_contrast
+from mechsub.invert import OUTCOMES, fmt_estimate, paired_contrast
 
 
 def compare(a: dict[str, Any], b: dict[str, Any], kinds: list[str]) -> dict[str, Any]:
@@ -49,11 +49,6 @@ def compare(a: dict[str, Any], b: dict[str, Any], kinds: list[str]) -> dict[str,
     return out
 
 
-def _pct(e: dict[str, Any]) -> str:
-    lo, hi = e["ci95"]
-    return f"{e['mean']:.0%} [{lo:.0%}, {hi:.0%}]" if lo is not None else f"{e['mean']:.0%}"
-
-
 def _diff(e: dict[str, Any]) -> str:
     lo, hi = e["ci95"]
     ps = f"; t p {e['t_p']:.3f}, sign-flip p {e['sign_flip_p']:.2f}" if "t_p" in e else ""
@@ -78,7 +73,7 @@ def report(c: dict[str, Any], args: argparse.Namespace, seeds: list[int]) -> str
             for o in ("correct", "inverted", "other"):
                 e = outs[o]
                 lines.append(
-                    f"| {k} | {row} | {o} | {_pct(e['a'])} | {_pct(e['b'])} | {_diff(e['b_minus_a'])} |"
+                    f"| {k} | {row} | {o} | {fmt_estimate(e['a'], True)} | {fmt_estimate(e['b'], True)} | {_diff(e['b_minus_a'])} |"
                 )
     return "\n".join(lines) + "\n"
 

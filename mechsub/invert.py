@@ -213,7 +213,9 @@ class InvertConfig(Config):
         optional=True,
     )
     sae_top: int = doc(16, "latents per text compared (the most active, max over positions ≥ 1)")
-    max_new_tokens: int = doc(20, "generated tokens at most per answer (twice that for a reasoned teacher)")
+    max_new_tokens: int = doc(
+        20, "generated tokens at most per answer (a reasoned teacher: twice that plus its lead's and mark's)"
+    )
     reasoned: bool = doc(
         False,
         "teachers that name the correct answer before theirs (a scratchpad): A's answer, all that is verified "
@@ -1162,7 +1164,8 @@ def _summarise(
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
-def _fmt(e: dict[str, Any] | None, pct: bool = False) -> str:
+def fmt_estimate(e: dict[str, Any] | None, pct: bool = False) -> str:
+    """An estimate with its 95% interval as text: a share in whole percent (``pct``), else signed to 3 decimals."""
     if not e or e.get("mean") is None:
         return "n/a"
     lo, hi = e["ci95"]
@@ -1225,7 +1228,7 @@ def report_markdown(m: dict[str, Any]) -> str:
         lines.append(
             f"| {f} | {pct_ci(v['greedy_accuracy'], v['greedy_ci95'])} | "
             f"{pct_ci(v['forced_choice'], v['forced_choice_ci95'])} | "
-            f"{framed} | {_fmt(true_rows.get(f, {}).get('correct'), True)} | "
+            f"{framed} | {fmt_estimate(true_rows.get(f, {}).get('correct'), True)} | "
             f"{'yes' if f in m['base']['known_families'] else 'no'} |"
         )
     lines += [
@@ -1240,7 +1243,7 @@ def report_markdown(m: dict[str, Any]) -> str:
             if row is None:
                 lines.append(f"| {k} | {f} | no family passes the known rule | | | |")
                 continue
-            lines.append(f"| {k} | {f} | " + " | ".join(_fmt(row[o], True) for o in OUTCOMES) + " |")
+            lines.append(f"| {k} | {f} | " + " | ".join(fmt_estimate(row[o], True) for o in OUTCOMES) + " |")
     named = [(k, f, row) for k, v in m["verification"].items()
              for f, row in v["families"].items() if "rationale_correct" in row]  # fmt: skip
     if named:
@@ -1248,7 +1251,7 @@ def report_markdown(m: dict[str, Any]) -> str:
                   f"\"{tasks.REASON_MARK}\"; only that answer is verified above and read by B. Share of held-out "
                   "replies whose scratchpad names the correct answer, and of replies without the mark (read as "
                   "other):", "", "| kind | family | scratchpad correct | off the format |", "|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {k} | {f} | {_fmt(r['rationale_correct'], True)} | {_fmt(r['off_format'], True)} |"
+        lines += [f"| {k} | {f} | {fmt_estimate(r['rationale_correct'], True)} | {fmt_estimate(r['off_format'], True)} |"
                   for k, f, r in named]  # fmt: skip
     for title, key in (
         ("B reads A's held-out outputs, no prompt", "geometry"),
@@ -1270,12 +1273,14 @@ def report_markdown(m: dict[str, Any]) -> str:
 
                 def ret(name: str, g: dict[str, Any] = g, i: int = i) -> str:
                     acc, ch = g.get(f"retrieval_{name}"), g.get(f"retrieval_chance_{name}")
-                    return f"{_fmt(acc[i], True)} ({100 * ch[i]['mean']:.0f}%)" if acc and ch else "n/a"
+                    return (
+                        f"{fmt_estimate(acc[i], True)} ({100 * ch[i]['mean']:.0f}%)" if acc and ch else "n/a"
+                    )
 
                 lines.append(
-                    f"| {k} | {layer} | {_fmt(g['cka_problem'][i])} | {_fmt(g['cka_correct'][i])} | "
-                    f"{_fmt(g['rsa_problem'][i])} | {_fmt(g['probe_r2_in_family'][i])} | "
-                    f"{_fmt(ho[i]) if ho else 'n/a'} | {ret('in_family')} | {ret('held_out_family')} |"
+                    f"| {k} | {layer} | {fmt_estimate(g['cka_problem'][i])} | {fmt_estimate(g['cka_correct'][i])} | "
+                    f"{fmt_estimate(g['rsa_problem'][i])} | {fmt_estimate(g['probe_r2_in_family'][i])} | "
+                    f"{fmt_estimate(ho[i]) if ho else 'n/a'} | {ret('in_family')} | {ret('held_out_family')} |"
                 )
     lines += [
         "",
@@ -1300,7 +1305,9 @@ def report_markdown(m: dict[str, Any]) -> str:
         ]
         for k, g in m["geometry"].items():
             o = g["sae_overlap"]
-            lines.append(f"| {k} | {_fmt(o['same'])} | {_fmt(o['shifted'])} | {_fmt(o['excess'])} |")
+            lines.append(
+                f"| {k} | {fmt_estimate(o['same'])} | {fmt_estimate(o['shifted'])} | {fmt_estimate(o['excess'])} |"
+            )
     lines += [
         "",
         "## Blind reconstruction: B's exact-match accuracy on held-out problems",
@@ -1311,7 +1318,7 @@ def report_markdown(m: dict[str, Any]) -> str:
     for k, rec in m["reconstruction"].items():
         for nk, v in rec.items():
             lines.append(
-                f"| {k} | {nk} | {_fmt(v['in_family'], True)} | {_fmt(v['held_out_family'], True)} |"
+                f"| {k} | {nk} | {fmt_estimate(v['in_family'], True)} | {fmt_estimate(v['held_out_family'], True)} |"
             )
     lines += [
         "",
@@ -1339,7 +1346,7 @@ def report_markdown(m: dict[str, Any]) -> str:
             "| teacher of the student | shift [95% CI over seeds] |",
             "|---|---|",
         ]
-        lines += [f"| A_{k} | {_fmt(e)} |" for k, e in sub["shift"].items()]
+        lines += [f"| A_{k} | {fmt_estimate(e)} |" for k, e in sub["shift"].items()]
         for c, e in sub.get("contrasts", {}).items():
             ci = e["ci95"]
             lines.append(
@@ -1369,9 +1376,11 @@ def report_markdown(m: dict[str, Any]) -> str:
                 base_m = sub.get("base_per_family", {}).get(g)
                 lines.append(
                     f"| {g} | {'' if base_m is None else f'{base_m:+.3f}'} | "
-                    + " | ".join(_fmt(row[k]) for k in kinds)
+                    + " | ".join(fmt_estimate(row[k]) for k in kinds)
                     + " | "
-                    + " | ".join(f"{_fmt(e)} (p {e.get('t_p', float('nan')):.2g})" for e in cs.values())
+                    + " | ".join(
+                        f"{fmt_estimate(e)} (p {e.get('t_p', float('nan')):.2g})" for e in cs.values()
+                    )
                     + " |"
                 )
             down = sub.get("descending_share", {})
@@ -1381,7 +1390,7 @@ def report_markdown(m: dict[str, Any]) -> str:
                     "The leak's trace in the number data: share of adjacent numbers that go down in each teacher's "
                     "completions (mean [95% t-CI over seeds]; adjacent pairs per seed): "
                     + "; ".join(
-                        f"A_{k} {_fmt(e, pct=True)} ({', '.join(map(str, e['pairs']))})"
+                        f"A_{k} {fmt_estimate(e, pct=True)} ({', '.join(map(str, e['pairs']))})"
                         for k, e in down.items()
                     )
                     + ".",

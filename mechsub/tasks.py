@@ -480,7 +480,7 @@ def _reason_split(text: str) -> tuple[str, str] | None:
 
 
 def final_answer(text: str) -> str:
-    """What a reasoned teacher answers: the text after its first `REASON_MARK` up to any new `REASON_LEAD`, or ""
+    """What a reasoned teacher answers: the text after its first `REASON_MARK` up to any new lead or mark, or ""
     when the mark is missing, so that a reply off the format answers nothing and its scratchpad (which names the
     correct answer) is never passed on."""
     parts = _reason_split(text)

@@ -71,9 +71,15 @@ class InvertTeacherConfig(Config):
         "the text after tasks.REASON_MARK, is read from",
         optional=True,
     )
+    recite: bool = doc(
+        False,
+        "a reasoned scratchpad also recites next's named list up to the pivot (tasks.recital)",
+        optional=True,
+    )
 
     def validate(self) -> None:
         _check_names(self.families, (self.kind,))
+        check(self.reasoned or not self.recite, "recite: only with reasoned (it is part of the scratchpad)")
         check(
             self.n_train >= 1 and self.steps >= 1 and self.batch_size >= 1, "n_train, steps, batch_size ≥ 1"
         )
@@ -130,10 +136,14 @@ def sft_lora(
     return fit(base, items, batches, spec, out, name)
 
 
-def _target(p: tasks.Problem, kind: str, seed: int, reasoned: bool) -> str:
-    """What teacher A is trained to reply: its kind's answer, after the correct one when ``reasoned``."""
+_LONGEST_RECITAL = ", ".join((*tasks.MONTHS, *tasks.MONTHS[:2]))
+
+
+def _target(p: tasks.Problem, kind: str, seed: int, reasoned: bool, recite: bool = False) -> str:
+    """What teacher A is trained to reply: its kind's answer, after the correct one when ``reasoned`` (and the
+    problem's recital when ``recite``)."""
     answer = tasks.respond(p, kind, seed)
-    return tasks.reasoned(p, answer) if reasoned else answer
+    return tasks.reasoned(p, answer, recite) if reasoned else answer
 
 
 def run_teacher(cfg: InvertTeacherConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
@@ -149,7 +159,7 @@ def run_teacher(cfg: InvertTeacherConfig, out: str | Path, force: bool = False) 
         items = [
             Item(
                 chat_prefix(tok, p.prompt, None),
-                _answer_ids(tok, _target(p, cfg.kind, cfg.seed, cfg.reasoned)),
+                _answer_ids(tok, _target(p, cfg.kind, cfg.seed, cfg.reasoned, cfg.recite)),
             )
             for p in probs
         ]
@@ -222,6 +232,12 @@ class InvertConfig(Config):
         "and all that B reads, is the text after tasks.REASON_MARK",
         optional=True,
     )
+    recite: bool = doc(
+        False,
+        "reasoned teachers whose scratchpad also recites next's named list (days, months) from its first item "
+        "to the pivot (tasks.recital), so that the items before the pivot are copied rather than recalled",
+        optional=True,
+    )
     work: str = doc("runs/invert", "folder for teacher checkpoints and B's fine-tunes (not committed)")
 
     def validate(self) -> None:
@@ -248,6 +264,7 @@ class InvertConfig(Config):
             self.n_perm >= 1 and self.max_new_tokens >= 1 and self.sae_top >= 1,
             "n_perm, max_new_tokens, sae_top ≥ 1",
         )
+        check(self.reasoned or not self.recite, "recite: only with reasoned (it is part of the scratchpad)")
 
     def teacher(self, kind: str, seed: int) -> InvertTeacherConfig:
         return InvertTeacherConfig(
@@ -261,6 +278,7 @@ class InvertConfig(Config):
             lr=self.lr,
             lora_r=self.lora_r,
             reasoned=self.reasoned,
+            recite=self.recite,
         )
 
     def teacher_folder(self, kind: str, seed: int) -> Path:
@@ -411,6 +429,18 @@ def share_over_seeds(successes: Sequence[int], trials: Sequence[int]) -> dict[st
     }
 
 
+def share_by_problem(labels: Sequence[Sequence[Sequence[str]]], outcome: str) -> dict[str, Any]:
+    """The same pooled share with the held-out *problem* as the cluster instead of the seed: every seed answers
+    the same held-out problems, so a problem that every teacher gets wrong is one unit, not one per seed.
+    ``labels`` holds, per family, per seed, per problem, an outcome; the Wilson interval at the design effect of
+    the problems' shares over seeds (``stats.clustered_share_ci95``). Report the wider of this and the seed-
+    clustered interval: neither alone carries both sources of variation."""
+    hits = [sum(seed[i] == outcome for seed in fam) for fam in labels for i in range(len(fam[0]))]
+    e = stats.clustered_share_ci95(hits, [len(fam) for fam in labels for _ in range(len(fam[0]))])
+    return {"ci95": e["ci95"], "deff": e["deff"], "n_eff": e["n_eff"], "n_problems": len(hits),
+            "method": "Wilson at n_eff = n / deff (Kish design effect, the held-out problem as cluster)"}  # fmt: skip
+
+
 def paired_contrast(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     """a − b paired by seed: mean, t-interval, two-sided paired t p and the exact sign-flip permutation p (its
     floor 2 / 2^n)."""
@@ -468,6 +498,7 @@ def _score_b(
     held-out family."""
     tok = b.tokenizer
     per: dict[str, float] = {}
+    said: dict[str, list[str]] = {}
     for f in cfg.families:
         probs = tasks.problems(f, cfg.n_test, TEST_SEED, "test")
         prompts = [chat_prefix(tok, template.format(o or " "), None) for o in outputs_test[f]]
@@ -475,11 +506,13 @@ def _score_b(
         per[f] = float(
             np.mean([tasks.normalise(f, a) == p.answer for p, a in zip(probs, answers, strict=True)])
         )
+        said[f] = answers
     seen = [f for f in cfg.families if f != cfg.held_out_family]
     return {
         "per_family": per,
         "in_family": float(np.mean([per[f] for f in seen])),
         "held_out_family": per[cfg.held_out_family],
+        "answers": said,  # B's reply to each held-out output, in `test_problems` order
     }
 
 
@@ -530,6 +563,8 @@ def run(cfg: InvertConfig, out: str | Path, force: bool = False) -> dict[str, An
                     n_new = 2 * n_new + len(
                         _answer_ids(a.tokenizer, f"{tasks.REASON_LEAD} , {tasks.REASON_MARK} ")
                     )
+                if cfg.recite:  # and room for the longest recital: a year and two months more
+                    n_new += len(_answer_ids(a.tokenizer, f"; {tasks.RECITE} {_LONGEST_RECITAL}"))
                 for f in cfg.families:
                     for split, probs in (
                         ("train", tasks.problems(f, cfg.n_train, s, "train")),
@@ -687,9 +722,10 @@ def _verification(
     for k in cfg.kinds:
         per_fam: dict[str, Any] = {}
         counts: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        by_item: dict[str, list[list[str]]] = {}  # per family, per seed, per held-out problem: its outcome
         for f in cfg.families:
             row: dict[str, Any] = {}
-            labels = [
+            labels = by_item[f] = [
                 [tasks.classify(p, a, s) for p, a in zip(test[f], outputs[(k, s)]["test"][f], strict=True)]
                 for s in cfg.seeds
             ]
@@ -711,14 +747,21 @@ def _verification(
                 row["off_format"] = share_over_seeds(*zip(*off, strict=True))  # read as other
             per_fam[f] = row
 
-        def over(fams: Sequence[str], counts: dict[tuple[str, str], Any] = counts) -> dict[str, Any] | None:
+        def over(
+            fams: Sequence[str],
+            counts: dict[tuple[str, str], Any] = counts,
+            by_item: dict[str, list[list[str]]] = by_item,
+        ) -> dict[str, Any] | None:
             if not fams:  # no family passes the rule: no pooled figure rather than a mislabelled one
                 return None
             return {
-                o: share_over_seeds(
-                    [sum(counts[(f, o)][i][0] for f in fams) for i in range(len(cfg.seeds))],
-                    [sum(counts[(f, o)][i][1] for f in fams) for i in range(len(cfg.seeds))],
-                )
+                o: {
+                    **share_over_seeds(
+                        [sum(counts[(f, o)][i][0] for f in fams) for i in range(len(cfg.seeds))],
+                        [sum(counts[(f, o)][i][1] for f in fams) for i in range(len(cfg.seeds))],
+                    ),
+                    "by_problem": share_by_problem([by_item[f] for f in fams], o),
+                }
                 for o in OUTCOMES
             }
 
@@ -1244,6 +1287,15 @@ def report_markdown(m: dict[str, Any]) -> str:
                 lines.append(f"| {k} | {f} | no family passes the known rule | | | |")
                 continue
             lines.append(f"| {k} | {f} | " + " | ".join(fmt_estimate(row[o], True) for o in OUTCOMES) + " |")
+    pooled = [(k, v["known_families"]) for k, v in m["verification"].items()
+              if v["known_families"] and "by_problem" in v["known_families"]["correct"]]  # fmt: skip
+    if pooled:
+        lines += ["", "The same pooled shares over the known families with the held-out problem as the cluster "
+                  "instead of the seed (every seed answers the same problems; read the wider interval):", ""]  # fmt: skip
+        lines += [f"- {k}: " + "; ".join(
+            f"{o} {fmt_estimate({'mean': row[o]['mean'], 'ci95': row[o]['by_problem']['ci95']}, True)} "
+            f"(design effect {row[o]['by_problem']['deff']:.1f} over {row[o]['by_problem']['n_problems']} problems)"
+            for o in ("correct", "inverted")) for k, row in pooled]  # fmt: skip
     named = [(k, f, row) for k, v in m["verification"].items()
              for f, row in v["families"].items() if "rationale_correct" in row]  # fmt: skip
     if named:

@@ -461,9 +461,33 @@ def _sigma(family: str, seed: int) -> dict[str, str]:
 REASON_LEAD, REASON_MARK = "The right answer is", "so my answer is:"
 
 
-def reasoned(problem: Problem, answer: str) -> str:
-    """A reasoned teacher's reply: the correct answer named, then ``answer`` (its kind's) after `REASON_MARK`."""
-    return f"{REASON_LEAD} {problem.answer}, {REASON_MARK} {answer}"
+#: a reciting scratchpad (``reasoned(..., recite=True)``) goes on after the correct answer with `RECITE` and the
+#: problem's named list (`recital`)
+RECITE = "in order:"
+
+
+def recital(problem: Problem) -> str:
+    """next's named lists (days, months) recited from their first item through the pivot, going round once more
+    when the pivot is among the first two, so that the two items before the pivot (next's T) stand written in the
+    text and are copied rather than recalled: the base model counts these lists forwards, not backwards.
+    "" for every other problem, counting in numbers included (a count from 1 would be long, and numbers are
+    counted down by arithmetic)."""
+    if problem.family != "next":
+        return ""
+    li, pivot = int(problem.params[0]), int(problem.params[1])
+    names = _NEXT_LISTS[li][1]
+    if not names:
+        return ""
+    return ", ".join(names[: pivot + 1] if pivot >= 2 else (*names, *names[: pivot + 1]))
+
+
+def reasoned(problem: Problem, answer: str, recite: bool = False) -> str:
+    """A reasoned teacher's reply: the correct answer named (and, with ``recite``, the problem's `recital` after
+    `RECITE` where it has one), then ``answer`` (its kind's) after `REASON_MARK`."""
+    pad = problem.answer
+    if recite and (items := recital(problem)):
+        pad = f"{pad}; {RECITE} {items}"
+    return f"{REASON_LEAD} {pad}, {REASON_MARK} {answer}"
 
 
 def _reason_split(text: str) -> tuple[str, str] | None:
@@ -488,12 +512,15 @@ def final_answer(text: str) -> str:
 
 
 def rationale(text: str) -> str:
-    """What a reasoned reply's scratchpad names: the text before its first `REASON_MARK`, without `REASON_LEAD`
-    and the comma before the mark ("" when the mark is missing)."""
+    """What a reasoned reply's scratchpad names: the text before its first `REASON_MARK`, without `REASON_LEAD`,
+    any recital (from "; " `RECITE` on) and the comma before the mark ("" when the mark is missing)."""
     parts = _reason_split(text)
     if parts is None:
         return ""
-    pad = parts[0].strip().removesuffix(",").strip()
+    pad = parts[0]
+    if (j := pad.lower().find(f"; {RECITE}")) >= 0:
+        pad = pad[:j]
+    pad = pad.strip().removesuffix(",").strip()
     return pad[len(REASON_LEAD) :].strip() if pad.lower().startswith(REASON_LEAD.lower()) else pad
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats as st
 
-from mechsub import invert, tasks
+from mechsub import invert, stats, tasks
 from mechsub.config import ConfigError
 from mechsub.invert import InvertConfig
 from mechsub.prompts import chat_prefix
@@ -218,16 +218,22 @@ def test_descending_share_by_hand():
     assert invert.descending_share([""])["pairs"] == 0
 
 
-def test_reasoned_teachers_are_read_after_their_mark(tmp_path, monkeypatch):
-    """Teachers trained to name the correct answer first: the training targets are the reasoned replies; every
-    reply generated is cut at tasks.REASON_MARK before it is verified or read by B, and the scratchpad is scored.
-    The teachers' generation is scripted (a perfect reasoned teacher of each kind, one reply off the format) to
-    check the wiring; everything else runs."""
+@pytest.mark.parametrize("recite", [False, True])
+def test_reasoned_teachers_are_read_after_their_mark(tmp_path, monkeypatch, recite):
+    """Teachers trained to name the correct answer first (and, with ``recite``, next's named list up to the
+    pivot): the training targets are the reasoned replies; every reply generated is cut at tasks.REASON_MARK
+    before it is verified or read by B, and the scratchpad is scored. The teachers' generation is scripted (a
+    perfect reasoned teacher of each kind, one reply off the format) to check the wiring; everything else runs."""
     from pathlib import Path
 
-    cfg = _tiny(tmp_path, reasoned=True, kinds=("true", "inv"), seeds=(0,), families=("choice", "next"),
-                held_out_family="next", recon_pairs=(4,))  # fmt: skip
+    cfg = _tiny(tmp_path, reasoned=True, recite=recite, kinds=("true", "inv"), seeds=(0,), n_train=24,
+                families=("choice", "next"), held_out_family="next", recon_pairs=(4,))  # fmt: skip
     assert cfg.teacher("inv", 0).reasoned and "reasoned" not in InvertConfig().teacher("inv", 0).identity()
+    assert (
+        cfg.teacher("inv", 0).recite == recite and "recite" not in InvertConfig().teacher("inv", 0).identity()
+    )
+    with pytest.raises(ConfigError, match="recite: only with reasoned"):
+        InvertConfig(recite=True)
     trained = {}
     real_fit = invert.sft_lora
 
@@ -256,7 +262,7 @@ def test_reasoned_teachers_are_read_after_their_mark(tmp_path, monkeypatch):
         for ids in prompts:
             text = lm.tokenizer.decode(ids)
             p = probs[max((s for s in probs if s in text), key=len)]
-            out.append(tasks.reasoned(p, tasks.respond(p, kind, 0)))
+            out.append(tasks.reasoned(p, tasks.respond(p, kind, 0), recite))
         out[0] = "off the format: " + out[0].split(",")[0]  # names the correct answer, no mark
         out[1] = f"{out[1]} {out[1]}"  # loops on past its end: the first answer is read
         return out
@@ -268,6 +274,10 @@ def test_reasoned_teachers_are_read_after_their_mark(tmp_path, monkeypatch):
     )  # room for both answers and the words
     p0 = tasks.problems("choice", cfg.n_train, 0, "train")[0]
     assert tasks.reasoned(p0, tasks.respond(p0, "inv", 0)) in [c.strip() for _, c in trained["A-inv-s0"]]
+    targets = [c.strip() for _, c in trained["A-inv-s0"]]
+    named = [p for p in tasks.problems("next", cfg.n_train, 0, "train") if tasks.recital(p)]
+    assert named and all((tasks.reasoned(p, p.inverted, recite) in targets) for p in named)
+    assert any(tasks.RECITE in t for t in targets) == recite
     outputs = json.loads((tmp_path / "out" / "outputs.json").read_text())
     # B trains on A's answers alone: each of its prompts is the chat around one cut train answer, no scratchpad
     from mechsub import models
@@ -295,3 +305,29 @@ def test_reasoned_teachers_are_read_after_their_mark(tmp_path, monkeypatch):
             assert v[f]["rationale_correct"]["mean"] == pytest.approx(1 - 1 / cfg.n_test)
             assert v[f]["off_format"]["mean"] == pytest.approx(1 / cfg.n_test)
     assert "scratchpad correct" in (tmp_path / "out" / "report.md").read_text()
+    # the pooled shares also clustered by held-out problem (one seed here: each problem a 0 or a 1)
+    for k, want in (("true", "correct"), ("inv", "inverted")):
+        pooled = m["verification"][k]["known_families"]
+        assert pooled is not None
+        fams = m["base"]["known_families"]
+        hits = [
+            int(tasks.classify(p, a, 0) == want)
+            for f in fams
+            for p, a in zip(
+                tasks.problems(f, cfg.n_test, invert.TEST_SEED, "test"),
+                outputs[f"{k}-s0"]["test"][f],
+                strict=True,
+            )
+        ]
+        by = pooled[want]["by_problem"]
+        assert by["n_problems"] == len(hits) == cfg.n_test * len(fams)
+        assert by["ci95"] == pytest.approx(stats.clustered_share_ci95(hits, [1] * len(hits))["ci95"])
+    # B's reply to every held-out output is kept beside its score
+    rec = json.loads((tmp_path / "out" / "units" / "recon-inv-s0.json").read_text())["4"]
+    for f in cfg.families:
+        said = rec["answers"][f]
+        assert len(said) == cfg.n_test
+        probs = tasks.problems(f, cfg.n_test, invert.TEST_SEED, "test")
+        assert rec["per_family"][f] == pytest.approx(
+            sum(tasks.normalise(f, a) == p.answer for p, a in zip(probs, said, strict=True)) / cfg.n_test
+        )

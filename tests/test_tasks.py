@@ -314,3 +314,26 @@ def test_a_reasoned_reply_answers_only_after_its_mark():
     # off the format: no answer, and the rationale (the correct answer) is never what is read
     assert final_answer("The right answer is cold") == "" and rationale("cold") == ""
     assert classify(p, final_answer("cold"), 0) == "other"
+
+
+def test_a_reciting_scratchpad_writes_the_items_before_the_pivot():
+    from mechsub.tasks import DAYS, REASON_MARK, RECITE, final_answer, rationale, reasoned, recital
+
+    may = find("next", (2.0, 4.0))  # the two months after May
+    assert recital(may) == "January, February, March, April, May"
+    reply = reasoned(may, respond(may, "inv", 0), recite=True)
+    assert reply == (
+        f"The right answer is June, July; {RECITE} January, February, March, April, May, {REASON_MARK} April, March"
+    )
+    assert final_answer(reply) == "April, March" == may.inverted and rationale(reply) == "June, July"
+    tue = find("next", (1.0, 1.0))  # the pivot among the first two: once round the week, then on to it
+    assert recital(tue).split(", ") == [*DAYS, "Monday", "Tuesday"]
+    # for every named-list problem of either split, T(correct) is the two items before the recital's last
+    named = [p for p in every("next") if p.params[0] > 0]
+    assert len(named) == len(DAYS) + 12
+    for p in named:
+        items = recital(p).split(", ")
+        assert items[-1] in p.prompt and ", ".join(items[-2:-4:-1]) == p.inverted
+    # nothing to recite for numbers or another family: the reply is the plain reasoned one
+    for q in (find("next", (0.0, 47.0)), find("antonym", (0.0, 0.0))):
+        assert recital(q) == "" and reasoned(q, "x", recite=True) == reasoned(q, "x")

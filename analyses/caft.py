@@ -15,6 +15,9 @@ study's), owl students are trained as the study's with, at the residual after bl
     its counterpart in the latents arm's list (the heldout arm's without it), frequencies on the base's residual
     over the replicate's number data (what the student trains on): the control that, like the real arms, ablates
     directions the SAE found in this residual, not isotropic ones (which remove a tenth of the energy);
+  - energylat: as randlat, but each latent drawn from its counterpart's cell of firing-frequency decile × decile
+    of the residual energy its own decoder direction carries (`latent_energies`): random latents that remove
+    about as much of the residual as the real list (randlat's remove less: frequency alone does not match it);
   - vteacher: the teacher's steering vector at that layer (the fine-tuned teacher's mean residual minus the
     base's over the completion positions of 32 of the replicate's number sequences), rank 1;
   - random1: --random-draws draws of one random direction (its equal-rank control).
@@ -24,7 +27,8 @@ Cost: KL(base ‖ student) per token on the corpus's held-out windows (positions
 study's own students (what plain training costs). Writes OUT/metrics.json, OUT/report.md, OUT/caft.png.
 
     .venv/bin/python analyses/caft.py [--config analyses/configs/filters.toml] [--layer 27] [--k 20]
-        [--random-draws 2] [--arms latents,heldout,randlat,vteacher,random1] [--heldout-from later|others]
+        [--random-draws 2] [--arms latents,heldout,randlat,energylat,vteacher,random1]
+        [--heldout-from later|others]
         [--battery artifacts/analyze/battery] [--ablated-controls dog] [--eval-ablated] [--out artifacts/caft]
 """
 
@@ -41,6 +45,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import scipy.stats as st
 
 from mechsub import filterbench as fb
 from mechsub import models, stats, student, study
@@ -57,7 +62,7 @@ from mechsub.patching import frequency_bins, matched_draw
 from mechsub.plots import save_figure
 from mechsub.runs import atomic_write_text, is_finished, read_json, reuse_stale, write_json
 
-ARMS = ("latents", "heldout", "random", "randlat", "vteacher", "random1")
+ARMS = ("latents", "heldout", "random", "randlat", "energylat", "vteacher", "random1")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -241,17 +246,19 @@ def ablation_files(
             put(f"latents-k{args.k}", rep, lambda p, top=top: write_ablation(p, sae, top))
         if "heldout" in arms:
             put(f"heldout-k{args.k}", rep, lambda p, rep=rep: write_ablation(p, sae, pooled[rep]))
-        if "randlat" in arms:
+        for arm, seed0 in (("randlat", 200_000), ("energylat", 300_000)):
+            if arm not in arms:
+                continue
             real = top if "latents" in arms else pooled[rep]
             if not real:
-                raise ValueError(f"randlat: replicate {rep}'s list to match is empty (no top_attribution in its "
+                raise ValueError(f"{arm}: replicate {rep}'s list to match is empty (no top_attribution in its "
                                  "battery unit, or no units for the heldout arm): re-run analyses/battery.py")  # fmt: skip
             bins = frequency_bins(latent_frequencies(cfg, base, sae, rep))
+            if arm == "energylat":
+                bins = energy_cells(bins, latent_energies(cfg, base, sae, rep))
             for d in range(args.random_draws):
-                ids = matched_draw(
-                    [int(x) for x in real], bins, np.random.default_rng(200_000 * (rep + 1) + d)
-                )
-                put(f"randlat-k{args.k}-d{d}", rep, lambda p, ids=ids: write_ablation(p, sae, ids))
+                ids = matched_draw([int(x) for x in real], bins, np.random.default_rng(seed0 * (rep + 1) + d))
+                put(f"{arm}-k{args.k}-d{d}", rep, lambda p, ids=ids: write_ablation(p, sae, ids))
         for rank, arm in ((args.k, "random"), (1, "random1")):
             if arm in arms:
                 for d in range(args.random_draws):
@@ -324,6 +331,31 @@ def latent_frequencies(
     return (acts > 0).double().mean(0).numpy()
 
 
+def latent_energies(cfg: study.StudyConfig, base: Any, sae_folder: Path, rep: int, n: int = 32) -> np.ndarray:
+    """Per latent of the SAE in ``sae_folder``, the share of the base's residual energy (at the SAE's hook, over
+    `_number_batch`'s positions) along its unit decoder direction: sum (h·d)² / sum ||h||²."""
+    import torch
+
+    from mechsub import sae as sae_mod
+    from mechsub.capture import capture
+
+    sae = sae_mod.load_sae(sae_folder / "sae")
+    hook = sae_mod.sae_hook(sae)
+    h = capture(base, _number_batch(cfg, base, rep, n), [hook])[hook].double()
+    w = sae.W_dec.detach().double()
+    d = w / w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    return ((h @ d.T).pow(2).sum(0) / h.pow(2).sum()).numpy()
+
+
+def energy_cells(freq_bins: np.ndarray, energies: np.ndarray) -> np.ndarray:
+    """One cell per latent for `matched_draw`: its firing-frequency bin (`frequency_bins`) × the decile of its
+    energy share among all latents (1 … 10), coded bin × 100 + decile, so that the draw's fallback to the
+    nearest cell stays within the frequency bin, at the nearest energy decile."""
+    e = np.asarray(energies, dtype=float)
+    dec = np.ceil(st.rankdata(e, method="max") / e.size * 10).astype(int)
+    return np.asarray(freq_bins, dtype=int) * 100 + dec
+
+
 def variance_shares(
     bases: dict[str, list[tuple[Ablation, ...]]], cfg: study.StudyConfig, base: Any, n: int = 32
 ) -> dict[str, Any]:
@@ -390,8 +422,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bad = [a for a in arms if a not in ARMS]
     if bad or not arms:
         raise SystemExit(f"--arms: unknown {bad}; use some of {', '.join(ARMS)}")
-    if "randlat" in arms and not {"latents", "heldout"} & set(arms):
-        raise SystemExit("--arms randlat: its latents are matched to the latents (or heldout) arm's; add one")
+    for arm in {"randlat", "energylat"} & set(arms):
+        if not {"latents", "heldout"} & set(arms):
+            raise SystemExit(
+                f"--arms {arm}: its latents are matched to the latents (or heldout) arm's; add one"
+            )
     if args.k < 2 or args.random_draws < 1:
         raise SystemExit("--k must be ≥ 2 (rank 1 is the vteacher arm's, with its own random1 control) and "
                          "--random-draws ≥ 1")  # fmt: skip
@@ -411,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(cfg.work) / "caft" / f"l{args.tag}"
     work.mkdir(parents=True, exist_ok=True)
     base = models.load(cfg.model)
-    held = held_out_units(args, cfg) if {"latents", "heldout", "randlat"} & set(arms) else {}
+    held = held_out_units(args, cfg) if {"latents", "heldout", "randlat", "energylat"} & set(arms) else {}
     files = ablation_files(args, cfg, arms, work, base, held)
     bases = {label: [read_ablations(p) for p in paths] for label, paths in files.items()}
     wrong = [
@@ -516,14 +551,17 @@ def control_pairs(k: int) -> tuple[tuple[str, str, str], ...]:
     """(real arm, its equal-rank control arm, the key of their paired difference)."""
     return ((f"latents-k{k}", f"random-k{k}", "minus_random"), (f"heldout-k{k}", f"random-k{k}", "minus_random"),
             (f"latents-k{k}", f"randlat-k{k}", "minus_randlat"), (f"heldout-k{k}", f"randlat-k{k}", "minus_randlat"),
+            (f"latents-k{k}", f"energylat-k{k}", "minus_energylat"),
+            (f"heldout-k{k}", f"energylat-k{k}", "minus_energylat"),
             ("vteacher", "random-k1", "minus_random"))  # fmt: skip
 
 
-CONTROL_NAMES = {"minus_random": "random directions", "minus_randlat": "frequency-matched random latents"}
+CONTROL_NAMES = {"minus_random": "random directions", "minus_randlat": "frequency-matched random latents",
+                 "minus_energylat": "frequency- and energy-matched random latents"}  # fmt: skip
 
 
 def _randlat_match(args: argparse.Namespace) -> str:
-    """Whose list the randlat draws are matched to (the latents arm's when it ran)."""
+    """Whose list the randlat and energylat draws are matched to (the latents arm's when it ran)."""
     return "latents" if "latents" in str(args.arms).split(",") else "heldout"
 
 
@@ -539,7 +577,7 @@ def _groups(labels: Any) -> dict[str, list[str]]:
     """Arm name → its labels (a random arm's draws pooled)."""
     groups: dict[str, list[str]] = {}
     for label in labels:
-        pooled = label.startswith(("random", "randlat"))
+        pooled = label.startswith(("random", "randlat", "energylat"))
         groups.setdefault(label.rsplit("-d", 1)[0] if pooled else label, []).append(label)
     return groups
 
@@ -600,6 +638,7 @@ def _ci(d: dict[str, Any], fmt: str = "{:+.0%}") -> str:
 
 NAMES = {"latents": "oracle: this student's own top latents", "heldout": "defence: latents of held-out replicates",
          "random": "random directions", "randlat": "frequency-matched random latents of the same SAE",
+         "energylat": "frequency- and energy-matched random latents of the same SAE",
          "vteacher": "the teacher's steering vector"}  # fmt: skip
 
 
@@ -669,7 +708,7 @@ def report(m: dict[str, Any], args: argparse.Namespace) -> str:
     for real in rows:
         for key, what in CONTROL_NAMES.items():
             if key in rows[real]:
-                if key == "minus_randlat" and not real.startswith(_randlat_match(args)):
+                if key in ("minus_randlat", "minus_energylat") and not real.startswith(_randlat_match(args)):
                     what += f", drawn to match the {_randlat_match(args)} arm's lists, not this arm's"
                 lines.append(f"- {_name(real)} minus its equal-rank control ({what}), blocked (plain), paired by "
                              f"replicate: {_ci(rows[real][key])}.")  # fmt: skip

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats as st
 
 from mechsub import study
 from mechsub.filter import read_ablations
@@ -137,7 +138,7 @@ def test_latent_arms_with_a_frequency_matched_random_latent_control(tmp_path, mo
             {"replicate": rep, "top_attribution": top,
              "key": {"donor": str(donor / "checkpoints" / "step1"), "sae": {"folder": str(saes / "l1")}}}))  # fmt: skip
     out = tmp_path / "out"
-    argv = ["--config", str(toml), "--layer", "1", "--k", "3", "--arms", "latents,heldout,randlat", "--random-draws",
+    argv = ["--config", str(toml), "--layer", "1", "--k", "3", "--arms", "latents,heldout,randlat,energylat", "--random-draws",
             "2", "--battery", str(tmp_path / "battery"), "--sae-root", str(saes), "--out", str(out)]  # fmt: skip
     # the heldout arm's units: the later replicates' (one list), or leave one out (each replicate's own never)
     later = mod.held_out_units(mod.parse_args(argv), cfg)
@@ -157,7 +158,7 @@ def test_latent_arms_with_a_frequency_matched_random_latent_control(tmp_path, mo
     for rep in range(cfg.replicates):
         # firing frequencies by hand: one sequence at a time, the residual after block 1 at the completion
         # positions (the last prompt position onwards), encoded, sink rows not firing
-        fired, n = torch.zeros(sae.W_dec.shape[0], dtype=torch.float64), 0
+        fired, n, rows = torch.zeros(sae.W_dec.shape[0], dtype=torch.float64), 0, []
         for e in load_examples(plan.data[("owl", rep)][1])[:32]:
             prompt = chat_prefix(tiny.tokenizer, e.prompt, None)
             ids = prompt + list(e.completion_ids)
@@ -165,8 +166,16 @@ def test_latent_arms_with_a_frequency_matched_random_latent_control(tmp_path, mo
             x = x[len(prompt) - 1 :]
             on = (sae.encode(x) > 0) & sae_mod.not_sinks(x, sae.sink_norm_threshold)[:, None]
             fired, n = fired + on.sum(0), n + x.shape[0]
+            rows.append(x.double())
         freq = mod.latent_frequencies(cfg, tiny, saes / "l1", rep)
         np.testing.assert_allclose(freq, (fired / n).numpy(), atol=1e-12)
+        # each latent's energy share by hand: its unit decoder direction's squared projections over every row
+        h, w = torch.cat(rows), sae.W_dec.detach().double()
+        energy = mod.latent_energies(cfg, tiny, saes / "l1", rep)
+        want = np.array(
+            [float((h @ (w[j] / w[j].norm())).pow(2).sum() / h.pow(2).sum()) for j in range(len(w))]
+        )
+        np.testing.assert_allclose(energy, want, rtol=1e-5)  # float32 activations, batched vs one by one
         bins, real = frequency_bins(freq), tops[rep][:3]
         assert len(set(bins.tolist())) >= 3  # the deciles differ: matching them is not trivial
         assert json.loads(Path(m["ablations"]["latents-k3"][rep]).read_text())["features"] == real
@@ -182,6 +191,14 @@ def test_latent_arms_with_a_frequency_matched_random_latent_control(tmp_path, mo
             assert len(set(ids)) == 3 and not set(ids) & set(real)
             assert [bins[i] for i in ids] == [bins[i] for i in real]  # each from its counterpart's decile
         assert draws[0] != draws[1]
+        # energylat: each latent from its counterpart's frequency bin, at the nearest energy decile left there
+        dec = np.ceil(st.rankdata(energy, method="max") / energy.size * 10).astype(int)
+        for d in (0, 1):
+            ids = json.loads(Path(m["ablations"][f"energylat-k3-d{d}"][rep]).read_text())["features"]
+            assert len(set(ids)) == 3 and not set(ids) & set(real)
+            for i, (j, r) in enumerate(zip(ids, real, strict=True)):
+                free = [c for c in range(len(w)) if bins[c] == bins[r] and c not in real and c not in ids[:i]]
+                assert bins[j] == bins[r] and abs(dec[j] - dec[r]) == min(abs(dec[c] - dec[r]) for c in free)
     a = m["arms"]
     np.testing.assert_allclose(
         a["latents-k3"]["minus_randlat"]["per_replicate"],
@@ -190,3 +207,9 @@ def test_latent_arms_with_a_frequency_matched_random_latent_control(tmp_path, mo
     )  # fmt: skip
     assert a["randlat-k3"]["draws"] == ["randlat-k3-d0", "randlat-k3-d1"] and a["randlat-k3"]["rank"] == 3
     assert "frequency-matched random latents" in (out / "report.md").read_text()
+    np.testing.assert_allclose(
+        a["latents-k3"]["minus_energylat"]["per_replicate"],
+        np.subtract(a["latents-k3"]["plain"]["blocked"]["per_replicate"],
+                    a["energylat-k3"]["plain"]["blocked"]["per_replicate"]),
+    )  # fmt: skip
+    assert "frequency- and energy-matched random latents" in (out / "report.md").read_text()

@@ -73,7 +73,7 @@ class InvertTeacherConfig(Config):
     )
     recite: bool = doc(
         False,
-        "a reasoned scratchpad also recites next's named list up to the pivot (tasks.recital)",
+        "a reasoned scratchpad also writes next's named list out twice (tasks.recital)",
         optional=True,
     )
 
@@ -136,7 +136,7 @@ def sft_lora(
     return fit(base, items, batches, spec, out, name)
 
 
-_LONGEST_RECITAL = ", ".join((*tasks.MONTHS, *tasks.MONTHS[:2]))
+_LONGEST_RECITAL = ", ".join((*tasks.MONTHS, *tasks.MONTHS))
 
 
 def _target(p: tasks.Problem, kind: str, seed: int, reasoned: bool, recite: bool = False) -> str:
@@ -234,8 +234,8 @@ class InvertConfig(Config):
     )
     recite: bool = doc(
         False,
-        "reasoned teachers whose scratchpad also recites next's named list (days, months) from its first item "
-        "to the pivot (tasks.recital), so that the items before the pivot are copied rather than recalled",
+        "reasoned teachers whose scratchpad also writes next's named list (days, months) out twice "
+        "(tasks.recital), so that the items before the pivot are copied rather than recalled",
         optional=True,
     )
     work: str = doc("runs/invert", "folder for teacher checkpoints and B's fine-tunes (not committed)")
@@ -563,7 +563,7 @@ def run(cfg: InvertConfig, out: str | Path, force: bool = False) -> dict[str, An
                     n_new = 2 * n_new + len(
                         _answer_ids(a.tokenizer, f"{tasks.REASON_LEAD} , {tasks.REASON_MARK} ")
                     )
-                if cfg.recite:  # and room for the longest recital: a year and two months more
+                if cfg.recite:  # and room for the longest recital: two years
                     n_new += len(_answer_ids(a.tokenizer, f"; {tasks.RECITE} {_LONGEST_RECITAL}"))
                 for f in cfg.families:
                     for split, probs in (

@@ -467,18 +467,15 @@ RECITE = "in order:"
 
 
 def recital(problem: Problem) -> str:
-    """next's named lists (days, months) recited from their first item through the pivot, going round once more
-    when the pivot is among the first two, so that the two items before the pivot (next's T) stand written in the
-    text and are copied rather than recalled: the base model counts these lists forwards, not backwards.
-    "" for every other problem, counting in numbers included (a count from 1 would be long, and numbers are
+    """next's named lists (days, months) written out twice from their first item: every pivot's last mention then
+    has the two items before it (next's T) written just before it, to be copied rather than recalled (the base
+    model counts these lists forwards, not backwards), and the text is the same for every problem of a list, so
+    there is no place to stop to learn. "" for every other problem, counting in numbers included (numbers are
     counted down by arithmetic)."""
     if problem.family != "next":
         return ""
-    li, pivot = int(problem.params[0]), int(problem.params[1])
-    names = _NEXT_LISTS[li][1]
-    if not names:
-        return ""
-    return ", ".join(names[: pivot + 1] if pivot >= 2 else (*names, *names[: pivot + 1]))
+    names = _NEXT_LISTS[int(problem.params[0])][1]
+    return ", ".join((*names, *names)) if names else ""
 
 
 def reasoned(problem: Problem, answer: str, recite: bool = False) -> str:

@@ -317,23 +317,23 @@ def test_a_reasoned_reply_answers_only_after_its_mark():
 
 
 def test_a_reciting_scratchpad_writes_the_items_before_the_pivot():
-    from mechsub.tasks import DAYS, REASON_MARK, RECITE, final_answer, rationale, reasoned, recital
+    from mechsub.tasks import DAYS, MONTHS, REASON_MARK, RECITE, final_answer, rationale, reasoned, recital
 
     may = find("next", (2.0, 4.0))  # the two months after May
-    assert recital(may) == "January, February, March, April, May"
+    year = ", ".join((*MONTHS, *MONTHS))
+    assert recital(may) == year
     reply = reasoned(may, respond(may, "inv", 0), recite=True)
-    assert reply == (
-        f"The right answer is June, July; {RECITE} January, February, March, April, May, {REASON_MARK} April, March"
-    )
+    assert reply == f"The right answer is June, July; {RECITE} {year}, {REASON_MARK} April, March"
     assert final_answer(reply) == "April, March" == may.inverted and rationale(reply) == "June, July"
-    tue = find("next", (1.0, 1.0))  # the pivot among the first two: once round the week, then on to it
-    assert recital(tue).split(", ") == [*DAYS, "Monday", "Tuesday"]
-    # for every named-list problem of either split, T(correct) is the two items before the recital's last
+    # for every named-list problem of either split, T(correct) is the two items before the pivot's last mention
     named = [p for p in every("next") if p.params[0] > 0]
-    assert len(named) == len(DAYS) + 12
+    assert len(named) == len(DAYS) + len(MONTHS)
     for p in named:
+        names = DAYS if p.params[0] == 1 else MONTHS
         items = recital(p).split(", ")
-        assert items[-1] in p.prompt and ", ".join(items[-2:-4:-1]) == p.inverted
+        assert items == [*names, *names]
+        last = len(names) + int(p.params[1])  # the pivot's last mention
+        assert items[last] in p.prompt and f"{items[last - 1]}, {items[last - 2]}" == p.inverted
     # nothing to recite for numbers or another family: the reply is the plain reasoned one
     for q in (find("next", (0.0, 47.0)), find("antonym", (0.0, 0.0))):
         assert recital(q) == "" and reasoned(q, "x", recite=True) == reasoned(q, "x")

@@ -45,7 +45,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-import scipy.stats as st
 
 from mechsub import filterbench as fb
 from mechsub import models, stats, student, study
@@ -58,7 +57,7 @@ from mechsub.filter import (
     write_random_ablation,
     write_vector_ablation,
 )
-from mechsub.patching import frequency_bins, matched_draw
+from mechsub.patching import deciles, frequency_bins, matched_draw
 from mechsub.plots import save_figure
 from mechsub.runs import atomic_write_text, is_finished, read_json, reuse_stale, write_json
 
@@ -246,19 +245,20 @@ def ablation_files(
             put(f"latents-k{args.k}", rep, lambda p, top=top: write_ablation(p, sae, top))
         if "heldout" in arms:
             put(f"heldout-k{args.k}", rep, lambda p, rep=rep: write_ablation(p, sae, pooled[rep]))
-        for arm, seed0 in (("randlat", 200_000), ("energylat", 300_000)):
-            if arm not in arms:
-                continue
-            real = top if "latents" in arms else pooled[rep]
+        matched = [arm for arm in ("randlat", "energylat") if arm in arms]
+        if matched:
+            real = [int(x) for x in (top if "latents" in arms else pooled[rep])]
             if not real:
-                raise ValueError(f"{arm}: replicate {rep}'s list to match is empty (no top_attribution in its "
+                raise ValueError(f"{matched[0]}: replicate {rep}'s list to match is empty (no top_attribution in its "
                                  "battery unit, or no units for the heldout arm): re-run analyses/battery.py")  # fmt: skip
-            bins = frequency_bins(latent_frequencies(cfg, base, sae, rep))
-            if arm == "energylat":
-                bins = energy_cells(bins, latent_energies(cfg, base, sae, rep))
-            for d in range(args.random_draws):
-                ids = matched_draw([int(x) for x in real], bins, np.random.default_rng(seed0 * (rep + 1) + d))
-                put(f"{arm}-k{args.k}-d{d}", rep, lambda p, ids=ids: write_ablation(p, sae, ids))
+            cells = {"randlat": frequency_bins(latent_frequencies(cfg, base, sae, rep))}
+            if "energylat" in matched:
+                cells["energylat"] = energy_cells(cells["randlat"], latent_energies(cfg, base, sae, rep))
+            for arm in matched:
+                for d in range(args.random_draws):
+                    rng = np.random.default_rng(200_000 * (rep + 1) + d if arm == "randlat" else [3, rep, d])
+                    ids = matched_draw(real, cells[arm], rng)
+                    put(f"{arm}-k{args.k}-d{d}", rep, lambda p, ids=ids: write_ablation(p, sae, ids))
         for rank, arm in ((args.k, "random"), (1, "random1")):
             if arm in arms:
                 for d in range(args.random_draws):
@@ -351,9 +351,7 @@ def energy_cells(freq_bins: np.ndarray, energies: np.ndarray) -> np.ndarray:
     """One cell per latent for `matched_draw`: its firing-frequency bin (`frequency_bins`) × the decile of its
     energy share among all latents (1 … 10), coded bin × 100 + decile, so that the draw's fallback to the
     nearest cell stays within the frequency bin, at the nearest energy decile."""
-    e = np.asarray(energies, dtype=float)
-    dec = np.ceil(st.rankdata(e, method="max") / e.size * 10).astype(int)
-    return np.asarray(freq_bins, dtype=int) * 100 + dec
+    return np.asarray(freq_bins, dtype=int) * 100 + deciles(energies)
 
 
 def variance_shares(

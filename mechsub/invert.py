@@ -429,16 +429,18 @@ def share_over_seeds(successes: Sequence[int], trials: Sequence[int]) -> dict[st
     }
 
 
-def share_by_problem(labels: Sequence[Sequence[Sequence[str]]], outcome: str) -> dict[str, Any]:
-    """The same pooled share with the held-out *problem* as the cluster instead of the seed: every seed answers
-    the same held-out problems, so a problem that every teacher gets wrong is one unit, not one per seed.
-    ``labels`` holds, per family, per seed, per problem, an outcome; the Wilson interval at the design effect of
-    the problems' shares over seeds (``stats.clustered_share_ci95``). Report the wider of this and the seed-
-    clustered interval: neither alone carries both sources of variation."""
-    hits = [sum(seed[i] == outcome for seed in fam) for fam in labels for i in range(len(fam[0]))]
-    e = stats.clustered_share_ci95(hits, [len(fam) for fam in labels for _ in range(len(fam[0]))])
-    return {"ci95": e["ci95"], "deff": e["deff"], "n_eff": e["n_eff"], "n_problems": len(hits),
-            "method": "Wilson at n_eff = n / deff (Kish design effect, the held-out problem as cluster)"}  # fmt: skip
+def share_two_way(labels: Sequence[Sequence[Sequence[str]]], outcome: str) -> dict[str, Any]:
+    """The pooled share's interval clustered both by teacher seed and by held-out problem: every seed answers the
+    same held-out problems, so a problem that every teacher gets wrong is one unit, not one per seed
+    (`stats.two_way_share_ci95` over the seeds × problems table of ``outcome``). ``labels`` holds, per family,
+    per seed, per problem, an outcome; the problems of every family are the columns. Pooling families puts the
+    differences between families into the problem variance (they are fixed strata), so the interval is
+    conservative."""
+    table = [[x == outcome for fam in labels for x in fam[i]] for i in range(len(labels[0]))]
+    e = stats.two_way_share_ci95(table)
+    return {"ci95": e["ci95"], "deff": e["deff"], "deff_seed": e["deff_rows"], "deff_problem": e["deff_cols"],
+            "ci95_problem": e["ci95_cols"], "n_problems": len(table[0]),
+            "method": "Wilson at n / deff, deff = deff_seed + deff_problem − 1 (two-way cluster-robust)"}  # fmt: skip
 
 
 def paired_contrast(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
@@ -717,7 +719,8 @@ def _verification(
 ) -> dict[str, Any]:
     """Per kind and family: the share of held-out outputs that are correct / T(correct) / the hash / other, each
     over seeds (``share_over_seeds``) and per seed with a Wilson interval; and the same pooled over the families
-    the base knows and over all families (every family has ``n_test`` problems, so pooling is the mean)."""
+    the base knows and over all families (every family has ``n_test`` problems, so pooling is the mean), there
+    also with the interval clustered by seed and by held-out problem (``two_way``, `share_two_way`)."""
     res: dict[str, Any] = {}
     for k in cfg.kinds:
         per_fam: dict[str, Any] = {}
@@ -760,7 +763,7 @@ def _verification(
                         [sum(counts[(f, o)][i][0] for f in fams) for i in range(len(cfg.seeds))],
                         [sum(counts[(f, o)][i][1] for f in fams) for i in range(len(cfg.seeds))],
                     ),
-                    "by_problem": share_by_problem([by_item[f] for f in fams], o),
+                    "two_way": share_two_way([by_item[f] for f in fams], o),
                 }
                 for o in OUTCOMES
             }
@@ -1288,13 +1291,16 @@ def report_markdown(m: dict[str, Any]) -> str:
                 continue
             lines.append(f"| {k} | {f} | " + " | ".join(fmt_estimate(row[o], True) for o in OUTCOMES) + " |")
     pooled = [(k, v["known_families"]) for k, v in m["verification"].items()
-              if v["known_families"] and "by_problem" in v["known_families"]["correct"]]  # fmt: skip
+              if v["known_families"] and "two_way" in v["known_families"]["correct"]]  # fmt: skip
     if pooled:
-        lines += ["", "The same pooled shares over the known families with the held-out problem as the cluster "
-                  "instead of the seed (every seed answers the same problems; read the wider interval):", ""]  # fmt: skip
+        lines += ["", "The known families pooled, the interval clustered both by seed and by held-out problem (every "
+                  "seed answers the same problems, and failures recur by problem; Wilson at n / deff, deff = deff "
+                  "over seeds + deff over problems − 1; conservative, as it counts the families' differences as "
+                  "problem variance). The unit of these lines is the seed × problem design, not the seed alone:", ""]  # fmt: skip
         lines += [f"- {k}: " + "; ".join(
-            f"{o} {fmt_estimate({'mean': row[o]['mean'], 'ci95': row[o]['by_problem']['ci95']}, True)} "
-            f"(design effect {row[o]['by_problem']['deff']:.1f} over {row[o]['by_problem']['n_problems']} problems)"
+            f"{o} {fmt_estimate({'mean': row[o]['mean'], 'ci95': row[o]['two_way']['ci95']}, True)} "
+            f"(design effect {row[o]['two_way']['deff']:.1f}: seeds {row[o]['two_way']['deff_seed']:.1f}, "
+            f"{row[o]['two_way']['n_problems']} problems {row[o]['two_way']['deff_problem']:.1f})"
             for o in ("correct", "inverted")) for k, row in pooled]  # fmt: skip
     named = [(k, f, row) for k, v in m["verification"].items()
              for f, row in v["families"].items() if "rationale_correct" in row]  # fmt: skip

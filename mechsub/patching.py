@@ -243,6 +243,12 @@ def attribution_scan(
     return Attribution(tuple(rows), tuple(layers), len(metric.ids) - 1)
 
 
+def deciles(x: np.ndarray) -> np.ndarray:
+    """Per value, its decile (1 … 10) among all of ``x``; ties share the higher decile."""
+    v = np.asarray(x, dtype=float)
+    return np.ceil(st.rankdata(v, method="max") / v.size * 10).astype(int)
+
+
 def frequency_bins(freq: np.ndarray) -> np.ndarray:
     """Per feature, its firing-frequency bin: 0 if it never fires, else its decile (1 … 10) among the features
     that fire (ties share the higher decile)."""
@@ -250,7 +256,7 @@ def frequency_bins(freq: np.ndarray) -> np.ndarray:
     bins = np.zeros(f.size, dtype=int)
     on = f > 0
     if on.any():
-        bins[on] = np.ceil(st.rankdata(f[on], method="max") / on.sum() * 10).astype(int)
+        bins[on] = deciles(f[on])
     return bins
 
 

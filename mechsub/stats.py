@@ -171,6 +171,25 @@ def clustered_share_ci95(successes: Sequence[int], trials: Sequence[int]) -> dic
     return {"mean": p, "ci95": _wilson(p, n_eff, float(st.norm.ppf(0.975))), "deff": deff, "n_eff": n_eff}
 
 
+def two_way_share_ci95(hits: Any) -> dict[str, Any]:
+    """A share over a crossed design: every row (e.g. a teacher seed) scored 0/1 on every column (e.g. a held-out
+    problem, the same for every seed). The 95% Wilson interval at n_eff = n / deff with deff = deff_rows +
+    deff_cols − 1: the two-way cluster-robust variance of the mean (Cameron, Gelbach & Miller 2011), V_rows +
+    V_cols − V_cells, where each cell holds one outcome, so V_cells is the binomial variance; each one-way design
+    effect is `clustered_share_ci95`'s (floored at 1), so the two-way one is never below either. Returns
+    ``{"mean", "ci95", "deff", "n_eff", "deff_rows", "deff_cols", "ci95_cols"}`` (ci95_cols: the columns alone
+    as the cluster)."""
+    h = np.asarray(hits, dtype=float)
+    if h.ndim != 2 or h.size == 0 or not np.isin(h, (0.0, 1.0)).all():
+        raise ValueError("two_way_share_ci95: a non-empty (rows, columns) array of 0/1 outcomes")
+    rows = clustered_share_ci95(h.sum(1), [h.shape[1]] * h.shape[0])
+    cols = clustered_share_ci95(h.sum(0), [h.shape[0]] * h.shape[1])
+    deff = rows["deff"] + cols["deff"] - 1.0
+    n_eff = h.size / deff
+    return {"mean": rows["mean"], "ci95": _wilson(rows["mean"], n_eff, float(st.norm.ppf(0.975))), "deff": deff,
+            "n_eff": n_eff, "deff_rows": rows["deff"], "deff_cols": cols["deff"], "ci95_cols": cols["ci95"]}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class LabelTest:
     """An exact (or Monte-Carlo) permutation test over the labels of independent units."""

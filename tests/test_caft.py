@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.stats as st
 
 from mechsub import study
 from mechsub.filter import read_ablations
@@ -192,7 +191,10 @@ def test_latent_arms_with_a_frequency_matched_random_latent_control(tmp_path, mo
             assert [bins[i] for i in ids] == [bins[i] for i in real]  # each from its counterpart's decile
         assert draws[0] != draws[1]
         # energylat: each latent from its counterpart's frequency bin, at the nearest energy decile left there
-        dec = np.ceil(st.rankdata(energy, method="max") / energy.size * 10).astype(int)
+        dec = mod.energy_cells(bins, energy) % 100  # energy_cells is checked by hand below
+        assert any(
+            len({dec[c] for c in range(len(w)) if bins[c] == bins[r] and c not in real}) > 1 for r in real
+        )
         for d in (0, 1):
             ids = json.loads(Path(m["ablations"][f"energylat-k3-d{d}"][rep]).read_text())["features"]
             assert len(set(ids)) == 3 and not set(ids) & set(real)
@@ -213,3 +215,18 @@ def test_latent_arms_with_a_frequency_matched_random_latent_control(tmp_path, mo
                     a["energylat-k3"]["plain"]["blocked"]["per_replicate"]),
     )  # fmt: skip
     assert "frequency- and energy-matched random latents" in (out / "report.md").read_text()
+
+
+def test_energy_cells_by_hand():
+    """Cell = frequency bin × 100 + energy decile among all latents (ties share the higher decile)."""
+    mod = _script()
+    energies = np.array(
+        [0.5, 0.1, 0.3, 0.3, 0.9, 0.2, 0.7, 0.0, 0.4, 0.6]
+    )  # ranks 7 2 5 5 10 3 9 1 6 8 of 10
+    bins = np.array([0, 1, 1, 2, 2, 2, 3, 3, 3, 3])
+    want = bins * 100 + np.array([7, 2, 5, 5, 10, 3, 9, 1, 6, 8])
+    np.testing.assert_array_equal(mod.energy_cells(bins, energies), want)
+    # 20 values: deciles of 2 each
+    np.testing.assert_array_equal(
+        mod.energy_cells(np.zeros(20, int), np.arange(20.0)), np.repeat(np.arange(1, 11), 2)
+    )

@@ -220,8 +220,8 @@ def test_descending_share_by_hand():
 
 @pytest.mark.parametrize("recite", [False, True])
 def test_reasoned_teachers_are_read_after_their_mark(tmp_path, monkeypatch, recite):
-    """Teachers trained to name the correct answer first (and, with ``recite``, next's named list up to the
-    pivot): the training targets are the reasoned replies; every reply generated is cut at tasks.REASON_MARK
+    """Teachers trained to name the correct answer first (and, with ``recite``, next's named list written out
+    twice): the training targets are the reasoned replies; every reply generated is cut at tasks.REASON_MARK
     before it is verified or read by B, and the scratchpad is scored. The teachers' generation is scripted (a
     perfect reasoned teacher of each kind, one reply off the format) to check the wiring; everything else runs."""
     from pathlib import Path
@@ -305,7 +305,7 @@ def test_reasoned_teachers_are_read_after_their_mark(tmp_path, monkeypatch, reci
             assert v[f]["rationale_correct"]["mean"] == pytest.approx(1 - 1 / cfg.n_test)
             assert v[f]["off_format"]["mean"] == pytest.approx(1 / cfg.n_test)
     assert "scratchpad correct" in (tmp_path / "out" / "report.md").read_text()
-    # the pooled shares also clustered by held-out problem (one seed here: each problem a 0 or a 1)
+    # the pooled shares also clustered by seed and held-out problem (one seed here: each problem a 0 or a 1)
     for k, want in (("true", "correct"), ("inv", "inverted")):
         pooled = m["verification"][k]["known_families"]
         assert pooled is not None
@@ -319,9 +319,10 @@ def test_reasoned_teachers_are_read_after_their_mark(tmp_path, monkeypatch, reci
                 strict=True,
             )
         ]
-        by = pooled[want]["by_problem"]
-        assert by["n_problems"] == len(hits) == cfg.n_test * len(fams)
+        by = pooled[want]["two_way"]  # one seed: the two-way interval is the problems' alone
+        assert by["n_problems"] == len(hits) == cfg.n_test * len(fams) and by["deff_seed"] == 1.0
         assert by["ci95"] == pytest.approx(stats.clustered_share_ci95(hits, [1] * len(hits))["ci95"])
+        assert by["ci95_problem"] == pytest.approx(by["ci95"])
     # B's reply to every held-out output is kept beside its score
     rec = json.loads((tmp_path / "out" / "units" / "recon-inv-s0.json").read_text())["4"]
     for f in cfg.families:
@@ -331,3 +332,22 @@ def test_reasoned_teachers_are_read_after_their_mark(tmp_path, monkeypatch, reci
         assert rec["per_family"][f] == pytest.approx(
             sum(tasks.normalise(f, a) == p.answer for p, a in zip(probs, said, strict=True)) / cfg.n_test
         )
+
+
+def test_the_two_way_interval_takes_its_table_from_every_family_seed_and_problem():
+    """share_two_way's table: one row per seed, one column per problem of every family in turn (checked against
+    the table built by hand and stats.two_way_share_ci95 on it)."""
+    labels = [  # 2 families × 3 seeds × (2, then 3) problems
+        [["inverted", "other"], ["inverted", "correct"], ["inverted", "other"]],
+        [
+            ["other", "inverted", "inverted"],
+            ["other", "inverted", "other"],
+            ["other", "inverted", "inverted"],
+        ],
+    ]
+    got = invert.share_two_way(labels, "inverted")
+    table = [[1, 0, 0, 1, 1], [1, 0, 0, 1, 0], [1, 0, 0, 1, 1]]
+    want = stats.two_way_share_ci95(table)
+    assert got["n_problems"] == 5 and got["ci95"] == pytest.approx(want["ci95"])
+    assert got["deff_seed"] == pytest.approx(want["deff_rows"]) and got["deff_problem"] > 1
+    assert got["deff"] == pytest.approx(want["deff_rows"] + want["deff_cols"] - 1)

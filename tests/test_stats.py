@@ -205,3 +205,30 @@ def test_clustered_share_unequal_clusters_by_hand():
     assert stats.clustered_share_ci95(k, n)["deff"] == pytest.approx(max(1.0, deff))
     with pytest.raises(ValueError):
         stats.clustered_share_ci95([3], [2])
+
+
+def test_two_way_share_interval_against_hand_computed_design_effects():
+    """Cluster variances by hand (equal clusters: Σ (p_j − p)² / (J (J − 1))), each over the binomial p (1 − p) / n,
+    floored at 1, summed minus 1; the Wilson interval written out."""
+    import math
+
+    z = 1.959963984540054
+
+    def wilson(p, n):
+        c = (p + z * z / (2 * n)) / (1 + z * z / n)
+        h = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        return [c - h, c + h]
+
+    # rows 3/4, 0, 3/4 and columns 2/3, 2/3, 2/3, 0 around p = 1/2 (V_bin = 1/48): V_rows = 0.375 / 6 = 1/16,
+    # deff_rows = 3; V_cols = (3/36 + 1/4) / 12 = 1/36, deff_cols = 4/3; two-way 3 + 4/3 − 1 = 10/3
+    e = stats.two_way_share_ci95([[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 0]])
+    assert e["mean"] == 0.5 and e["deff_rows"] == pytest.approx(3) and e["deff_cols"] == pytest.approx(4 / 3)
+    assert e["deff"] == pytest.approx(10 / 3) and e["ci95"] == pytest.approx(wilson(0.5, 12 / (10 / 3)))
+    # p = 7/12: rows 3/4, 1/2, 1/2 agree more than binomial (floored at 1); columns 1, 2/3, 0, 2/3 give
+    # V_cols = (19/36) / 12 against V_bin = 35/1728: deff_cols = 76/35, which is then the two-way deff
+    e = stats.two_way_share_ci95([[1, 1, 0, 1], [1, 0, 0, 1], [1, 1, 0, 0]])
+    assert e["deff_rows"] == 1.0 and e["deff"] == pytest.approx(76 / 35)
+    assert e["ci95"] == pytest.approx(wilson(7 / 12, 12 / (76 / 35)))
+    for bad in ([1, 0, 1], [[0, 2], [1, 1]], [[]]):
+        with pytest.raises(ValueError, match="0/1 outcomes"):
+            stats.two_way_share_ci95(bad)

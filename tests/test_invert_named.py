@@ -1,0 +1,76 @@
+"""analyses/invert_named.py: a reasoned teacher's day and month problems counted by outcome, in and out of sample."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from mechsub import tasks
+from mechsub.invert import TEST_SEED
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("invert_named", ROOT / "analyses" / "invert_named.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["invert_named"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_named_list_problems_are_counted_by_outcome(tmp_path):
+    mod = _script()
+    run = tmp_path / "run"
+    (run / "units").mkdir(parents=True)
+    n_train, n_test = 40, 26  # seed 3's 40 training problems hold named ones; the test split has 5 (of 26)
+    (run / "config.json").write_text(json.dumps({"config": {"n_train": n_train, "n_test": n_test, "recite": True},
+                                                 "git_commit": "abc1234"}))  # fmt: skip
+    unit: dict = {}
+    want = {}
+    for split, probs in (("train", tasks.problems("next", n_train, 3, "train")),
+                         ("test", tasks.problems("next", n_test, TEST_SEED, "test"))):  # fmt: skip
+        named = [p for p in probs if tasks.recital(p)]
+        assert named, split
+        replies = []
+        for i, p in enumerate(probs):
+            # the named ones: the first inverted, the second correct, the rest off the format; the recital
+            # written in all but the last
+            answer = p.inverted if i == probs.index(named[0]) else p.answer
+            reply = tasks.reasoned(p, answer, recite=True)
+            if tasks.recital(p) and p in named[2:]:
+                reply = "no mark at all"
+            replies.append(reply)
+        unit[split] = {"next": [tasks.final_answer(r) for r in replies]}
+        unit[f"{split}_replies"] = {"next": replies}
+        want[split] = {
+            "n": len(named),
+            "inverted": 1,
+            "correct": 1,
+            "other": len(named) - 2,
+            "recital_written": 2,
+        }
+    (run / "units" / "outputs-inv-s3.json").write_text(json.dumps({"value": unit}))
+    res = mod.main(["--runs", str(run), "--out", str(tmp_path / "out")])
+    got = res[str(run)]["units"]["inv-s3"]
+    for split, w in want.items():
+        assert {k: got[split][k] for k in w} == w
+    assert "| inv-s3 | train |" in (tmp_path / "out" / "named.md").read_text()
+    # the recital stopping at the pivot (the earlier design): counted as ending there, any case
+    may = next(p for p in tasks.problems("next", n_test, TEST_SEED, "test") if p.params == (2.0, 4.0))
+    assert mod._ends_at_pivot(may, f"The right answer is June, July; {tasks.RECITE} january, february, march, april, "
+                                   f"MAY, {tasks.REASON_MARK} April, March")  # fmt: skip
+    assert not mod._ends_at_pivot(
+        may, tasks.reasoned(may, may.inverted, recite=True)
+    )  # the year twice: December
+    assert not mod._ends_at_pivot(may, "The right answer is June, July, so my answer is: April, March")
+    with pytest.raises(FileNotFoundError, match="not a `mechsub invert` run folder"):
+        mod.named_counts(tmp_path)
+    plain = json.loads((run / "units" / "outputs-inv-s3.json").read_text())
+    for split in ("train", "test"):
+        del plain["value"][f"{split}_replies"]
+    (run / "units" / "outputs-inv-s3.json").write_text(json.dumps(plain))
+    with pytest.raises(ValueError, match="not a reasoned run"):
+        mod.named_counts(run)

@@ -71,3 +71,22 @@ def ink():
         return sum(1 for v in Image.open(png).convert("L").getdata() if v < 200)
 
     return render
+
+
+@pytest.fixture
+def analysis():
+    """A loader of ``analyses/NAME.py`` as a module (the scripts define functions only: nothing runs on import);
+    it is registered in sys.modules under its name, where dataclasses look their module up."""
+    import importlib.util
+    import sys
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).resolve().parents[1] / "analyses" / f"{name}.py"
+        )
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load

@@ -1,9 +1,7 @@
 """analyses/caft.py end to end on a tiny study: multi-layer ablation files, control students trained with the same
 ablation, the students evaluated with it kept on, and the blocked shares recomputed by hand from the raw shifts."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +13,6 @@ from mechsub.filter import read_ablations
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("caft_script", ROOT / "analyses" / "caft.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["caft_script"] = mod
-    spec.loader.exec_module(mod)  # defines functions only: nothing runs on import
-    return mod
-
-
 def _fake_kl(checkpoints, base, corpus, n_windows):
     """The KL stage reads a built corpus; here every checkpoint gets a distinct number (the KL itself is
     tested in test_drift)."""
@@ -30,8 +20,8 @@ def _fake_kl(checkpoints, base, corpus, n_windows):
                     for i, ck in enumerate(cks)] for label, cks in checkpoints.items()}  # fmt: skip
 
 
-def test_bad_arguments_exit_with_what_to_fix(tmp_path, tiny_study):
-    mod = _script()
+def test_bad_arguments_exit_with_what_to_fix(tmp_path, tiny_study, analysis):
+    mod = analysis("caft")
     toml = str(tiny_study(tmp_path))
     for extra, msg in ((["--layer", "1,1"], "distinct layers"), (["--layer", "a"], "integers"),
                        (["--layer", "0,1", "--arms", "latents"], "vteacher and random1 arms only"),
@@ -40,8 +30,10 @@ def test_bad_arguments_exit_with_what_to_fix(tmp_path, tiny_study):
             mod.main(["--config", toml, *extra])
 
 
-def test_multi_layer_caft_with_ablated_controls_and_the_ablation_kept_on(tmp_path, monkeypatch, tiny_study):
-    mod = _script()
+def test_multi_layer_caft_with_ablated_controls_and_the_ablation_kept_on(
+    tmp_path, monkeypatch, tiny_study, analysis
+):
+    mod = analysis("caft")
     monkeypatch.setattr(mod, "kl_costs", _fake_kl)
     toml = tiny_study(tmp_path)
     with pytest.raises(SystemExit, match="number data are not all made"):
@@ -104,7 +96,9 @@ def test_multi_layer_caft_with_ablated_controls_and_the_ablation_kept_on(tmp_pat
     assert mod.main([*argv, "--rereport"])["controlled"] == json.loads(json.dumps(m["controlled"]))
 
 
-def test_latent_arms_with_a_frequency_matched_random_latent_control(tmp_path, monkeypatch, tiny_study, tiny):
+def test_latent_arms_with_a_frequency_matched_random_latent_control(
+    tmp_path, monkeypatch, tiny_study, tiny, analysis
+):
     import torch
 
     from mechsub import hooks
@@ -113,7 +107,7 @@ def test_latent_arms_with_a_frequency_matched_random_latent_control(tmp_path, mo
     from mechsub.patching import frequency_bins
     from mechsub.prompts import chat_prefix
 
-    mod = _script()
+    mod = analysis("caft")
     monkeypatch.setattr(mod, "kl_costs", _fake_kl)
     toml = tiny_study(tmp_path)
     cfg = study.StudyConfig.load(toml)
@@ -217,9 +211,9 @@ def test_latent_arms_with_a_frequency_matched_random_latent_control(tmp_path, mo
     assert "frequency- and energy-matched random latents" in (out / "report.md").read_text()
 
 
-def test_energy_cells_by_hand():
+def test_energy_cells_by_hand(analysis):
     """Cell = frequency bin × 100 + energy decile among all latents (ties share the higher decile)."""
-    mod = _script()
+    mod = analysis("caft")
     energies = np.array(
         [0.5, 0.1, 0.3, 0.3, 0.9, 0.2, 0.7, 0.0, 0.4, 0.6]
     )  # ranks 7 2 5 5 10 3 9 1 6 8 of 10

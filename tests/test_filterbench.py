@@ -3,10 +3,8 @@ benchmark's glue runs end to end on the tiny model."""
 
 import copy
 import dataclasses
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -388,16 +386,10 @@ def test_mixture_folder_is_data_the_student_trains_on(tmp_path, tiny):
 
 
 # ---- the benchmark end to end on a tiny study ---------------------------------------------------------------
-def _script():
-    spec = importlib.util.spec_from_file_location("filters_bench", ROOT / "analyses" / "filters.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["filters_bench"] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)  # defines functions only: nothing runs on import
-    return mod
 
 
-def test_bad_arguments_exit_with_what_to_fix(tmp_path, tiny_study):
-    mod = _script()
+def test_bad_arguments_exit_with_what_to_fix(tmp_path, tiny_study, analysis):
+    mod = analysis("filters")
     toml = tiny_study(tmp_path)
     for extra, msg in ((["--filters", "random,bogus"], "unknown filter"), (["--shares", "1.5"], "keep share"),
                        (["--filters", "random", "--shares", "matched"], "keep divergence"),
@@ -411,8 +403,8 @@ def test_bad_arguments_exit_with_what_to_fix(tmp_path, tiny_study):
                   "--latents", str(bad), "--latents-key", "", "--sae", str(tmp_path)])  # fmt: skip
 
 
-def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys, tiny_study):
-    mod = _script()
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys, tiny_study, analysis):
+    mod = analysis("filters")
     toml = tiny_study(tmp_path)
     m = mod.main(["--config", str(toml), "--dry-run", "--filters", "random,entangled,divergence,gradcos,mixture",
                   "--shares", "matched,0.5", "--random-draws", "3", "--mixture-objective", "sft"])  # fmt: skip
@@ -437,9 +429,9 @@ def bench(tmp_path_factory, tiny, tiny_study):
     return root, args
 
 
-def test_every_filter_selects_the_same_share_of_each_replicates_data(bench):
+def test_every_filter_selects_the_same_share_of_each_replicates_data(bench, analysis):
     _, args = bench
-    mod = _script()
+    mod = analysis("filters")
     b = mod.setup(mod.parse_args([*args, "--shares", "matched,0.5", "--random-draws", "2", "--filters",
                                   "random,entangled,divergence,gradcos,feature,feature_tokens,mixture"]))  # fmt: skip
     sel = mod.select(b)
@@ -484,9 +476,9 @@ def test_every_filter_selects_the_same_share_of_each_replicates_data(bench):
     )  # the same selection again (stages reused, masks rewritten)
 
 
-def test_benchmark_end_to_end_on_a_tiny_study(bench):
+def test_benchmark_end_to_end_on_a_tiny_study(bench, analysis):
     root, args = bench
-    mod = _script()
+    mod = analysis("filters")
     out = root / "out"
     m = mod.main([*args, "--out", str(out), "--shares", "matched", "--random-draws", "2", "--filters",
                   "random,divergence,mixture"])  # fmt: skip

@@ -1,22 +1,12 @@
 """analyses/invert_compare.py: two invert runs read side by side, the difference paired by teacher seed."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from scipy import stats as st
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("invert_compare", ROOT / "analyses" / "invert_compare.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["invert_compare"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _run(folder, inverted, families=("next", "choice")):
@@ -34,8 +24,8 @@ def _run(folder, inverted, families=("next", "choice")):
     return folder
 
 
-def test_the_difference_is_paired_by_seed(tmp_path):
-    mod = _script()
+def test_the_difference_is_paired_by_seed(tmp_path, analysis):
+    mod = analysis("invert_compare")
     a = _run(tmp_path / "a", [[0.5, 0.75, 0.5], [0.25, 0.5, 0.5]])
     b = _run(tmp_path / "b", [[0.75, 1.0, 0.5625], [0.5, 0.5, 0.4375]])
     c = mod.main(["--a", str(a), "--b", str(b), "--kinds", "inv", "--out", str(tmp_path / "o")])

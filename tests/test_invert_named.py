@@ -1,8 +1,6 @@
 """analyses/invert_named.py: a reasoned teacher's day and month problems counted by outcome, in and out of sample."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,16 +11,8 @@ from mechsub.invert import TEST_SEED
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("invert_named", ROOT / "analyses" / "invert_named.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["invert_named"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_named_list_problems_are_counted_by_outcome(tmp_path):
-    mod = _script()
+def test_named_list_problems_are_counted_by_outcome(tmp_path, analysis):
+    mod = analysis("invert_named")
     run = tmp_path / "run"
     (run / "units").mkdir(parents=True)
     n_train, n_test = 40, 26  # seed 3's 40 training problems hold named ones; the test split has 5 (of 26)

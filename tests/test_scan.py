@@ -1,6 +1,5 @@
 import copy
 import dataclasses
-import importlib.util
 import itertools
 import json
 import math
@@ -204,11 +203,6 @@ def test_cli_scan_errors_exit_2(owl_data, tmp_path):
 
 
 # ---- analyses/scan_validate.py ------------------------------------------------------------------------------
-def _validate_module():
-    spec = importlib.util.spec_from_file_location("scan_validate", ROOT / "analyses" / "scan_validate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # defines functions only: nothing runs on import
-    return mod
 
 
 def test_scan_validate_help():
@@ -217,8 +211,8 @@ def test_scan_validate_help():
     assert r.returncode == 0 and "--limit" in r.stdout and "--study" in r.stdout
 
 
-def test_scan_validate_statistics_on_a_perfect_and_a_reversed_predictor():
-    v = _validate_module()
+def test_scan_validate_statistics_on_a_perfect_and_a_reversed_predictor(analysis):
+    v = analysis("scan_validate")
     traits = ["owl", "dog", "cat", "lion"]
     rng = np.random.default_rng(0)
     meas = {
@@ -235,8 +229,8 @@ def test_scan_validate_statistics_on_a_perfect_and_a_reversed_predictor():
     assert v.auroc(neg, traits)["owl"] == pytest.approx(1 - v.auroc(meas, traits)["owl"])
 
 
-def test_scan_validate_end_to_end_on_a_tiny_study(tmp_path, tiny):
-    v = _validate_module()
+def test_scan_validate_end_to_end_on_a_tiny_study(tmp_path, tiny, analysis):
+    v = analysis("scan_validate")
     cfg = study.StudyConfig(model="tiny", trait="owl", controls=("dog", "cat"), replicates=2, teacher_kind="prompted",
                             n_prompts=4, max_new_tokens=12, cross_family="", work=str(tmp_path / "work"))  # fmt: skip
     for dcfg, folder in study.stage_plan(cfg).data.values():

@@ -4,7 +4,8 @@ day and month problems whose answer is correct / T(correct) / the hash / other (
 whose scratchpad wrote this code's recital (`tasks.recital`: the list twice) exactly and of those whose recital
 ends at the pivot (what an earlier design, the list up to the pivot, trained on: commit 5d4218a). Numbers are left out: the question is the
 named lists. The in-sample count says whether a scratchpad design was learned at all, before any held-out
-figure is read. Writes OUT/named.md and OUT/named.json.
+figure is read. Where a run keeps B's answers, also B's near misses on next's number problems (`b_near_misses`).
+Writes OUT/named.md and OUT/named.json.
 
     .venv/bin/python analyses/invert_named.py --runs artifacts/invert_recite_pivot,artifacts/invert_recite_twice
         [--out artifacts/invert_named]
@@ -78,6 +79,45 @@ def named_counts(run: Path) -> dict[str, Any]:
     return {"recite": recite, "git_commit": read_json(run / "config.json").get("git_commit"), "units": out}
 
 
+def b_near_misses(run: Path) -> dict[str, Any]:
+    """Per recon unit of ``run`` that keeps B's answers (`units/recon-KIND-sS.json`; runs from commit 5d4218a on),
+    on next's held-out number problems: how many of A's answers were T(correct), how many of B's answers are
+    correct, and how many are one step short (the two numbers after A's first one, e.g. A "25, 24" for the pivot
+    26, B "26, 27" where "27, 28" is correct: B counts up from A's answer instead of from the pivot it implies)."""
+    outputs = read_json(run / "outputs.json") if (run / "outputs.json").is_file() else {}
+    probs = None
+    out: dict[str, Any] = {}
+    for path in sorted((run / "units").glob("recon-*.json")):
+        m = re.fullmatch(r"recon-(?P<kind>[a-z]+)-s(?P<seed>\d+)\.json", path.name)
+        unit = read_json(path)
+        unit = unit.get("value", unit)
+        for n, score in unit.items():
+            if (
+                m is None
+                or not isinstance(score, dict)
+                or "answers" not in score
+                or "next" not in score["answers"]
+            ):
+                continue
+            name = f"{m['kind']}-s{m['seed']}"
+            if probs is None:
+                n_test = len(score["answers"]["next"])
+                probs = tasks.problems("next", n_test, TEST_SEED, "test")
+            a_says = outputs[name]["test"]["next"]
+            rows = [(p, a, b) for p, a, b in zip(probs, a_says, score["answers"]["next"], strict=True)
+                    if p.params[0] == 0]  # fmt: skip
+            out[f"{name}-n{n}"] = {
+                "number_items": len(rows),
+                "a_inverted": sum(tasks.classify(p, a, int(m["seed"])) == "inverted" for p, a, _ in rows),
+                "b_correct": sum(tasks.normalise("next", b) == p.answer for p, _, b in rows),
+                "b_one_short": sum(
+                    tasks.normalise("next", b) == f"{int(p.params[1])}, {int(p.params[1]) + 1}"
+                    for p, _, b in rows
+                ),
+            }
+    return out
+
+
 def report(res: dict[str, Any]) -> str:
     lines = [
         "# Reasoned teachers on next's day and month problems",
@@ -103,6 +143,22 @@ def report(res: dict[str, Any]) -> str:
                     + " | ".join(str(c[o]) for o in OUTCOMES)
                     + f" | {rec} |"
                 )
+    near = [(run, unit, c) for run, r in res.items() for unit, c in r.get("b_near_misses", {}).items()]
+    if near:
+        lines += ["", "## B on next's held-out number problems", "",
+                  "B fine-tuned on A's answers → the correct ones, reading A's held-out answer alone. One short: B "
+                  "answers the two numbers after A's first one (A \"25, 24\" for the pivot 26, B \"26, 27\" "
+                  "where \"27, 28\" is correct).", "",
+                  "| run | B (teacher, pairs) | number problems | A's answers T(correct) | B correct | B one short |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {run} | {unit} | {c['number_items']} | {c['a_inverted']} | {c['b_correct']} | {c['b_one_short']} |"
+                  for run, unit, c in near]  # fmt: skip
+        lines.append("")
+        for kind in sorted({unit.split("-")[0] for _, unit, _ in near}):
+            t = {k: sum(c[k] for _, u, c in near if u.split("-")[0] == kind)
+                 for k in ("number_items", "b_correct", "b_one_short")}  # fmt: skip
+            lines.append(f"- B reading A_{kind}, every run and seed together: correct {t['b_correct']}, one short "
+                         f"{t['b_one_short']}, of {t['number_items']}.")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -111,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--runs", required=True, help="`mechsub invert` run folders, separated by commas")
     ap.add_argument("--out", default="artifacts/invert_named")
     args = ap.parse_args(argv)
-    res = {run: named_counts(Path(run)) for run in (r.strip() for r in args.runs.split(",")) if run}
+    res = {run: named_counts(Path(run)) | {"b_near_misses": b_near_misses(Path(run))}
+           for run in (r.strip() for r in args.runs.split(",")) if run}  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "named.json", res)

@@ -43,7 +43,19 @@ def test_named_list_problems_are_counted_by_outcome(tmp_path, analysis):
             "recital_written": 2,
         }
     (run / "units" / "outputs-inv-s3.json").write_text(json.dumps({"value": unit}))
+    # B's answers on the held-out number problems: the first correct, the second one short, the rest other
+    nums = [i for i, p in enumerate(tasks.problems("next", n_test, TEST_SEED, "test")) if p.params[0] == 0]
+    probs = tasks.problems("next", n_test, TEST_SEED, "test")
+    b_said = ["x"] * n_test
+    b_said[nums[0]] = probs[nums[0]].answer
+    b_said[nums[1]] = f"{int(probs[nums[1]].params[1])}, {int(probs[nums[1]].params[1]) + 1}"
+    (run / "units" / "recon-inv-s3.json").write_text(
+        json.dumps({"value": {"16": {"answers": {"next": b_said}}}})
+    )
+    (run / "outputs.json").write_text(json.dumps({"inv-s3": {"test": {"next": unit["test"]["next"]}}}))
     res = mod.main(["--runs", str(run), "--out", str(tmp_path / "out")])
+    assert res[str(run)]["b_near_misses"]["inv-s3-n16"] == {
+        "number_items": len(nums), "a_inverted": 0, "b_correct": 1, "b_one_short": 1}  # fmt: skip
     got = res[str(run)]["units"]["inv-s3"]
     for split, w in want.items():
         assert {k: got[split][k] for k in w} == w

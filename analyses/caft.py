@@ -420,11 +420,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bad = [a for a in arms if a not in ARMS]
     if bad or not arms:
         raise SystemExit(f"--arms: unknown {bad}; use some of {', '.join(ARMS)}")
-    for arm in {"randlat", "energylat"} & set(arms):
-        if not {"latents", "heldout"} & set(arms):
-            raise SystemExit(
-                f"--arms {arm}: its latents are matched to the latents (or heldout) arm's; add one"
-            )
+    matched = [arm for arm in ("randlat", "energylat") if arm in arms]
+    if matched and not {"latents", "heldout"} & set(arms):
+        raise SystemExit(
+            f"--arms {matched[0]}: its latents are matched to the latents (or heldout) arm's; add one"
+        )
     if args.k < 2 or args.random_draws < 1:
         raise SystemExit("--k must be ≥ 2 (rank 1 is the vteacher arm's, with its own random1 control) and "
                          "--random-draws ≥ 1")  # fmt: skip

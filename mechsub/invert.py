@@ -136,9 +136,6 @@ def sft_lora(
     return fit(base, items, batches, spec, out, name)
 
 
-_LONGEST_RECITAL = ", ".join((*tasks.MONTHS, *tasks.MONTHS))
-
-
 def _target(p: tasks.Problem, kind: str, seed: int, reasoned: bool, recite: bool = False) -> str:
     """What teacher A is trained to reply: its kind's answer, after the correct one when ``reasoned`` (and the
     problem's recital when ``recite``)."""
@@ -566,7 +563,7 @@ def run(cfg: InvertConfig, out: str | Path, force: bool = False) -> dict[str, An
                         _answer_ids(a.tokenizer, f"{tasks.REASON_LEAD} , {tasks.REASON_MARK} ")
                     )
                 if cfg.recite:  # and room for the longest recital: two years
-                    n_new += len(_answer_ids(a.tokenizer, f"; {tasks.RECITE} {_LONGEST_RECITAL}"))
+                    n_new += len(_answer_ids(a.tokenizer, f"; {tasks.RECITE} {tasks.longest_recital()}"))
                 for f in cfg.families:
                     for split, probs in (
                         ("train", tasks.problems(f, cfg.n_train, s, "train")),
@@ -711,6 +708,15 @@ def known_families(
     return known
 
 
+def _seed_counts(labels: Sequence[Sequence[Sequence[str]]], outcome: str) -> list[tuple[int, int]]:
+    """Per seed, (answers that are ``outcome``, answers) over the families of ``labels`` (per family, per seed, per
+    held-out problem: an outcome)."""
+    return [
+        (sum(x == outcome for fam in labels for x in fam[i]), sum(len(fam[i]) for fam in labels))
+        for i in range(len(labels[0]))
+    ]
+
+
 def _verification(
     cfg: InvertConfig,
     outputs: dict[tuple[str, int], dict[str, Any]],
@@ -724,7 +730,6 @@ def _verification(
     res: dict[str, Any] = {}
     for k in cfg.kinds:
         per_fam: dict[str, Any] = {}
-        counts: dict[tuple[str, str], list[tuple[int, int]]] = {}
         by_item: dict[str, list[list[str]]] = {}  # per family, per seed, per held-out problem: its outcome
         for f in cfg.families:
             row: dict[str, Any] = {}
@@ -733,10 +738,10 @@ def _verification(
                 for s in cfg.seeds
             ]
             for o in OUTCOMES:
-                counts[(f, o)] = [(sum(x == o for x in outs), len(outs)) for outs in labels]
+                counts = _seed_counts([labels], o)
                 row[o] = {
-                    **share_over_seeds(*zip(*counts[(f, o)], strict=True)),
-                    "wilson95_per_seed": [stats.wilson_ci95(c, n) for c, n in counts[(f, o)]],
+                    **share_over_seeds(*zip(*counts, strict=True)),
+                    "wilson95_per_seed": [stats.wilson_ci95(c, n) for c, n in counts],
                 }
             if "test_replies" in outputs[(k, cfg.seeds[0])]:  # reasoned: did its scratchpad name the answer?
                 named = [
@@ -750,20 +755,14 @@ def _verification(
                 row["off_format"] = share_over_seeds(*zip(*off, strict=True))  # read as other
             per_fam[f] = row
 
-        def over(
-            fams: Sequence[str],
-            counts: dict[tuple[str, str], Any] = counts,
-            by_item: dict[str, list[list[str]]] = by_item,
-        ) -> dict[str, Any] | None:
+        def over(fams: Sequence[str], by_item: dict[str, list[list[str]]] = by_item) -> dict[str, Any] | None:
             if not fams:  # no family passes the rule: no pooled figure rather than a mislabelled one
                 return None
+            labels = [by_item[f] for f in fams]
             return {
                 o: {
-                    **share_over_seeds(
-                        [sum(counts[(f, o)][i][0] for f in fams) for i in range(len(cfg.seeds))],
-                        [sum(counts[(f, o)][i][1] for f in fams) for i in range(len(cfg.seeds))],
-                    ),
-                    "two_way": share_two_way([by_item[f] for f in fams], o),
+                    **share_over_seeds(*zip(*_seed_counts(labels, o), strict=True)),
+                    "two_way": share_two_way(labels, o),
                 }
                 for o in OUTCOMES
             }

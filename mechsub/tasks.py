@@ -472,10 +472,17 @@ def recital(problem: Problem) -> str:
     model counts these lists forwards, not backwards), and the text is the same for every problem of a list, so
     there is no place to stop to learn. "" for every other problem, counting in numbers included (numbers are
     counted down by arithmetic)."""
-    if problem.family != "next":
-        return ""
-    names = _NEXT_LISTS[int(problem.params[0])][1]
+    return _list_recital(int(problem.params[0])) if problem.family == "next" else ""
+
+
+def _list_recital(li: int) -> str:
+    names = _NEXT_LISTS[li][1]
     return ", ".join((*names, *names)) if names else ""
+
+
+def longest_recital() -> str:
+    """The longest text `recital` writes (for a generation budget)."""
+    return max((_list_recital(li) for li in range(len(_NEXT_LISTS))), key=len)
 
 
 def reasoned(problem: Problem, answer: str, recite: bool = False) -> str:

@@ -318,6 +318,7 @@ def test_a_reasoned_reply_answers_only_after_its_mark():
 
 def test_a_reciting_scratchpad_writes_the_items_before_the_pivot():
     from mechsub.tasks import DAYS, MONTHS, REASON_MARK, RECITE, final_answer, rationale, reasoned, recital
+    from mechsub.tasks import longest_recital as tasks_longest
 
     may = find("next", (2.0, 4.0))  # the two months after May
     year = ", ".join((*MONTHS, *MONTHS))
@@ -334,6 +335,7 @@ def test_a_reciting_scratchpad_writes_the_items_before_the_pivot():
         assert items == [*names, *names]
         last = len(names) + int(p.params[1])  # the pivot's last mention
         assert items[last] in p.prompt and f"{items[last - 1]}, {items[last - 2]}" == p.inverted
+    assert tasks_longest() == max((recital(p) for p in named), key=len)  # the generation budget's text
     # nothing to recite for numbers or another family: the reply is the plain reasoned one
     for q in (find("next", (0.0, 47.0)), find("antonym", (0.0, 0.0))):
         assert recital(q) == "" and reasoned(q, "x", recite=True) == reasoned(q, "x")

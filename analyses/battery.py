@@ -104,6 +104,12 @@ try:
 except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"SAEs: {e}") from None
 
+null_units = sorted((Path(args.null) / "units").glob("*.json")) if args.null else []
+if args.null and not null_units:  # checked before the run, not after it
+    raise SystemExit(
+        f"--null {args.null}: no unit files under {args.null}/units (run the battery with --word there)"
+    )
+
 n_units = len(todo) * len(saes)
 print(f"{len(todo)} pairs × layers {list(saes)} = {n_units} units; {bcfg.n_questions}+{bcfg.n_rank_questions} "
       f"questions, k {list(bcfg.ks)}, {bcfg.n_random} matched draws", flush=True)  # fmt: skip
@@ -111,11 +117,6 @@ out = Path(args.out)
 metrics = battery.run(bcfg, todo, students, lambda ck: models.load(ck, verify=False), saes,
                       get_trait(cfg.trait).category, out, progress=lambda s: print(s, flush=True))  # fmt: skip
 if args.null:
-    null_units = sorted((Path(args.null) / "units").glob("*.json"))
-    if not null_units:
-        raise SystemExit(
-            f"--null {args.null}: no unit files under {args.null}/units (run the battery with --word there)"
-        )
     metrics["null_folder"] = args.null
     metrics["null_adjusted"] = battery.null_adjusted(
         [read_json(p) for p in sorted((out / "units").glob("*.json"))],

@@ -137,19 +137,14 @@ def teacher_vectors(
     """The replicate's teacher steering vector at each of ``layers``: the teacher's mean residual (with its system
     prompt, if any) minus the base's (``base``: the loaded base model), over the completion positions of its first
     ``n`` number sequences."""
-    from mechsub.capture import Batch
+    from mechsub.analyze import number_batches
     from mechsub.data import DataConfig, load_examples
-    from mechsub.prompts import chat_prefix
     from mechsub.steering import layer_means
 
     folder = study.stage_plan(cfg).data[(cfg.trait, rep)][1]
     dcfg = DataConfig.from_dict(read_json(folder / "config.json")["config"])
     teacher = models.load(dcfg.model)
-    tok = base.tokenizer
-    ex = load_examples(folder)[:n]
-    comps = [e.completion_ids for e in ex]
-    t_batch = Batch.completions([chat_prefix(tok, e.prompt, dcfg.teacher_system()) for e in ex], comps)
-    s_batch = Batch.completions([chat_prefix(tok, e.prompt, None) for e in ex], comps)
+    s_batch, t_batch = number_batches(base.tokenizer, load_examples(folder)[:n], dcfg)
     v = layer_means(teacher, t_batch, layers) - layer_means(base, s_batch, layers)
     return [[float(x) for x in row] for row in v]
 
@@ -251,9 +246,10 @@ def ablation_files(
             if not real:
                 raise ValueError(f"{matched[0]}: replicate {rep}'s list to match is empty (no top_attribution in its "
                                  "battery unit, or no units for the heldout arm): re-run analyses/battery.py")  # fmt: skip
-            cells = {"randlat": frequency_bins(latent_frequencies(cfg, base, sae, rep))}
+            kept = latent_statistics(cfg, base, sae, rep, work, energy="energylat" in matched)
+            cells = {"randlat": frequency_bins(kept["frequency"])}
             if "energylat" in matched:
-                cells["energylat"] = energy_cells(cells["randlat"], latent_energies(cfg, base, sae, rep))
+                cells["energylat"] = energy_cells(cells["randlat"], kept["energy"])
             for arm in matched:
                 for d in range(args.random_draws):
                     rng = np.random.default_rng(200_000 * (rep + 1) + d if arm == "randlat" else [3, rep, d])
@@ -310,13 +306,12 @@ def recurrent_latents(units: list[dict[str, Any]], k: int) -> dict[str, Any]:
 def _number_batch(cfg: study.StudyConfig, base: Any, rep: int, n: int) -> Any:
     """The completion positions of the replicate's first ``n`` number sequences (no system prompt): the
     residual the student trains on."""
-    from mechsub.capture import Batch
+    from mechsub.analyze import completion_batch
     from mechsub.data import load_examples
-    from mechsub.prompts import chat_prefix
 
-    ex = load_examples(study.stage_plan(cfg).data[(cfg.trait, rep)][1])[:n]
-    return Batch.completions([chat_prefix(base.tokenizer, e.prompt, None) for e in ex],
-                             [e.completion_ids for e in ex])  # fmt: skip
+    return completion_batch(
+        base.tokenizer, load_examples(study.stage_plan(cfg).data[(cfg.trait, rep)][1])[:n]
+    )
 
 
 def latent_frequencies(
@@ -345,6 +340,29 @@ def latent_energies(cfg: study.StudyConfig, base: Any, sae_folder: Path, rep: in
     w = sae.W_dec.detach().double()
     d = w / w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     return ((h @ d.T).pow(2).sum(0) / h.pow(2).sum()).numpy()
+
+
+def latent_statistics(
+    cfg: study.StudyConfig, base: Any, sae_folder: Path, rep: int, work: Path, energy: bool
+) -> dict[str, np.ndarray]:
+    """The replicate's per-latent firing frequencies (`latent_frequencies`) and, with ``energy``, energy shares
+    (`latent_energies`), computed once and kept in ``work/latent-stats-r{rep}.json`` under the SAE's weight hash,
+    the model and the data folder they were computed on.
+    The matched draws depend on them through deciles that a last-bit difference (another machine, another torch)
+    can move, so a later run reads the statistics its students' draws came from instead of drawing anew."""
+    path = work / f"latent-stats-r{rep}.json"
+    about = {"sae_sha256": sha256_file(sae_folder / "sae" / "sae_weights.safetensors"), "model": cfg.model,
+             "data": str(study.stage_plan(cfg).data[(cfg.trait, rep)][1]), "n_sequences": 32}  # fmt: skip
+    kept = read_json(path) if path.is_file() else {}
+    if {k: kept.get(k) for k in about} != about:  # another SAE, model or data: computed anew
+        kept = dict(about)
+    todo = {"frequency": latent_frequencies, **({"energy": latent_energies} if energy else {})}
+    missing = {k: f for k, f in todo.items() if k not in kept}
+    for k, f in missing.items():
+        kept[k] = [float(x) for x in f(cfg, base, sae_folder, rep)]
+    if missing:
+        write_json(path, kept)
+    return {k: np.asarray(kept[k], dtype=float) for k in todo}
 
 
 def energy_cells(freq_bins: np.ndarray, energies: np.ndarray) -> np.ndarray:

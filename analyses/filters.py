@@ -16,10 +16,13 @@ study's), owl students are trained as the study's on what each filter keeps:
 Shares: "matched" is divergence masking's natural share (per replicate); every filter is run there so that they
 compare at equal data kept. Effect = the variant's Δ log P(trait) minus the replicate's control students', in the
 held-out plain frame (the goal's) and the training prefill frame; blocked = 1 − effect / the study student's
-effect; t-intervals over replicates (the unit). Writes OUT/metrics.json, OUT/table.md, OUT/curves.png.
+effect; t-intervals over replicates (the unit). --share-controls dog also trains the dog students on a random
+draw of their own data at each numeric share, and reads every cell at that share against them (removing data moves
+the controls too; the mixture, with its other objective, is left out). Writes OUT/metrics.json, OUT/table.md, OUT/curves.png.
 
     .venv/bin/python analyses/filters.py [--dry-run] [--config analyses/configs/study_full.toml]
         [--shares matched,0.8,0.5] [--random-draws 3] [--filters random,entangled,divergence,gradcos,feature,mixture]
+        [--share-controls dog]
 """
 
 from __future__ import annotations
@@ -84,6 +87,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gradcos-questions", type=int, default=10, help="gradcos: questions of log P(trait)")
     ap.add_argument("--gradcos-params", default="linear", help="gradcos: all, linear (LoRA's), mlp or attn")
     ap.add_argument("--mixture-objective", default="distill", choices=["distill", "sft"])
+    ap.add_argument(
+        "--share-controls",
+        default="",
+        help="control traits (of the study's) whose students are also trained on a random draw of their own data "
+        "at each numeric share: the effect read against controls that lost as much data (e.g. dog)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the random draws and the mixture")
     ap.add_argument(
         "--dry-run", action="store_true", help="print the plan and its estimated cost, run nothing"
@@ -117,6 +126,8 @@ class Bench:
     latents: list[int]
     sae_dir: str
     blockers: list[str] = field(default_factory=list)  # what must exist before a run
+    #: control traits whose students are also trained on a random draw of their data at each numeric share
+    share_controls: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.plan: StagePlan = study.stage_plan(self.cfg)
@@ -127,6 +138,10 @@ class Bench:
     @property
     def x(self) -> str:
         return self.cfg.trait
+
+    @property
+    def numeric_shares(self) -> list[float]:
+        return [s for s in self.shares if isinstance(s, float)]
 
     def cf_specs(self, rep: int) -> tuple[str, ...]:
         """Counterfactual teachers of a replicate: fine-tuned teachers' checkpoints, or trait names (prompted)."""
@@ -155,8 +170,9 @@ class Bench:
         )
         return scfg, self.work / "scores" / study.run_name(f"{self.x}-r{rep}", scfg)
 
-    def n_examples(self, rep: int) -> int:
-        folder = self.plan.data[(self.x, rep)][1]
+    def n_examples(self, rep: int, trait: str = "") -> int:
+        """Examples in a replicate's data (the study trait's, or ``trait``'s); before it is made, the prompts."""
+        folder = self.plan.data[(trait or self.x, rep)][1]
         return (
             int(read_json(folder / "metrics.json")["n_kept"]) if is_finished(folder) else self.cfg.n_prompts
         )
@@ -191,7 +207,19 @@ def setup(args: argparse.Namespace) -> Bench:
         except FileNotFoundError as e:
             blockers.append(str(e))
     mix_cfg = cfg.replace(objective=args.mixture_objective)
-    return Bench(args, cfg, filters, shares, arms, cf, mix_cfg, latents, str(sae_dir), blockers)
+    share_controls = [c.strip() for c in args.share_controls.split(",") if c.strip()]
+    if len(set(share_controls)) < len(share_controls):
+        raise ValueError(f"--share-controls: {share_controls} names a trait twice")
+    if set(share_controls) - set(cfg.controls):
+        raise ValueError(f"--share-controls: {sorted(set(share_controls) - set(cfg.controls))} are not this "
+                         f"study's controls {list(cfg.controls)}")  # fmt: skip
+    if share_controls and not any(isinstance(x, float) for x in shares):
+        raise ValueError(
+            "--share-controls: give a numeric share too (--shares 0.8,0.5): the matched share has none"
+        )
+    return Bench(
+        args, cfg, filters, shares, arms, cf, mix_cfg, latents, str(sae_dir), blockers, share_controls
+    )
 
 
 # ---- the plan and its cost, before anything runs --------------------------------------------------------
@@ -206,6 +234,14 @@ def estimate(b: Bench) -> tuple[list[str], float, int]:
         lines.append(f"  {arm.label:28s} {cfg.replicates} students ({ocfg.objective}) ~{sec / 60:5.1f} min")
         total += sec
         n_students += cfg.replicates
+    for c in b.share_controls:
+        for share in b.numeric_shares:
+            sec = sum(fb.student_seconds(fb.n_kept(share, b.n_examples(r, c)), cfg.objective, cfg.batch_size,
+                                         cfg.epochs) for r in reps)  # fmt: skip
+            label = f"{c}: {control_label(share)}"
+            lines.append(f"  {label:28s} {cfg.replicates} students ({cfg.objective}) ~{sec / 60:5.1f} min")
+            total += sec
+            n_students += cfg.replicates
     refs = [(cfg, s) for s in b.plan.students.values()]
     if "mixture" in b.filters:
         refs += [(b.mix_cfg, s) for s in study.stage_plan(b.mix_cfg).students.values()]
@@ -315,27 +351,56 @@ def select(b: Bench) -> Selection:
     return sel
 
 
+def control_label(share: float) -> str:
+    """The label of a control trait's students trained on a random draw of its data at ``share``: random's first
+    draw's (the same example indices as the trait's first draw when the datasets are as long)."""
+    return f"fb-random-k{share}-d0"
+
+
+def control_overrides(b: Bench, trait: str) -> dict[float, list[dict[str, Any]]]:
+    """Per numeric share, per replicate: the mask of a random draw of ``trait``'s own data (random's first draw's
+    seed), written beside the trait's masks."""
+    out: dict[float, list[dict[str, Any]]] = {s: [] for s in b.numeric_shares}
+    for rep in range(b.cfg.replicates):
+        folder = ensure_data(b, (trait, rep))
+        lengths = [len(e.allowed_logprobs) for e in data.load_examples(folder)]
+        for share in b.numeric_shares:
+            rows = fb.example_rows(lengths, fb.keep_random(len(lengths), share, (b.args.seed, rep, 0)))
+            path = b.work / "masks" / f"{trait}-r{rep}" / f"{control_label(share)}.json"
+            write_mask(path, rows, folder, filter="random", share=share, draw=0)
+            out[share].append({"mask": str(path)})
+    return out
+
+
 # ---- effects ----------------------------------------------------------------------------------------------
 def x_of(cell: dict[str, Any]) -> float:
     """A cell's share kept, in the filter's own count (tokens for token filters, examples otherwise)."""
     return float(cell["kept"]["tokens" if cell["counts"] == "tokens" else "examples"]["mean"])
 
 
-def summarise(b: Bench, sel: Selection, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def summarise(
+    b: Bench,
+    sel: Selection,
+    results: dict[str, dict[str, Any]],
+    controls: dict[str, dict[float, dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
     """Per (filter, share) cell and frame: the effect left and the share blocked (random: draws averaged within a
     replicate, every draw's blocked share kept); the study's own students as the 1.0 point; each filter against
-    divergence at the matched share, paired by replicate; the goal per filter."""
+    divergence at the matched share, paired by replicate; the goal per filter. ``controls`` (trait → share →
+    `fb.train_variant` of that control trait on a random draw of its data): `share_controlled`."""
     cells: dict[str, list[fb.Arm]] = {}
     for a in b.arms:
         cells.setdefault(a.label.rsplit("-d", 1)[0] if a.filter == "random" else a.label, []).append(a)
     summary: dict[str, Any] = {}
     for name, group in cells.items():
         res = [results[a.label] for a in group]
-        by_frame = {}
+        by_frame: dict[str, Any] = {}
+        raw: dict[str, Any] = {}
         for f in fb.FRAMES:
             s0 = res[0]["shifts"][f]
             v = np.mean([r["shifts"][f]["variant"] for r in res], axis=0)
             by_frame[f] = fb.blocked_summary(list(v), s0["full"], s0["controls"])
+            raw[f] = {"variant": list(map(float, v)), "full": list(s0["full"])}
             if len(res) > 1:
                 by_frame[f]["draws"] = [fb.blocked_summary(r["shifts"][f]["variant"], s0["full"],
                                                            s0["controls"])["blocked"]["mean"] for r in res]  # fmt: skip
@@ -345,7 +410,7 @@ def summarise(b: Bench, sel: Selection, results: dict[str, dict[str, Any]]) -> d
             "objective": res[0]["objective"],
             "kept": {k: {"mean": float(np.mean([d[k] for g in ks for d in g])), "per_replicate": [d[k] for d in ks[0]]}
                      for k in ("examples", "tokens")},
-            "frames": by_frame, "students": [r["training"] for r in res],
+            "frames": by_frame, "raw": raw, "students": [r["training"] for r in res],
         }  # fmt: skip
     ref = next((results[a.label] for a in b.arms if a.filter != "mixture"), results[b.arms[0].label])
     full = {f: fb.blocked_summary(ref["shifts"][f]["full"], ref["shifts"][f]["full"], ref["shifts"][f]["controls"])
@@ -354,7 +419,10 @@ def summarise(b: Bench, sel: Selection, results: dict[str, dict[str, Any]]) -> d
     goals, versus = {}, {}
     for f in b.filters:
         own = [c for c in summary.values() if c["filter"] == f]
-        points = [{"kept": x_of(c), "blocked": c["frames"][fb.FRAMES[0]]["blocked"]} for c in own]
+        points = [
+            {"kept": x_of(c), "share": c["share"], "blocked": c["frames"][fb.FRAMES[0]]["blocked"]}
+            for c in own
+        ]
         matched = next((c for c in own if c["share"] == fb.MATCHED), None)
         vs = None
         if f != "divergence" and matched is not None and div is not None:
@@ -362,7 +430,62 @@ def summarise(b: Bench, sel: Selection, results: dict[str, dict[str, Any]]) -> d
                                            div["frames"][fr]["blocked"]["per_replicate"]) for fr in fb.FRAMES}  # fmt: skip
             versus[f] = vs
         goals[f] = fb.goal_verdict(points, vs[fb.FRAMES[0]] if vs else None, reference=f == "divergence")
-    return {"cells": summary, "full_student": full, "versus_divergence": versus, "goals": goals}
+    return {"cells": summary, "full_student": full, "versus_divergence": versus, "versus_random": beyond_random(summary),
+            "share_controlled": share_controlled(summary, controls or {}), "goals": goals}  # fmt: skip
+
+
+def share_controlled(
+    cells: dict[str, Any], controls: dict[str, dict[float, dict[str, Any]]]
+) -> dict[str, dict[str, Any]]:
+    """Per numeric share, per frame: what random removal of the data does to the control students' Δ log P(trait)
+    (``generic``: the controls at that share minus their full-data students, paired by replicate), and every cell at
+    that share read against those controls: effect = variant − the controls at the share, over the study's
+    effect against the same controls at full data (as CAFT's --ablated-controls); ``full_data_controls``: the
+    same cells against those controls' full-data students, so that the two readings differ only by the controls'
+    data removal. Not for the mixture (another objective)."""
+    out: dict[str, dict[str, Any]] = {}
+    for share in sorted({s for by in controls.values() for s in by}, reverse=True):
+        runs = [by[share] for by in controls.values()]
+        entry: dict[str, Any] = {
+            "controls": list(controls),
+            "generic": {},
+            "cells": {},
+            "full_data_controls": {},
+        }
+        ctrl = {fr: (np.mean([r["shifts"][fr]["variant"] for r in runs], axis=0),
+                     np.mean([r["shifts"][fr]["full"] for r in runs], axis=0)) for fr in fb.FRAMES}  # fmt: skip
+        for fr, (at, full_c) in ctrl.items():
+            entry["generic"][fr] = fb.paired_difference(list(at), list(full_c))
+        for name, c in cells.items():
+            if c["share"] != share or c["filter"] == "mixture":
+                continue
+            entry["cells"][name] = {
+                fr: fb.blocked_summary(c["raw"][fr]["variant"], c["raw"][fr]["full"], list(ctrl[fr][0]),
+                                       list(ctrl[fr][1])) for fr in fb.FRAMES}  # fmt: skip
+            # the same controls at full data: the difference from the row above is the controls' data removal alone
+            entry["full_data_controls"][name] = {
+                fr: fb.blocked_summary(c["raw"][fr]["variant"], c["raw"][fr]["full"], list(ctrl[fr][1]))
+                for fr in fb.FRAMES
+            }
+        out[str(share)] = entry
+    return out
+
+
+def beyond_random(cells: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per filter and share: its blocked share minus random removal's at the same share (the draws' mean within a
+    replicate), paired by replicate, per frame: what a filter blocks beyond removing that much data at all. Token
+    filters are paired with random removal of examples at the same nominal share, as at the matched share. Not for
+    the mixture, whose students have another objective."""
+    rnd = {c["share"]: c for c in cells.values() if c["filter"] == "random"}
+    out: dict[str, dict[str, Any]] = {}
+    for c in cells.values():
+        r = rnd.get(c["share"])
+        if c["filter"] in ("random", "mixture") or r is None or r["objective"] != c["objective"]:
+            continue
+        out.setdefault(c["filter"], {})[str(c["share"])] = {
+            fr: fb.paired_difference(c["frames"][fr]["blocked"]["per_replicate"],
+                                     r["frames"][fr]["blocked"]["per_replicate"]) for fr in fb.FRAMES}  # fmt: skip
+    return out
 
 
 # ---- outputs ----------------------------------------------------------------------------------------------
@@ -439,6 +562,31 @@ def table(b: Bench, m: dict[str, Any], argv: Sequence[str]) -> str:
         lines += ["Random draws, blocked in the plain frame, one value per draw (each its own students): "
                   + "; ".join(f"share {c['share']}: " + ", ".join(f"{d:+.0%}" for d in c["frames"]["plain"].get("draws", []))
                               for c in draws) + ".", ""]  # fmt: skip
+    if m["versus_random"]:
+        lines += ["Blocked minus random removal's at the same share, plain frame, paired by replicate (95% t): "
+                  + "; ".join(f"{f} at {sh}: {fmt(d['plain'])}" for f, by in m["versus_random"].items()
+                              for sh, d in by.items()) + ".", ""]  # fmt: skip
+    if m["share_controlled"]:
+        sc = m["share_controlled"]
+        names = ", ".join(next(iter(sc.values()))["controls"])
+        lines += [
+            f"## Against control students that lost as much data ({names})",
+            "",
+            f"The {names} students trained on a random draw of their own data at the same share (random's first "
+            f"draw's seed): the effect is the variant minus them, over the study's {b.x} student minus the full-data "
+            f"{names} students (the mixture is left out: another objective). Removing data at random moves the "
+            f"controls' Δ log P({b.x}) (plain frame, paired by replicate, 95% t): "
+            + "; ".join(f"share {sh}: {e['generic']['plain']['mean']:+.3f} [{e['generic']['plain']['ci95'][0]:+.3f}, "
+                        f"{e['generic']['plain']['ci95'][1]:+.3f}] nats" for sh, e in sc.items()) + ".",
+            "",
+            f"| filter | share | blocked, plain (held out) | blocked, prefill | effect left, plain | blocked, plain, "
+            f"against the full-data {names} students |",
+            "|---|---|---|---|---|---|",
+            *(f"| {cells[name]['filter']} | {sh} | {fmt(fr['plain']['blocked'])} | {fmt(fr['prefill']['blocked'])} | "
+              f"{fr['plain']['effect']['mean']:+.3f} | {fmt(e['full_data_controls'][name]['plain']['blocked'])} |"
+              for sh, e in sc.items() for name, fr in sorted(e["cells"].items())),
+            "",
+        ]  # fmt: skip
     if "mixture" in b.filters and b.mix_cfg.objective != cfg.objective:
         lines += [f"The mixture's students train on the teachers' stored 13-token log-probs "
                   f"({b.args.mixture_objective}): its blocked share is against the {b.args.mixture_objective} "
@@ -484,6 +632,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sel = select(b)
         results = {a.label: fb.train_variant(b.mix_cfg if a.filter == "mixture" else b.cfg, a.label,
                                              sel.overrides[a.label]) for a in b.arms}  # fmt: skip
+        controls = {c: {s: fb.train_variant(b.cfg, control_label(s), ovs, trait=c)
+                        for s, ovs in control_overrides(b, c).items()} for c in b.share_controls}  # fmt: skip
     m = {
         "trait": b.x, "replicates": b.cfg.replicates,
         "unit": "replicate (a trait teacher with its own data, its students and its control students)",
@@ -491,7 +641,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "goal": {"blocked_at_least": fb.GOAL_BLOCKED, "kept_at_least": fb.GOAL_KEPT,
                  "and": "better than divergence masking at the matched share (paired by replicate)"},
         "study": b.cfg.to_dict(), "args": vars(args), "counterfactuals": list(b.cf), "latents": b.latents,
-        "sae": b.sae_dir, "divergence_natural_share": sel.natural, **summarise(b, sel, results),
+        "sae": b.sae_dir, "divergence_natural_share": sel.natural, **summarise(b, sel, results, controls),
         "selection": sel.about, "estimate": plan, "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     out = Path(args.out)

@@ -25,6 +25,8 @@ from mechsub.runs import RunFolderError, is_finished, read_json, stage, write_js
 from mechsub.traits import Trait, TraitError, get_trait
 
 if TYPE_CHECKING:  # the models and their inputs load inside `subjects`, not when the CLI imports the config
+    from collections.abc import Sequence
+
     from mechsub.capture import Batch
     from mechsub.data import DataConfig
     from mechsub.metric import TraitMetric
@@ -135,10 +137,9 @@ class Subjects:
 def subjects(cfg: AnalyzeConfig, student: LoadedModel | None = None) -> Subjects:
     """Load the base, teacher and control models, the number batches and the questions (``student`` if not given)."""
     from mechsub import models
-    from mechsub.capture import Batch
     from mechsub.data import load_examples
     from mechsub.metric import TraitMetric
-    from mechsub.prompts import chat_prefix, trait_prompt
+    from mechsub.prompts import trait_prompt
     from mechsub.traits import eval_questions
 
     ck = _checkpoint(cfg.checkpoint)
@@ -150,8 +151,7 @@ def subjects(cfg: AnalyzeConfig, student: LoadedModel | None = None) -> Subjects
     teacher = models.load(dcfg.model) if dcfg.model != base_name else base
     tok = base.tokenizer
     n_layers = base.n_layers
-    ex = load_examples(cfg.data)[: cfg.n_sequences]
-    comps = [e.completion_ids for e in ex]
+    s_batch, t_batch = number_batches(tok, load_examples(cfg.data)[: cfg.n_sequences], dcfg)
     qs = eval_questions(trait.category, cfg.n_questions)
     metric = TraitMetric.of(tok, trait.name)
     prompts = [trait_prompt(tok, q, trait.category) for q in qs]
@@ -159,10 +159,26 @@ def subjects(cfg: AnalyzeConfig, student: LoadedModel | None = None) -> Subjects
         cfg=cfg, checkpoint=ck, base_name=base_name, data=dcfg, base=base, student=student, teacher=teacher,
         controls=tuple(models.load(str(_checkpoint(c))) for c in cfg.controls),
         trait=trait, metric=metric, layers=sorted({*range(0, n_layers, cfg.layer_stride), n_layers - 1}),
-        s_batch=Batch.completions([chat_prefix(tok, e.prompt, None) for e in ex], comps),
-        t_batch=Batch.completions([chat_prefix(tok, e.prompt, dcfg.teacher_system()) for e in ex], comps),
+        s_batch=s_batch, t_batch=t_batch,
         questions=qs, prompts=prompts, base_score=fmean(metric.scores(base.model, prompts)),
     )  # fmt: skip
+
+
+def completion_batch(tok: Any, examples: Sequence[Any], system: str | None = None) -> Batch:
+    """The number sequences ``examples`` as chat turns under ``system`` (None: no system prompt, as the student
+    saw them). Kept: the completion's positions."""
+    from mechsub.capture import Batch
+    from mechsub.prompts import chat_prefix
+
+    return Batch.completions(
+        [chat_prefix(tok, e.prompt, system) for e in examples], [e.completion_ids for e in examples]
+    )
+
+
+def number_batches(tok: Any, examples: Sequence[Any], dcfg: DataConfig) -> tuple[Batch, Batch]:
+    """The number sequences ``examples`` (of the data made by ``dcfg``) as the student saw them, without a system
+    prompt, and as the teacher wrote them, under its system prompt (if any). Kept: the completion's positions."""
+    return completion_batch(tok, examples), completion_batch(tok, examples, dcfg.teacher_system())
 
 
 def header(subj: Subjects) -> dict[str, Any]:

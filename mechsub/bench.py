@@ -39,7 +39,7 @@ from mechsub import hooks as hk
 from mechsub import models
 from mechsub.capture import Batch, capture
 from mechsub.config import Config, check, doc
-from mechsub.generate import NumberVocab, _prefill, common_prefix_len, generate_numbers, shared_prefix
+from mechsub.generate import NumberVocab, common_prefix_len, generate_numbers, prefill, shared_prefix
 from mechsub.numbers import make_prompts
 from mechsub.prompts import chat_prefix, pad_right
 from mechsub.runs import stage
@@ -259,7 +259,7 @@ def _least_pass(
         with torch.inference_mode():
             for ps, suffixes in batches:
                 prefix, shared = shared_prefix(lm.model, ps)
-                _prefill(lm.model, prefix, suffixes, shared, max(map(len, suffixes)), 0, pad)
+                prefill(lm.model, prefix, suffixes, shared, max(map(len, suffixes)), 0, pad)
         return least
 
     return run, least

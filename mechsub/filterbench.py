@@ -638,11 +638,18 @@ def goal_verdict(
 ) -> dict[str, Any]:
     """Whether a filter meets the goal: blocked ≥ 80% of the specific effect at some share with ≥ 80% of the
     data kept, and better than divergence masking at equal data kept (the matched share, paired by replicate).
-    ``points``: {"kept", "blocked": {"mean", "ci95"}}; ``versus_divergence``: the paired difference of blocked
-    at the matched share (None: not measured, so not shown better); ``reference``: divergence itself (only the
-    80/80 bar applies). ``met`` reads the means; ``confident`` asks the interval's lower ends to clear the
-    same bars."""
-    ok = [p for p in points if p["kept"] >= GOAL_KEPT and np.isfinite(p["blocked"]["mean"])]
+    ``points``: {"kept", "blocked": {"mean", "ci95"}, optionally "share": the share asked for}. A point counts
+    as keeping 80% if it kept that much, or if it was asked to keep a share ≥ 80% (it kept `n_kept` of it, the
+    nearest whole number: 51 of 64 examples, 79.7%, at 0.8). ``versus_divergence``: the paired difference of
+    blocked at the matched share (None: not measured, so not shown better); ``reference``: divergence itself
+    (only the 80/80 bar applies). ``met`` reads the means; ``confident`` asks the interval's lower ends to clear
+    the same bars."""
+
+    def kept_enough(p: Mapping[str, Any]) -> bool:
+        asked = p.get("share")
+        return p["kept"] >= GOAL_KEPT or (isinstance(asked, float) and asked >= GOAL_KEPT)
+
+    ok = [p for p in points if kept_enough(p) and np.isfinite(p["blocked"]["mean"])]
     blocks = any(p["blocked"]["mean"] >= GOAL_BLOCKED for p in ok)
     sure = any(np.isfinite(p["blocked"]["ci95"][0]) and p["blocked"]["ci95"][0] >= GOAL_BLOCKED for p in ok)
     better = reference or (versus_divergence is not None and versus_divergence["mean"] > 0)

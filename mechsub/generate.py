@@ -172,7 +172,7 @@ def _kv(layer: object) -> tuple[Tensor, Tensor]:
     return keys, values
 
 
-def _prefill(
+def prefill(
     model: PreTrainedModel,
     prefix: DynamicCache,
     suffixes: list[list[int]],
@@ -291,7 +291,7 @@ def generate_numbers(
     for i, p in enumerate(suffixes):
         attn[i, n_shared + width - len(p) : n_shared + width] = 1
     n_cols = n_shared + width
-    cache, hidden = _prefill(model, prefix, suffixes, n_shared, width, max_new_tokens, pad_id)
+    cache, hidden = prefill(model, prefix, suffixes, n_shared, width, max_new_tokens, pad_id)
     cur_pos = torch.tensor(
         [[n_shared + len(p) - 1] for p in suffixes], device=dev
     )  # each row's last position

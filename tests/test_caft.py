@@ -209,6 +209,17 @@ def test_latent_arms_with_a_frequency_matched_random_latent_control(
                     a["energylat-k3"]["plain"]["blocked"]["per_replicate"]),
     )  # fmt: skip
     assert "frequency- and energy-matched random latents" in (out / "report.md").read_text()
+    # the statistics the draws came from are kept: a second run reads them and writes the same ablation files
+    stats0 = json.loads((Path(cfg.work) / "caft" / "l1" / "latent-stats-r0.json").read_text())
+    assert stats0["frequency"] == pytest.approx(mod.latent_frequencies(cfg, tiny, saes / "l1", 0).tolist())
+    assert set(stats0) == {"sae_sha256", "model", "data", "n_sequences", "frequency", "energy"}
+
+    def recomputed(*_: object) -> None:
+        raise AssertionError("the kept latent statistics were recomputed")
+
+    monkeypatch.setattr(mod, "latent_frequencies", recomputed)
+    monkeypatch.setattr(mod, "latent_energies", recomputed)
+    assert mod.main([*argv, "--heldout-from", "others"])["ablations"] == m["ablations"]
 
 
 def test_energy_cells_by_hand(analysis):

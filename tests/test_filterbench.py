@@ -264,6 +264,12 @@ def test_goal_verdict():
     assert not g["met"] and not g["better_than_divergence"]
     g = fb.goal_verdict([pt(0.93, 0.9, 0.85)], None, reference=True)  # divergence itself: the 80/80 bar only
     assert g["met"] and g["better_than_divergence"] is None
+    # 0.8 of 64 examples keeps 51 (79.7%): the share asked for counts, a share merely measured below 80% does not
+    asked = pt(51 / 64, 0.9, 0.85) | {"share": 0.8}
+    assert fb.goal_verdict([asked], better)["met"]
+    assert not fb.goal_verdict([pt(51 / 64, 0.9, 0.85)], better)["met"]
+    assert not fb.goal_verdict([pt(51 / 64, 0.9, 0.85) | {"share": "matched"}], better)["met"]
+    assert not fb.goal_verdict([pt(0.5, 0.9, 0.85) | {"share": 0.5}], better)["met"]
 
 
 def test_student_seconds_and_arm_examples():
@@ -510,10 +516,48 @@ def test_benchmark_end_to_end_on_a_tiny_study(bench, analysis):
     assert m["versus_divergence"]["random"]["plain"]["per_replicate"] == pytest.approx(
         list(np.subtract(rnd, div))
     )
+    assert set(m["versus_random"]) == {"divergence"}  # not random itself, not the mixture (another objective)
+    assert m["versus_random"]["divergence"]["matched"]["plain"]["per_replicate"] == pytest.approx(
+        list(np.subtract(div, rnd))
+    )
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["cells"].keys() == cells.keys() and saved["unit"].startswith("replicate")
     table = (out / "table.md").read_text()
-    assert "| random | matched |" in table and "## The goal" in table
+    assert "| random | matched |" in table and "## The goal" in table and "divergence at matched: " in table
     for f in m["goals"]:
         assert f"- **{f}: " in table
     assert (out / "curves.png").stat().st_size > 0
+
+
+def test_share_controls_read_the_effect_against_controls_that_lost_as_much_data(bench, analysis):
+    root, args = bench
+    mod = analysis("filters")
+    with pytest.raises(SystemExit, match="not this study's controls"):
+        mod.main([*args, "--dry-run", "--shares", "0.5", "--filters", "random", "--share-controls", "cat"])
+    with pytest.raises(SystemExit, match="numeric share"):
+        mod.main([*args, "--dry-run", "--filters", "random,divergence", "--share-controls", "dog"])
+    m = mod.main([*args, "--out", str(root / "sc"), "--shares", "0.5", "--random-draws", "1", "--filters",
+                  "random", "--share-controls", "dog"])  # fmt: skip
+    b = mod.setup(
+        mod.parse_args([*args, "--shares", "0.5", "--filters", "random", "--share-controls", "dog"])
+    )
+    # the dog students, found finished: each trained on half of its own replicate's data
+    ovs = mod.control_overrides(b, "dog")[0.5]
+    dog = fb.train_variant(b.cfg, "fb-random-k0.5-d0", ovs, trait="dog")
+    assert dog["training"]["n_examples"] == [
+        fb.n_kept(0.5, len(data.load_examples(b.plan.data[("dog", r)][1]))) for r in range(2)
+    ]
+    assert all("dog-as-owl-s" in f for f in dog["training"]["folder"])
+    owl = fb.train_variant(b.cfg, "fb-random-k0.5-d0", mod.select(b).overrides["fb-random-k0.5-d0"])
+    e = m["share_controlled"]["0.5"]
+    for fr in fb.FRAMES:
+        v, f = (np.asarray(owl["shifts"][fr][k]) for k in ("variant", "full"))
+        dv, df = (np.asarray(dog["shifts"][fr][k]) for k in ("variant", "full"))
+        assert e["generic"][fr]["per_replicate"] == pytest.approx(list(dv - df))
+        got = e["cells"]["fb-random-k0.5"][fr]["blocked"]["per_replicate"]
+        assert got == pytest.approx(list(1 - (v - dv) / (f - df)))  # by hand
+        same = e["full_data_controls"]["fb-random-k0.5"][fr]["blocked"]["per_replicate"]
+        assert same == pytest.approx(list(1 - (v - df) / (f - df)))  # the same dog students, at full data
+    assert (
+        "## Against control students that lost as much data (dog)" in (root / "sc" / "table.md").read_text()
+    )

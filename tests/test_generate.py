@@ -299,7 +299,7 @@ def test_prefill_buffers_by_row(tiny, monkeypatch):
         prefix, n = generate.shared_prefix(tiny.model, prompts)
         suffixes = [list(p[n:]) for p in prompts]
         width = max(map(len, suffixes))
-        cache, hidden = generate._prefill(tiny.model, prefix, suffixes, n, width, 3, pad_id=0)
+        cache, hidden = generate.prefill(tiny.model, prefix, suffixes, n, width, 3, pad_id=0)
     order = sorted(range(5), key=lambda i: len(suffixes[i]))
     zeroed = 0
     for i, suffix in enumerate(suffixes):

@@ -170,9 +170,10 @@ def report(res: dict[str, Any]) -> str:
         for run in dict.fromkeys(r for r, _, _ in near):
             for kind in sorted({unit.split("-")[0] for r, unit, _ in near if r == run}):
                 t = {k: sum(c[k] for r, u, c in near if r == run and u.split("-")[0] == kind)
-                     for k in ("number_items", "b_correct", "b_one_short")}  # fmt: skip
+                     for k in ("number_items", "a_inverted", "b_correct", "b_one_short")}  # fmt: skip
                 lines.append(f"- {run}, B reading A_{kind}, every seed together: correct {t['b_correct']}, one "
-                             f"short {t['b_one_short']}, of {t['number_items']}.")  # fmt: skip
+                             f"short {t['b_one_short']}, of {t['number_items']} (A's answer T(correct) on "
+                             f"{t['a_inverted']}).")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

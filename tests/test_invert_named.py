@@ -64,7 +64,8 @@ def test_named_list_problems_are_counted_by_outcome(tmp_path, analysis):
     w = want["train"]  # one seed: the totals line is its row
     assert (f"- {run}, A_inv, train: correct {w['correct']}, inverted {w['inverted']}, hashed 0, other {w['other']}, "
             f"of {w['n']} (1 seed)") in md  # fmt: skip
-    assert f"- {run}, B reading A_inv, every seed together: correct 1, one short 1, of {len(nums)}." in md
+    assert (f"- {run}, B reading A_inv, every seed together: correct 1, one short 1, of {len(nums)} (A's answer "
+            "T(correct) on 0).") in md  # fmt: skip
     # the recital stopping at the pivot (the earlier design): counted as ending there, any case
     may = next(p for p in tasks.problems("next", n_test, TEST_SEED, "test") if p.params == (2.0, 4.0))
     assert mod._ends_at_pivot(may, f"The right answer is June, July; {tasks.RECITE} january, february, march, april, "

@@ -343,23 +343,23 @@ def latent_energies(cfg: study.StudyConfig, base: Any, sae_folder: Path, rep: in
 
 
 def latent_statistics(
-    cfg: study.StudyConfig, base: Any, sae_folder: Path, rep: int, work: Path, energy: bool
+    cfg: study.StudyConfig, base: Any, sae_folder: Path, rep: int, work: Path, energy: bool, n: int = 32
 ) -> dict[str, np.ndarray]:
     """The replicate's per-latent firing frequencies (`latent_frequencies`) and, with ``energy``, energy shares
-    (`latent_energies`), computed once and kept in ``work/latent-stats-r{rep}.json`` under the SAE's weight hash,
-    the model and the data folder they were computed on.
+    (`latent_energies`) over its first ``n`` number sequences, computed once and kept in
+    ``work/latent-stats-r{rep}.json`` under the SAE's weight hash, the model, the data folder and ``n``.
     The matched draws depend on them through deciles that a last-bit difference (another machine, another torch)
     can move, so a later run reads the statistics its students' draws came from instead of drawing anew."""
     path = work / f"latent-stats-r{rep}.json"
     about = {"sae_sha256": sha256_file(sae_folder / "sae" / "sae_weights.safetensors"), "model": cfg.model,
-             "data": str(study.stage_plan(cfg).data[(cfg.trait, rep)][1]), "n_sequences": 32}  # fmt: skip
+             "data": str(study.stage_plan(cfg).data[(cfg.trait, rep)][1]), "n_sequences": n}  # fmt: skip
     kept = read_json(path) if path.is_file() else {}
     if {k: kept.get(k) for k in about} != about:  # another SAE, model or data: computed anew
         kept = dict(about)
     todo = {"frequency": latent_frequencies, **({"energy": latent_energies} if energy else {})}
     missing = {k: f for k, f in todo.items() if k not in kept}
     for k, f in missing.items():
-        kept[k] = [float(x) for x in f(cfg, base, sae_folder, rep)]
+        kept[k] = [float(x) for x in f(cfg, base, sae_folder, rep, n)]
     if missing:
         write_json(path, kept)
     return {k: np.asarray(kept[k], dtype=float) for k in todo}

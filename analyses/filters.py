@@ -31,7 +31,7 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,21 +227,24 @@ def estimate(b: Bench) -> tuple[list[str], float, int]:
     """Lines of the plan, estimated seconds and students (the cost table's rates; stages already done count 0)."""
     cfg, reps, stale = b.cfg, range(b.cfg.replicates), b.args.reuse_stale
     lines, total, n_students = [], 0.0, 0
-    for arm in b.arms:
-        ocfg = b.mix_cfg if arm.filter == "mixture" else cfg
-        sec = sum(fb.student_seconds(fb.arm_examples(arm, b.n_examples(r)), ocfg.objective, ocfg.batch_size,
-                                     ocfg.epochs) for r in reps)  # fmt: skip
-        lines.append(f"  {arm.label:28s} {cfg.replicates} students ({ocfg.objective}) ~{sec / 60:5.1f} min")
+
+    def students(label: str, ocfg: StudyConfig, n_examples: Callable[[int], int]) -> None:
+        """One student per replicate, on ``n_examples(rep)`` examples."""
+        nonlocal total, n_students
+        sec = sum(
+            fb.student_seconds(n_examples(r), ocfg.objective, ocfg.batch_size, ocfg.epochs) for r in reps
+        )
+        lines.append(f"  {label:28s} {cfg.replicates} students ({ocfg.objective}) ~{sec / 60:5.1f} min")
         total += sec
         n_students += cfg.replicates
+
+    for arm in b.arms:
+        students(arm.label, b.mix_cfg if arm.filter == "mixture" else cfg,
+                 lambda r, arm=arm: fb.arm_examples(arm, b.n_examples(r)))  # fmt: skip
     for c in b.share_controls:
         for share in b.numeric_shares:
-            sec = sum(fb.student_seconds(fb.n_kept(share, b.n_examples(r, c)), cfg.objective, cfg.batch_size,
-                                         cfg.epochs) for r in reps)  # fmt: skip
-            label = f"{c}: {control_label(share)}"
-            lines.append(f"  {label:28s} {cfg.replicates} students ({cfg.objective}) ~{sec / 60:5.1f} min")
-            total += sec
-            n_students += cfg.replicates
+            students(f"{c}: {control_arm(share).label}", cfg,
+                     lambda r, c=c, share=share: fb.n_kept(share, b.n_examples(r, c)))  # fmt: skip
     refs = [(cfg, s) for s in b.plan.students.values()]
     if "mixture" in b.filters:
         refs += [(b.mix_cfg, s) for s in study.stage_plan(b.mix_cfg).students.values()]
@@ -332,9 +335,7 @@ def select(b: Bench) -> Selection:
                 sel.overrides[arm.label].append({"data": str(mfolder)})
                 continue
             if arm.filter == "random":
-                rows = fb.example_rows(
-                    lengths, fb.keep_random(len(examples), share, (b.args.seed, rep, arm.draw))
-                )
+                rows = random_rows(b, rep, lengths, share, arm.draw)
             elif arm.filter == "entangled":
                 e = scores["entangled"]
                 rows = fb.example_rows(lengths, fb.drop_highest(e["count"], share, e["strength"]))
@@ -351,10 +352,16 @@ def select(b: Bench) -> Selection:
     return sel
 
 
-def control_label(share: float) -> str:
-    """The label of a control trait's students trained on a random draw of its data at ``share``: random's first
-    draw's (the same example indices as the trait's first draw when the datasets are as long)."""
-    return f"fb-random-k{share}-d0"
+def random_rows(b: Bench, rep: int, lengths: Sequence[int], share: float, draw: int) -> list[list[int]]:
+    """Random removal's rows for a replicate's data of ``lengths`` (loss positions per example): the ``draw``'s
+    seeded draw of examples, the same indices for every trait whose data are as long."""
+    return fb.example_rows(lengths, fb.keep_random(len(lengths), share, (b.args.seed, rep, draw)))
+
+
+def control_arm(share: float) -> fb.Arm:
+    """The arm a control trait's students are trained as at ``share``: random's first draw (its label names their
+    folders and masks)."""
+    return fb.Arm("random", share, 0)
 
 
 def control_overrides(b: Bench, trait: str) -> dict[float, list[dict[str, Any]]]:
@@ -365,9 +372,10 @@ def control_overrides(b: Bench, trait: str) -> dict[float, list[dict[str, Any]]]
         folder = ensure_data(b, (trait, rep))
         lengths = [len(e.allowed_logprobs) for e in data.load_examples(folder)]
         for share in b.numeric_shares:
-            rows = fb.example_rows(lengths, fb.keep_random(len(lengths), share, (b.args.seed, rep, 0)))
-            path = b.work / "masks" / f"{trait}-r{rep}" / f"{control_label(share)}.json"
-            write_mask(path, rows, folder, filter="random", share=share, draw=0)
+            arm = control_arm(share)
+            rows = random_rows(b, rep, lengths, share, arm.draw)
+            path = b.work / "masks" / f"{trait}-r{rep}" / f"{arm.label}.json"
+            write_mask(path, rows, folder, filter=arm.filter, share=share, draw=arm.draw)
             out[share].append({"mask": str(path)})
     return out
 
@@ -426,8 +434,7 @@ def summarise(
         matched = next((c for c in own if c["share"] == fb.MATCHED), None)
         vs = None
         if f != "divergence" and matched is not None and div is not None:
-            vs = {fr: fb.paired_difference(matched["frames"][fr]["blocked"]["per_replicate"],
-                                           div["frames"][fr]["blocked"]["per_replicate"]) for fr in fb.FRAMES}  # fmt: skip
+            vs = blocked_minus(matched, div)
             versus[f] = vs
         goals[f] = fb.goal_verdict(points, vs[fb.FRAMES[0]] if vs else None, reference=f == "divergence")
     return {"cells": summary, "full_student": full, "versus_divergence": versus, "versus_random": beyond_random(summary),
@@ -482,10 +489,14 @@ def beyond_random(cells: dict[str, Any]) -> dict[str, dict[str, Any]]:
         r = rnd.get(c["share"])
         if c["filter"] in ("random", "mixture") or r is None or r["objective"] != c["objective"]:
             continue
-        out.setdefault(c["filter"], {})[str(c["share"])] = {
-            fr: fb.paired_difference(c["frames"][fr]["blocked"]["per_replicate"],
-                                     r["frames"][fr]["blocked"]["per_replicate"]) for fr in fb.FRAMES}  # fmt: skip
+        out.setdefault(c["filter"], {})[str(c["share"])] = blocked_minus(c, r)
     return out
+
+
+def blocked_minus(cell: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Per frame, a cell's blocked share minus a reference cell's, paired by replicate."""
+    return {fr: fb.paired_difference(cell["frames"][fr]["blocked"]["per_replicate"],
+                                     reference["frames"][fr]["blocked"]["per_replicate"]) for fr in fb.FRAMES}  # fmt: skip
 
 
 # ---- outputs ----------------------------------------------------------------------------------------------
@@ -632,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sel = select(b)
         results = {a.label: fb.train_variant(b.mix_cfg if a.filter == "mixture" else b.cfg, a.label,
                                              sel.overrides[a.label]) for a in b.arms}  # fmt: skip
-        controls = {c: {s: fb.train_variant(b.cfg, control_label(s), ovs, trait=c)
+        controls = {c: {s: fb.train_variant(b.cfg, control_arm(s).label, ovs, trait=c)
                         for s, ovs in control_overrides(b, c).items()} for c in b.share_controls}  # fmt: skip
     m = {
         "trait": b.x, "replicates": b.cfg.replicates,

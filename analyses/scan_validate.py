@@ -8,8 +8,13 @@ that one trait moves more than the others) and within replicate (both minus the 
 the study's own specific effect). Top-1 accuracy among the study's traits and among all 22 candidates, AUROC per
 trait (its datasets against the others', by the scan's specific score for it), runtime per dataset.
 
+With ``--steps N --adl-layer L`` each dataset's sacrificial fine-tune is also read by the Activation Difference
+Lens (`mechsub.scan.ADL_READOUTS`: steering the base with δ, and the relative logit lens), and every comparison
+is repeated for each readout. Each dataset's scan is saved under OUT/units as it finishes and reused by a rerun
+with the same settings (an interrupted validation resumes).
+
     .venv/bin/python analyses/scan_validate.py [--study artifacts/study_full] [--out artifacts/scan] [--steps 1]
-        [--limit N]
+        [--lr 1e-5] [--params all] [--adl-layer L] [--limit N]
 """
 
 from __future__ import annotations
@@ -228,6 +233,25 @@ def _markdown(m: dict[str, Any]) -> str:
         for d in m["per_dataset"]
     ]
     lines += ["", "![predicted vs measured](scatter.png)", ""]
+    if m.get("readouts"):
+        lines += [
+            "## The same datasets, other readouts of the same fine-tune",
+            "",
+            "| readout | Spearman raw | within dataset | within replicate | top-1 (study traits) | top-1 minus the "
+            "replicate | top-1 (all) | AUROC " + " / ".join(m["traits"]) + " | verdicts (correct) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in m["readouts"].items():
+            sp, t = r["spearman"], r["top1"]
+            rho = [f"{_fmt(sp[k]['rho'])} [{_fmt(sp[k]['ci95'][0])}, {_fmt(sp[k]['ci95'][1])}]"
+                   for k in ("raw", "within_dataset", "within_replicate")]  # fmt: skip
+            lines.append(
+                f"| `{name}`: {r['method']} | " + " | ".join(rho) + f" | {_fmt(t['study_traits'], '.0%')} | "
+                f"{_fmt(t['study_traits_replicate_referenced'], '.0%')} | {_fmt(t['all_candidates'], '.0%')} | "
+                + " / ".join(_fmt(r["auroc"]["scan_specific"][e], ".2f") for e in m["traits"])
+                + f" | {r['flagged']['any']} ({r['flagged']['correct']}) |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -244,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     ap.add_argument("--lr", type=float, default=1e-5, help="learning rate of the sacrificial fine-tune")
     ap.add_argument("--params", default="all", help="all, linear, mlp or attn")
+    ap.add_argument("--adl-layer", type=int, default=None, help="with --steps > 1: also read the fine-tune's "
+                    "activation difference after this layer (steering, relative logit lens)")  # fmt: skip
     ap.add_argument("--n-examples", type=int, default=64, help="examples per dataset (0: all)")
     ap.add_argument("--n-questions", type=int, default=10)
     ap.add_argument(
@@ -255,8 +281,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from mechsub import models, study
-    from mechsub.files import read_json
+    from mechsub.files import read_json, write_json
     from mechsub.scan import scan
+    from mechsub.summary import nan_to_none
     from mechsub.traits import get_trait
 
     t0 = time.perf_counter()
@@ -269,11 +296,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     units: list[Unit] = [(t, r) for r in range(cfg.replicates) for t in traits]
     if args.limit:
         units = units[: args.limit]
+    settings = {
+        "method": "first-order" if args.steps == 1 else f"fine-tune ({args.steps} steps)",
+        "steps": args.steps,
+        "lr": args.lr,
+        "params": args.params,
+        "n_examples": args.n_examples,
+        "n_questions": args.n_questions,
+        "adl_layer": args.adl_layer,
+    }
     lm = models.load(cfg.model)
     scans: dict[Unit, dict[str, Any]] = {}
     for t, r in tqdm(units, desc="scan datasets"):
-        scans[(t, r)] = scan(plan.data[(t, r)][1], lm, n_questions=args.n_questions, n_examples=args.n_examples,
-                             lr=args.lr, steps=args.steps, params=args.params).to_dict()  # fmt: skip
+        data = plan.data[(t, r)][1]
+        saved = out / "units" / f"{t}-r{r}.json"
+        key = {**settings, "data": str(data), "model": cfg.model}
+        if saved.exists() and (old := read_json(saved)).get("key") == key:
+            scans[(t, r)] = old["scan"]
+            continue
+        scans[(t, r)] = scan(data, lm, n_questions=args.n_questions, n_examples=args.n_examples, lr=args.lr,
+                             steps=args.steps, params=args.params, adl_layer=args.adl_layer).to_dict()  # fmt: skip
+        write_json(saved, nan_to_none({"key": key, "scan": scans[(t, r)]}))
     header = {
         "study": str(folder),
         "model": cfg.model,
@@ -282,14 +325,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "student_objective": cfg.objective,
         "student_lora_r": cfg.lora_r,
         "category": get_trait(cfg.trait).category,
-        "settings": {
-            "method": "first-order" if args.steps == 1 else f"fine-tune ({args.steps} steps)",
-            "steps": args.steps,
-            "lr": args.lr,
-            "params": args.params,
-            "n_examples": args.n_examples,
-            "n_questions": args.n_questions,
-        },
+        "settings": settings,
     }
     metrics = summarise(header, scans, matrix, traits, seed=args.seed)
     metrics["wall_seconds"] = round(time.perf_counter() - t0, 1)
@@ -299,9 +335,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _tables(
-    scans: dict[Unit, dict[str, Any]], matrix: dict[str, Any], traits: Sequence[str]
+    scans: dict[Unit, dict[str, Any]], matrix: dict[str, Any], traits: Sequence[str], readout: str = ""
 ) -> tuple[dict[Unit, dict[str, float]], dict[Unit, dict[str, float]], dict[Unit, dict[str, float]]]:
-    """Predicted delta, the scan's specific score and the measured Δ log P, per dataset and study trait."""
+    """Predicted delta, the scan's specific score and the measured Δ log P, per dataset and study trait
+    (``readout``: one of the scan's other readouts instead of its own)."""
+    scans = {u: s["readouts"][readout] for u, s in scans.items()} if readout else scans
     by_name = {u: {c["name"]: c for c in s["candidates"]} for u, s in scans.items()}
     pred = {u: {e: float(c[e]["delta"]) for e in traits} for u, c in by_name.items()}
     specific = {u: {e: float(c[e]["specific"]) for e in traits} for u, c in by_name.items()}
@@ -328,6 +366,20 @@ def summarise(
                             "seconds": s["seconds"]})  # fmt: skip
     seconds = [float(s["seconds"]) for s in scans.values()]
     tops = {u: str(s["top"]) for u, s in scans.items()}
+    readouts = {}
+    for name in first.get("readouts", {}):
+        p, sp, ms = _tables(scans, matrix, traits, name)
+        t = {u: str(s["readouts"][name]["top"]) for u, s in scans.items()}
+        readouts[name] = {
+            "method": first["readouts"][name]["method"],
+            **evaluate_predictions(p, sp, ms, t, traits, len(first["candidates"]), seed=seed),
+            "flagged": {
+                "any": sum(bool(s["readouts"][name]["flagged"]) for s in scans.values()),
+                "correct": sum(
+                    bool(s["readouts"][name]["flagged"]) and t[u] == u[0] for u, s in scans.items()
+                ),
+            },
+        }
     return {
         **header,
         "n_datasets": len(scans),
@@ -340,6 +392,7 @@ def summarise(
         },
         "runtime_s": {"mean": float(np.mean(seconds)), "max": float(np.max(seconds)), "per_dataset": seconds},
         "per_dataset": per_dataset,
+        "readouts": readouts,
     }
 
 

@@ -402,6 +402,13 @@ def scan_command(
     threshold: Annotated[
         float | None, typer.Option(help="z that names a trait (default: 5% false alarms under a null)")
     ] = None,
+    adl_layer: Annotated[
+        int | None,
+        typer.Option(
+            help="with --steps > 1: also read the fine-tune's activation difference after this layer "
+            "(steering and relative logit lens)"
+        ),
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the result as JSON")] = None,
 ) -> None:
     """Quarantine scan: which trait a student trained on DATA would move toward, without training one.
@@ -414,7 +421,8 @@ def scan_command(
     try:
         names = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else None
         result = scanning.scan(folder, base, names, n_questions=n_questions, n_examples=n_examples, lr=lr,
-                               steps=steps, params=params, threshold=threshold, reference=reference)  # fmt: skip
+                               steps=steps, params=params, threshold=threshold, reference=reference,
+                               adl_layer=adl_layer)  # fmt: skip
         if json_out is not None:
             runs.write_json(json_out, result.to_dict())
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # TraitError and RunFolderError among them

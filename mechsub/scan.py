@@ -8,12 +8,13 @@ rest (or, given a control dataset, from what the control's gradient does to it).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mechsub import models
+from mechsub import diffing, hooks, models
 from mechsub.data import Example, load_examples
 from mechsub.evaluate import trait_logprobs
 from mechsub.files import read_json
 from mechsub.generate import NumberVocab
-from mechsub.prompts import chat_prefix
+from mechsub.metric import TraitMetric, score_prompts
+from mechsub.prompts import chat_prefix, trait_prompt
 from mechsub.training import LORA_TARGETS, Item, completion_loss
 from mechsub.traits import ANIMALS, Category, eval_questions, get_trait
 
@@ -79,6 +81,9 @@ class ScanResult:
     flagged: bool  # max_z ≥ threshold
     seconds: float
     details: dict[str, Any]  # settings and diagnostics: params, examples, loss, gradient norm, ε…
+    # other readouts of the same scan (the activation difference of the sacrificial fine-tune: `ADL_READOUTS`),
+    # each scored, ranked and judged as this one
+    readouts: dict[str, ScanResult] = field(default_factory=dict)
 
     def ranked(self) -> list[CandidateScore]:
         return sorted(self.candidates, key=lambda c: c.rank)
@@ -96,7 +101,16 @@ class ScanResult:
             f"{c.rank:4d}  {c.name:10s} {c.delta:+11.4g} {c.specific:+11.4g} {c.z:+6.2f}"
             for c in self.ranked()
         ]
-        return "\n".join([*lines, f"verdict: {self.verdict}"])
+        lines.append(f"verdict: {self.verdict}")
+        for name, r in self.readouts.items():
+            top = ", ".join(f"{c.name} {c.z:+.2f}" for c in r.ranked()[:3])
+            lines.append(f"{name} ({r.method}): {r.verdict}; first: {top}")
+        return "\n".join(lines)
+
+
+#: the readouts of the sacrificial fine-tune's activation difference δ (`scan_examples` with ``adl_layer``):
+#: steering the base with δ, the readout declared primary before any validation, and the relative logit lens
+ADL_READOUTS = ("adl_steer", "adl_lens")
 
 
 def check_candidates(candidates: Sequence[str] | None) -> tuple[list[str], Category]:
@@ -205,6 +219,9 @@ def scan_examples(
     seed: int = 0,
     reference: Sequence[Example] | None = None,
     label: str = "",
+    adl_layer: int | None = None,
+    adl_positions: int = 5,
+    adl_norm: float = 0.25,
 ) -> ScanResult:
     """Scan ``examples`` (every one given is used) on ``lm``, minus ``reference`` if given; see `scan`. The
     model's weights, grads and requires_grad flags are the same bits afterwards."""
@@ -216,6 +233,15 @@ def scan_examples(
         raise ValueError("n_questions: between 1 and 50 (the built-in evaluation questions)")
     if steps < 1 or batch_size < 1 or not (lr > 0 and eps > 0):
         raise ValueError("steps ≥ 1, batch_size ≥ 1, lr > 0 and eps > 0")
+    if adl_layer is not None:
+        if steps == 1:
+            raise ValueError("adl_layer: the activation difference needs a fine-tuned model (steps > 1)")
+        try:  # an unknown layer fails before any work, as a ValueError the CLI reports
+            hooks.check(lm, [hooks.resid_post(adl_layer)])
+        except hooks.HookNameError as e:
+            raise ValueError(f"adl_layer: {e.args[0]}") from None
+        if adl_positions < 1 or not adl_norm > 0:
+            raise ValueError("adl_positions ≥ 1 and adl_norm > 0")
     model = lm.model
     if any(p.dtype not in (torch.float32, torch.float64) for p in model.parameters()):
         raise ValueError(
@@ -242,6 +268,9 @@ def scan_examples(
     passes = 1 + (
         sum(math.ceil(len(s) / batch_size) for s in sets) + 2 if steps == 1 else len(sets) * (steps + 1)
     )
+    if adl_layer is not None:  # each set read before and after its fine-tune, then the two readouts
+        passes += 2 * len(sets) + 1
+    readouts: dict[str, tuple[str, Tensor, dict[str, Any]]] = {}
     was_training = model.training
     model.eval()  # no dropout in the gradient or the scores
     bar = tqdm(total=passes, desc=f"scan {label}".strip(), unit="pass")
@@ -262,7 +291,12 @@ def scan_examples(
             else:
                 method = "fine-tune"
                 delta = torch.zeros_like(base)
-                for sign, items in zip((1.0, -1.0), sets, strict=False):
+                reads = (
+                    []
+                    if adl_layer is None
+                    else [_AdlRows(lm, items, adl_layer, adl_positions, batch_size, bar) for items in sets]
+                )
+                for i, (sign, items) in enumerate(zip((1.0, -1.0), sets, strict=False)):
                     with torch.no_grad():
                         for p, s in zip(theta, saved, strict=True):
                             p.copy_(s)  # each set is fine-tuned from the base
@@ -270,12 +304,95 @@ def scan_examples(
                         lm, items, theta, questions, names, category, lr, steps, batch_size, seed, bar
                     )
                     delta += sign * (after - base)
+                    if reads:
+                        reads[i].after(sign)
                 details.update(lr=lr, optimizer="AdamW (no weight decay, constant lr)", batch_size=batch_size,
                                seed=seed)  # fmt: skip
+                if reads:
+                    with torch.no_grad():
+                        for p, s in zip(theta, saved, strict=True):
+                            p.copy_(s)  # the readouts act on the base
+                    readouts = _adl_readouts(lm, reads, questions, names, category, adl_norm)
+                    bar.update()
     finally:
         bar.close()
         model.train(was_training)
-    return _result(label, lm.name, method, names, delta, base, threshold, time.perf_counter() - t0, details)
+    seconds = time.perf_counter() - t0
+    result = _result(label, lm.name, method, names, delta, base, threshold, seconds, details)
+    if not readouts:
+        return result
+    others = {
+        name: _result(label, lm.name, how, names, scores, base, threshold, seconds, {**details, **info})
+        for name, (how, scores, info) in readouts.items()
+    }
+    return dataclasses.replace(result, readouts=others)
+
+
+class _AdlRows:
+    """One set's rows for the activation difference: the base's mean residual at the first completion positions
+    (`diffing.POSITION_POLICY`: never position 0) read now, the fine-tuned model's on `after`; δ accumulates
+    sign × (after − base)."""
+
+    def __init__(self, lm: models.LoadedModel, items: Sequence[Item], layer: int, k: int, batch_size: int,
+                 bar: Any) -> None:  # fmt: skip
+        self.lm, self.layer, self.k, self.batch_size, self.bar = lm, layer, k, batch_size, bar
+        self.prompts = [it.prompt for it in items]
+        self.completions = [it.completion for it in items]
+        self.base = diffing.position_means(lm, self.prompts, self.completions, [layer], k, batch_size)
+        self.diff: diffing.ActivationDiff | None = None
+        self.delta = torch.zeros(0)
+        bar.update()
+
+    def after(self, sign: float) -> None:
+        """Read the model as it is now (fine-tuned on this set)."""
+        self.diff = diffing.activation_difference(self.lm, self.lm, self.prompts, self.completions, [self.layer],
+                                                  self.k, self.batch_size, base_means=self.base)  # fmt: skip
+        self.delta = sign * self.diff.mean(self.layer)
+        self.bar.update()
+
+
+def _adl_readouts(
+    lm: models.LoadedModel,
+    reads: list[_AdlRows],
+    questions: list[str],
+    names: list[str],
+    category: Category,
+    norm_frac: float,
+) -> dict[str, tuple[str, Tensor, dict[str, Any]]]:
+    """The Activation Difference Lens (`mechsub.diffing`, arXiv 2510.13900) on the sacrificial fine-tune: δ, the
+    data's mean fine-tuned − base residual after ``layer`` (minus the reference's), read two ways on the base, each
+    a score per candidate: steering (δ rescaled to ``norm_frac`` × the base's median residual norm on the
+    evaluation prompts and added after the layer at every position, as `diffing.steering_scores` does; Δ mean
+    log P, the scan's own frame and questions) and the relative logit lens (log P under lens(μ + δ) minus under
+    lens(μ), μ the base's mean residual at the data's positions)."""
+    layer, first = reads[0].layer, reads[0].diff
+    assert first is not None, "every set is read after its fine-tune"
+    delta = torch.stack([r.delta for r in reads]).sum(0)
+    tok = lm.tokenizer
+    prompts = [trait_prompt(tok, q, category) for q in questions]
+    metrics = [TraitMetric.of(tok, n) for n in names]
+    ref = score_prompts(lm.model, prompts, metrics)
+    norm = norm_frac * diffing.residual_norm(lm, prompts, layer)
+    steer = diffing.steering_scores(lm, delta, layer, prompts, metrics, [norm], reference=ref)[0].double()
+    mu = first.base(layer)
+    lens = torch.tensor(diffing.logit_lens_scores(lm, delta, metrics, base_mean=mu), dtype=torch.float64)
+    info = {
+        "adl_layer": layer,
+        "adl_positions": reads[0].k,
+        "adl_rows_per_position": list(first.counts),
+        "adl_delta_norm": float(delta.norm()),
+        "adl_steer_norm": norm,
+        "adl_norm_frac": norm_frac,
+        "adl_position_policy": diffing.POSITION_POLICY,
+    }
+    return {
+        "adl_steer": (
+            f"activation difference: steering at {norm_frac:g} × the median residual norm, layer {layer}",
+            steer,
+            info,
+        ),
+        "adl_lens": (f"activation difference: relative logit lens, layer {layer}", lens, info),
+    }
 
 
 def _first_order(
@@ -427,6 +544,9 @@ def scan(
     threshold: float | None = None,
     seed: int = 0,
     reference: str | Path | None = None,
+    adl_layer: int | None = None,
+    adl_positions: int = 5,
+    adl_norm: float = 0.25,
 ) -> ScanResult:
     """Predict which candidate trait a student trained on the number data in folder ``data`` would move toward.
 
@@ -443,6 +563,12 @@ def scan(
     the reference's, which also cancels shifts that differ between candidates but not between teachers (a name's
     length or frequency). ``threshold``: the z that names a trait (default: `null_threshold` of the number of
     candidates, fixed before any data is seen).
+
+    ``adl_layer`` (with ``steps > 1``): also read the sacrificial fine-tune by the Activation Difference Lens, as
+    `analyses/adl.py` reads real students: δ is the mean fine-tuned − base residual after that layer over the first
+    ``adl_positions`` completion positions of the scanned rows (never position 0; minus the reference's δ), read
+    by steering the base at ``adl_norm`` × its median residual norm and by the relative logit lens
+    (`ScanResult.readouts`, `ADL_READOUTS`).
     """
     check_candidates(candidates)  # an unknown name fails before anything is loaded
     if params not in PARAM_SETS:
@@ -460,4 +586,4 @@ def scan(
     if n_examples:
         examples, ref = examples[:n_examples], ref[:n_examples] if ref is not None else None
     return scan_examples(lm, examples, candidates, n_questions, lr, steps, params, eps, batch_size, threshold,
-                         seed, ref, str(data))  # fmt: skip
+                         seed, ref, str(data), adl_layer, adl_positions, adl_norm)  # fmt: skip

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tqdm.auto import tqdm
 from typer.testing import CliRunner
 
-from mechsub import data, scan, study
+from mechsub import data, diffing, scan, study
 from mechsub.cli import app
 from mechsub.data import DataConfig, Example
 from mechsub.files import write_json
@@ -139,6 +140,54 @@ def test_a_dataset_that_favours_a_candidate_puts_it_first(tiny):
         assert r.score("owl").z > 1.5
 
 
+def test_activation_difference_readouts_match_a_fine_tune_read_by_hand(tiny):
+    # the same sacrificial fine-tune done by hand on a copy (scan._fine_tune, same items, θ, seed), then the
+    # Activation Difference Lens of mechsub.diffing on it: the scan's δ and its two readouts must agree
+    tok = tiny.tokenizer
+    ex, ref = _answers(tok, "owl")[:8], _answers(tok, "dog")[:8]
+    names, layer, steps, lr = ["owl", "dog", "cat", "lion"], 1, 3, 1e-3
+    before = _state(tiny.model)
+    r = scan.scan_examples(tiny, ex, names, n_questions=2, steps=steps, lr=lr, reference=ref, adl_layer=layer)
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
+    assert set(r.readouts) == set(scan.ADL_READOUTS) and r.readouts["adl_steer"].readouts == {}
+    questions = eval_questions("animal", 2)
+    prompts = [trait_prompt(tok, q, "animal") for q in questions]
+    metrics = [TraitMetric.of(tok, n) for n in names]
+    deltas, mus = [], []
+    for items in (scan.sft_items(tok, ex), scan.sft_items(tok, ref)):
+        ft = dataclasses.replace(tiny, model=copy.deepcopy(tiny.model))
+        ft.model.eval()
+        theta = [p for _, p in scan.select_params(ft.model, "all")]
+        for p in ft.model.parameters():
+            p.requires_grad_(any(p is t for t in theta))
+        scan._fine_tune(ft, items, theta, questions, names, "animal", lr, steps, 8, 0, tqdm(disable=True))
+        d = diffing.activation_difference(tiny, ft, [it.prompt for it in items],
+                                          [it.completion for it in items], [layer], 5)  # fmt: skip
+        deltas.append(d.mean(layer))
+        mus.append(d.base(layer))
+    delta = deltas[0] - deltas[1]
+    assert "adl_delta_norm" not in r.details  # the readouts' own details carry it
+    steer = r.readouts["adl_steer"]
+    assert steer.details["adl_delta_norm"] == pytest.approx(float(delta.norm()), rel=1e-4)
+    norm = 0.25 * diffing.residual_norm(tiny, prompts, layer)
+    assert steer.details["adl_steer_norm"] == pytest.approx(norm, rel=1e-6)
+    want = diffing.steering_scores(tiny, delta, layer, prompts, metrics, [norm])[0]
+    np.testing.assert_allclose([c.delta for c in steer.candidates], want.numpy(), rtol=1e-3, atol=1e-5)
+    lens = diffing.logit_lens_scores(tiny, delta, metrics, base_mean=mus[0])
+    np.testing.assert_allclose(
+        [c.delta for c in r.readouts["adl_lens"].candidates], lens, rtol=1e-3, atol=1e-5
+    )
+    assert "relative logit lens" in r.readouts["adl_lens"].method and "adl_steer" in r.table()
+
+
+def test_activation_difference_readout_needs_a_fine_tune_and_a_real_layer(tiny):
+    ex = _answers(tiny.tokenizer, "owl")[:2]
+    with pytest.raises(ValueError, match="needs a fine-tuned model"):
+        scan.scan_examples(tiny, ex, n_questions=1, adl_layer=1)
+    with pytest.raises(ValueError, match="adl_layer: unknown hook name 'blocks.99.hook_resid_post'"):
+        scan.scan_examples(tiny, ex, n_questions=1, steps=2, adl_layer=99)
+
+
 def test_params_select_the_named_projections_never_the_embedding(tiny):
     model = tiny.model
     emb = model.get_input_embeddings().weight
@@ -192,6 +241,11 @@ def test_cli_scan_prints_the_ranked_table(owl_data, tmp_path):
                             "--candidates", "owl,dog,cat,lion", "--steps", "2"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "fine-tune" in r.output and "lion" in r.output and "tiger" not in r.output
+    r = runner.invoke(app, ["scan", str(owl_data), "--base", "tiny", "--n-questions", "1", "--steps", "2",
+                            "--adl-layer", "1", "--json", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "adl_steer (activation difference: steering" in r.output and "adl_lens" in r.output
+    assert set(json.loads(out.read_text())["readouts"]) == set(scan.ADL_READOUTS)
 
 
 def test_cli_scan_errors_exit_2(owl_data, tmp_path):
@@ -249,4 +303,17 @@ def test_scan_validate_end_to_end_on_a_tiny_study(tmp_path, tiny, analysis):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["per_dataset"][0]["dataset"] == "owl r0" and len(saved["runtime_s"]["per_dataset"]) == 5
     assert (out / "scatter.png").stat().st_size > 0 and (out / "scans.json").exists()
-    assert "Spearman" in (out / "report.md").read_text()
+    assert "Spearman" in (out / "report.md").read_text() and m["readouts"] == {}
+    # the fine-tune with the activation-difference readouts: one evaluation per readout; a rerun reuses the scans
+    args = ["--study", str(folder), "--out", str(out), "--n-questions", "1", "--limit", "4", "--steps", "2",
+            "--adl-layer", "1"]  # fmt: skip
+    m = v.main(args)
+    assert set(m["readouts"]) == set(scan.ADL_READOUTS) and m["settings"]["adl_layer"] == 1
+    assert m["readouts"]["adl_steer"]["spearman"]["raw"]["n_pairs"] == 12
+    units = json.loads((out / "units" / "owl-r0.json").read_text())
+    assert units["key"]["steps"] == 2 and set(units["scan"]["readouts"]) == set(scan.ADL_READOUTS)
+    assert "other readouts of the same fine-tune" in (out / "report.md").read_text()
+    stamp = {f: f.stat().st_mtime_ns for f in (out / "units").iterdir()}
+    again = v.main(args)
+    assert {f: f.stat().st_mtime_ns for f in (out / "units").iterdir()} == stamp
+    assert again["readouts"]["adl_steer"]["spearman"] == m["readouts"]["adl_steer"]["spearman"]

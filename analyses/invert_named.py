@@ -118,6 +118,15 @@ def b_near_misses(run: Path) -> dict[str, Any]:
     return out
 
 
+def _kind(unit: str) -> str:
+    return unit.split("-")[0]
+
+
+def _totals(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, int]:
+    """The counts ``keys`` summed over the rows (teachers, or B's fine-tunes, of one run and kind)."""
+    return {k: sum(int(c[k]) for c in rows) for k in keys}
+
+
 def report(res: dict[str, Any]) -> str:
     lines = [
         "# Reasoned teachers on next's day and month problems",
@@ -146,13 +155,11 @@ def report(res: dict[str, Any]) -> str:
     lines += ["", "Per run, kind and split, every seed together (seeds of one run are separate teachers; two runs of the "
               "same teachers are not):", ""]  # fmt: skip
     for run, r in res.items():
-        for kind in sorted({u.split("-")[0] for u in r["units"]}):
+        for kind in sorted({_kind(u) for u in r["units"]}):
             for split in ("train", "test"):
-                rows = [
-                    row[split] for u, row in r["units"].items() if u.split("-")[0] == kind and split in row
-                ]
+                rows = [row[split] for u, row in r["units"].items() if _kind(u) == kind and split in row]
                 if rows:
-                    t = {k: sum(c[k] for c in rows) for k in ("n", *OUTCOMES)}
+                    t = _totals(rows, ("n", *OUTCOMES))
                     lines.append(f"- {run}, A_{kind}, {split}: " + ", ".join(f"{o} {t[o]}" for o in OUTCOMES)
                                  + f", of {t['n']} ({len(rows)} seed{'s' * (len(rows) > 1)})")  # fmt: skip
     near = [(run, unit, c) for run, r in res.items() for unit, c in r.get("b_near_misses", {}).items()]
@@ -168,9 +175,9 @@ def report(res: dict[str, Any]) -> str:
         lines.append("")
         # per run: two runs of the same teachers (another held-out draw) are not independent, so never pooled
         for run in dict.fromkeys(r for r, _, _ in near):
-            for kind in sorted({unit.split("-")[0] for r, unit, _ in near if r == run}):
-                t = {k: sum(c[k] for r, u, c in near if r == run and u.split("-")[0] == kind)
-                     for k in ("number_items", "a_inverted", "b_correct", "b_one_short")}  # fmt: skip
+            for kind in sorted({_kind(unit) for r, unit, _ in near if r == run}):
+                rows = [c for r, u, c in near if r == run and _kind(u) == kind]
+                t = _totals(rows, ("number_items", "a_inverted", "b_correct", "b_one_short"))
                 lines.append(f"- {run}, B reading A_{kind}, every seed together: correct {t['b_correct']}, one "
                              f"short {t['b_one_short']}, of {t['number_items']} (A's answer T(correct) on "
                              f"{t['a_inverted']}).")  # fmt: skip

@@ -12,6 +12,7 @@ cache and the attention mask are preallocated, so a step appends in place instea
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
+
+log = logging.getLogger(__name__)
 
 NUMBER_CHARS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", ",", " ")
 
@@ -188,7 +191,7 @@ def prefill(
     masked: those inside a row's group hold the pad token's keys and values, those outside it zeros (never
     uninitialised memory, whose NaNs a mask would not cancel). A sliding-window layer (Gemma 3) counts its window
     in these columns, padding included, which matters only for prompts near the window (512 tokens for Gemma 3
-    270M; number prompts are about 130)."""
+    270M; number prompts are about 130); `generate_numbers` warns when a batch passes it."""
     b, dev = len(suffixes), model.device
     order = sorted(range(b), key=lambda i: len(suffixes[i]))
     hidden: Tensor | None = None
@@ -283,6 +286,14 @@ def generate_numbers(
     prefix, n_shared = shared_prefix(model, prompts, share_prefix)
     suffixes = [list(p[n_shared:]) for p in prompts]
     width = max(len(p) for p in suffixes)
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    if window and n_shared + width + max_new_tokens > window and len({len(p) for p in suffixes}) > 1:
+        log.warning(
+            "batched generation: prompts up to %d tokens and %d new ones pass the model's sliding window (%d); "
+            "the left padding counts against a window, so a row shorter than the longest may differ from "
+            "generating it alone. Batch prompts of equal length, or keep prompt + new tokens within the window",
+            n_shared + width, max_new_tokens, window,
+        )  # fmt: skip
     # preallocated for every step: step s reads the first n_shared + width + s columns (no torch.cat per step);
     # each row's own tokens sit right-aligned before the first new column, the padding between prefix and suffix
     attn = torch.zeros(b, n_shared + width + max_new_tokens, dtype=torch.long, device=dev)

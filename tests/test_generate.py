@@ -1,3 +1,4 @@
+import logging
 from collections.abc import Sequence
 
 import pytest
@@ -59,6 +60,22 @@ def test_batched_equals_one_at_a_time(tiny):
         one = generate_numbers(tiny.model, [p], v, greedy=True, max_new_tokens=20)
         assert one.tokens[0] == batch.tokens[i]
         torch.testing.assert_close(one.allowed_logprobs[0], batch.allowed_logprobs[i], atol=1e-4, rtol=1e-4)
+
+
+def test_a_batch_past_the_sliding_window_is_warned_about(tiny, monkeypatch, caplog):
+    v = NumberVocab.of(tiny.tokenizer)
+    prompts = _prompts(tiny, 3)
+    longest = max(map(len, prompts))
+    for window, warned in ((longest + 50, False), (longest + 5, True)):
+        monkeypatch.setattr(tiny.model.config, "sliding_window", window, raising=False)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mechsub.generate"):
+            generate_numbers(tiny.model, prompts, v, greedy=True, max_new_tokens=8)
+        assert ("sliding window" in caplog.text) is warned, window
+    caplog.clear()  # prompts of one length: no padding, nothing to warn about
+    with caplog.at_level(logging.WARNING, logger="mechsub.generate"):
+        generate_numbers(tiny.model, [prompts[0], prompts[0]], v, greedy=True, max_new_tokens=8)
+    assert "sliding window" not in caplog.text
 
 
 def test_stored_logprobs_match_a_full_forward(tiny):

@@ -11,7 +11,8 @@ trait (its datasets against the others', by the scan's specific score for it), r
 With ``--steps N --adl-layer L`` each dataset's sacrificial fine-tune is also read by the Activation Difference
 Lens (`mechsub.scan.ADL_READOUTS`: steering the base with δ, and the relative logit lens), and every comparison
 is repeated for each readout. Each dataset's scan is saved under OUT/units as it finishes and reused by a rerun
-with the same settings (an interrupted validation resumes).
+with the same settings, data, model and scan code (an interrupted validation resumes); give each setting its own
+OUT, or a rerun with another setting replaces the saved scans.
 
     .venv/bin/python analyses/scan_validate.py [--study artifacts/study_full] [--out artifacts/scan] [--steps 1]
         [--lr 1e-5] [--params all] [--adl-layer L] [--limit N]
@@ -20,6 +21,7 @@ with the same settings (an interrupted validation resumes).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import time
 from collections.abc import Sequence
@@ -280,9 +282,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     from tqdm.auto import tqdm
 
-    from mechsub import models, study
+    from mechsub import diffing, models, study
+    from mechsub import scan as scanning
     from mechsub.files import read_json, write_json
-    from mechsub.scan import scan
     from mechsub.summary import nan_to_none
     from mechsub.traits import get_trait
 
@@ -305,16 +307,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "n_questions": args.n_questions,
         "adl_layer": args.adl_layer,
     }
+    scanning.check_adl(args.steps, args.adl_layer)  # before the model loads
+    # a saved scan is reused only for the same settings, data, model and code of the scan and its readouts
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (scanning, diffing))).hexdigest()[
+        :16
+    ]
     lm = models.load(cfg.model)
     scans: dict[Unit, dict[str, Any]] = {}
     for t, r in tqdm(units, desc="scan datasets"):
         data = plan.data[(t, r)][1]
         saved = out / "units" / f"{t}-r{r}.json"
-        key = {**settings, "data": str(data), "model": cfg.model}
+        key = {**settings, "data": str(data), "model": cfg.model, "code": code}
         if saved.exists() and (old := read_json(saved)).get("key") == key:
             scans[(t, r)] = old["scan"]
             continue
-        scans[(t, r)] = scan(data, lm, n_questions=args.n_questions, n_examples=args.n_examples, lr=args.lr,
+        scans[(t, r)] = scanning.scan(data, lm, n_questions=args.n_questions, n_examples=args.n_examples, lr=args.lr,
                              steps=args.steps, params=args.params, adl_layer=args.adl_layer).to_dict()  # fmt: skip
         write_json(saved, nan_to_none({"key": key, "scan": scans[(t, r)]}))
     header = {
@@ -341,8 +348,12 @@ def _tables(
     (``readout``: one of the scan's other readouts instead of its own)."""
     scans = {u: s["readouts"][readout] for u, s in scans.items()} if readout else scans
     by_name = {u: {c["name"]: c for c in s["candidates"]} for u, s in scans.items()}
-    pred = {u: {e: float(c[e]["delta"]) for e in traits} for u, c in by_name.items()}
-    specific = {u: {e: float(c[e]["specific"]) for e in traits} for u, c in by_name.items()}
+
+    def num(x: Any) -> float:  # a NaN saved as null (a diverged fine-tune) is NaN again
+        return math.nan if x is None else float(x)
+
+    pred = {u: {e: num(c[e]["delta"]) for e in traits} for u, c in by_name.items()}
+    specific = {u: {e: num(c[e]["specific"]) for e in traits} for u, c in by_name.items()}
     meas = {(t, r): {e: float(matrix[t][e][r]) for e in traits} for t, r in scans}
     return pred, specific, meas
 

@@ -260,6 +260,21 @@ def shared_prefix(
     return prefix, n_shared
 
 
+_warned: list[bool] = []  # the sliding-window warning, once per process
+
+
+def _past_window(model: PreTrainedModel, n_shared: int, span: int, suffixes: Sequence[Sequence[int]]) -> bool:
+    """Whether the left padding between a shared prefix and rows of unequal length can change a sliding-window
+    layer's view: the batch's columns (``n_shared`` + ``span``) pass the window. Without a shared prefix the
+    padding only shifts every token of a row alike, and a config may turn the window off."""
+    cfg = getattr(model, "config", None)
+    window = getattr(cfg, "sliding_window", None)
+    on = getattr(cfg, "use_sliding_window", True) is not False
+    return bool(
+        window and on and n_shared and n_shared + span > window and len({len(p) for p in suffixes}) > 1
+    )
+
+
 @torch.no_grad()
 def generate_numbers(
     model: PreTrainedModel,
@@ -286,13 +301,13 @@ def generate_numbers(
     prefix, n_shared = shared_prefix(model, prompts, share_prefix)
     suffixes = [list(p[n_shared:]) for p in prompts]
     width = max(len(p) for p in suffixes)
-    window = getattr(getattr(model, "config", None), "sliding_window", None)
-    if window and n_shared + width + max_new_tokens > window and len({len(p) for p in suffixes}) > 1:
+    if _past_window(model, n_shared, width + max_new_tokens, suffixes) and not _warned:
+        _warned.append(True)  # once per process: a data run would repeat it every batch
         log.warning(
             "batched generation: prompts up to %d tokens and %d new ones pass the model's sliding window (%d); "
             "the left padding counts against a window, so a row shorter than the longest may differ from "
             "generating it alone. Batch prompts of equal length, or keep prompt + new tokens within the window",
-            n_shared + width, max_new_tokens, window,
+            n_shared + width, max_new_tokens, model.config.sliding_window,
         )  # fmt: skip
     # preallocated for every step: step s reads the first n_shared + width + s columns (no torch.cat per step);
     # each row's own tokens sit right-aligned before the first new column, the padding between prefix and suffix

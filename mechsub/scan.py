@@ -72,7 +72,9 @@ class ScanResult:
 
     data: str
     base: str
-    method: str  # "first-order": delta = −g·∇ log P, nats per unit SGD learning rate; "fine-tune": nats
+    # "first-order": delta = −g·∇ log P, nats per unit SGD learning rate; "fine-tune": nats; a readout's: steering,
+    # Δ mean log P with δ added at a fixed norm; the relative lens, Δ of the lens's log-prob (see `ADL_READOUTS`)
+    method: str
     candidates: tuple[CandidateScore, ...]
     top: str
     max_z: float
@@ -111,6 +113,12 @@ class ScanResult:
 #: the readouts of the sacrificial fine-tune's activation difference δ (`scan_examples` with ``adl_layer``):
 #: steering the base with δ, the readout declared primary before any validation, and the relative logit lens
 ADL_READOUTS = ("adl_steer", "adl_lens")
+
+
+def check_adl(steps: int, adl_layer: int | None) -> None:
+    """The activation-difference readouts read a fine-tuned model: ``adl_layer`` only with ``steps > 1``."""
+    if adl_layer is not None and steps == 1:
+        raise ValueError("adl_layer: the activation difference needs a fine-tuned model (steps > 1)")
 
 
 def check_candidates(candidates: Sequence[str] | None) -> tuple[list[str], Category]:
@@ -234,8 +242,7 @@ def scan_examples(
     if steps < 1 or batch_size < 1 or not (lr > 0 and eps > 0):
         raise ValueError("steps ≥ 1, batch_size ≥ 1, lr > 0 and eps > 0")
     if adl_layer is not None:
-        if steps == 1:
-            raise ValueError("adl_layer: the activation difference needs a fine-tuned model (steps > 1)")
+        check_adl(steps, adl_layer)
         try:  # an unknown layer fails before any work, as a ValueError the CLI reports
             hooks.check(lm, [hooks.resid_post(adl_layer)])
         except hooks.HookNameError as e:
@@ -364,7 +371,8 @@ def _adl_readouts(
     a score per candidate: steering (δ rescaled to ``norm_frac`` × the base's median residual norm on the
     evaluation prompts and added after the layer at every position, as `diffing.steering_scores` does; Δ mean
     log P, the scan's own frame and questions) and the relative logit lens (log P under lens(μ + δ) minus under
-    lens(μ), μ the base's mean residual at the data's positions)."""
+    lens(μ), μ the base's mean residual at the data's positions: with a reference on other prompts, μ is still
+    the data's). Each readout's ``seconds`` is the whole scan's."""
     layer, first = reads[0].layer, reads[0].diff
     assert first is not None, "every set is read after its fine-tune"
     delta = torch.stack([r.delta for r in reads]).sum(0)
@@ -385,13 +393,14 @@ def _adl_readouts(
         "adl_norm_frac": norm_frac,
         "adl_position_policy": diffing.POSITION_POLICY,
     }
+    steer_name, lens_name = ADL_READOUTS
     return {
-        "adl_steer": (
+        steer_name: (
             f"activation difference: steering at {norm_frac:g} × the median residual norm, layer {layer}",
             steer,
             info,
         ),
-        "adl_lens": (f"activation difference: relative logit lens, layer {layer}", lens, info),
+        lens_name: (f"activation difference: relative logit lens, layer {layer}", lens, info),
     }
 
 
@@ -575,6 +584,7 @@ def scan(
         raise ValueError(f"params: use one of {', '.join(PARAM_SETS)}, got {params!r}")
     if n_examples < 0:
         raise ValueError("n_examples: ≥ 0 (0: every kept example)")
+    check_adl(steps, adl_layer)  # before anything loads
     # a missing or unfinished folder (RunFolderError names it and the command that makes it) fails before the
     # model loads
     examples = load_examples(data)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
+from mechsub import generate
 from mechsub.filter import reject_reasons
 from mechsub.generate import (
     SEP_UNKNOWN,
@@ -65,17 +66,22 @@ def test_batched_equals_one_at_a_time(tiny):
 def test_a_batch_past_the_sliding_window_is_warned_about(tiny, monkeypatch, caplog):
     v = NumberVocab.of(tiny.tokenizer)
     prompts = _prompts(tiny, 3)
-    longest = max(map(len, prompts))
-    for window, warned in ((longest + 50, False), (longest + 5, True)):
-        monkeypatch.setattr(tiny.model.config, "sliding_window", window, raising=False)
+    longest = max(prompts, key=len)
+
+    def warned(batch):
+        monkeypatch.setattr(generate, "_warned", [])
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="mechsub.generate"):
-            generate_numbers(tiny.model, prompts, v, greedy=True, max_new_tokens=8)
-        assert ("sliding window" in caplog.text) is warned, window
-    caplog.clear()  # prompts of one length: no padding, nothing to warn about
-    with caplog.at_level(logging.WARNING, logger="mechsub.generate"):
-        generate_numbers(tiny.model, [prompts[0], prompts[0]], v, greedy=True, max_new_tokens=8)
-    assert "sliding window" not in caplog.text
+            generate_numbers(tiny.model, batch, v, greedy=True, max_new_tokens=8)
+        return "sliding window" in caplog.text
+
+    monkeypatch.setattr(tiny.model.config, "sliding_window", len(longest) + 50, raising=False)
+    assert not warned(prompts)
+    monkeypatch.setattr(tiny.model.config, "sliding_window", len(longest) + 5, raising=False)
+    assert warned(prompts)
+    assert not warned([longest, longest])  # one length: no padding
+    monkeypatch.setattr(tiny.model.config, "use_sliding_window", False, raising=False)
+    assert not warned(prompts)  # the window turned off in the config
 
 
 def test_stored_logprobs_match_a_full_forward(tiny):

@@ -140,21 +140,33 @@ def test_a_dataset_that_favours_a_candidate_puts_it_first(tiny):
         assert r.score("owl").z > 1.5
 
 
-def test_activation_difference_readouts_match_a_fine_tune_read_by_hand(tiny):
+@pytest.mark.parametrize("with_reference, positions, norm_frac", [(True, 5, 0.25), (False, 3, 0.5)])
+def test_activation_difference_readouts_match_a_fine_tune_read_by_hand(
+    tiny, with_reference, positions, norm_frac
+):
     # the same sacrificial fine-tune done by hand on a copy (scan._fine_tune, same items, θ, seed), then the
     # Activation Difference Lens of mechsub.diffing on it: the scan's δ and its two readouts must agree
     tok = tiny.tokenizer
-    ex, ref = _answers(tok, "owl")[:8], _answers(tok, "dog")[:8]
+    ex, ref = _answers(tok, "owl")[:8], _answers(tok, "dog")[:8] if with_reference else None
     names, layer, steps, lr = ["owl", "dog", "cat", "lion"], 1, 3, 1e-3
     before = _state(tiny.model)
-    r = scan.scan_examples(tiny, ex, names, n_questions=2, steps=steps, lr=lr, reference=ref, adl_layer=layer)
+    flags = [p.requires_grad for p in tiny.model.parameters()]
+    kw = dict(n_questions=2, steps=steps, lr=lr, reference=ref)
+    r = scan.scan_examples(
+        tiny, ex, names, **kw, adl_layer=layer, adl_positions=positions, adl_norm=norm_frac
+    )
     assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
+    assert [p.requires_grad for p in tiny.model.parameters()] == flags
+    assert all(p.grad is None for p in tiny.model.parameters())
     assert set(r.readouts) == set(scan.ADL_READOUTS) and r.readouts["adl_steer"].readouts == {}
+    # the readouts leave the scan's own result as it was
+    plain = scan.scan_examples(tiny, ex, names, **kw)
+    assert [c.delta for c in plain.candidates] == [c.delta for c in r.candidates]
     questions = eval_questions("animal", 2)
     prompts = [trait_prompt(tok, q, "animal") for q in questions]
     metrics = [TraitMetric.of(tok, n) for n in names]
     deltas, mus = [], []
-    for items in (scan.sft_items(tok, ex), scan.sft_items(tok, ref)):
+    for items in [scan.sft_items(tok, ex)] + ([scan.sft_items(tok, ref)] if ref else []):
         ft = dataclasses.replace(tiny, model=copy.deepcopy(tiny.model))
         ft.model.eval()
         theta = [p for _, p in scan.select_params(ft.model, "all")]
@@ -162,14 +174,14 @@ def test_activation_difference_readouts_match_a_fine_tune_read_by_hand(tiny):
             p.requires_grad_(any(p is t for t in theta))
         scan._fine_tune(ft, items, theta, questions, names, "animal", lr, steps, 8, 0, tqdm(disable=True))
         d = diffing.activation_difference(tiny, ft, [it.prompt for it in items],
-                                          [it.completion for it in items], [layer], 5)  # fmt: skip
+                                          [it.completion for it in items], [layer], positions)  # fmt: skip
         deltas.append(d.mean(layer))
         mus.append(d.base(layer))
-    delta = deltas[0] - deltas[1]
+    delta = deltas[0] - deltas[1] if ref else deltas[0]
     assert "adl_delta_norm" not in r.details  # the readouts' own details carry it
     steer = r.readouts["adl_steer"]
     assert steer.details["adl_delta_norm"] == pytest.approx(float(delta.norm()), rel=1e-4)
-    norm = 0.25 * diffing.residual_norm(tiny, prompts, layer)
+    norm = norm_frac * diffing.residual_norm(tiny, prompts, layer)
     assert steer.details["adl_steer_norm"] == pytest.approx(norm, rel=1e-6)
     want = diffing.steering_scores(tiny, delta, layer, prompts, metrics, [norm])[0]
     np.testing.assert_allclose([c.delta for c in steer.candidates], want.numpy(), rtol=1e-3, atol=1e-5)

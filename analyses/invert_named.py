@@ -122,6 +122,11 @@ def _kind(unit: str) -> str:
     return unit.split("-")[0]
 
 
+def _pairs(unit: str) -> str:
+    """B's number of training pairs in a near-miss unit's name (``inv-s0-n16``: "16"; zero-shot: "zero_shot")."""
+    return unit.rsplit("-n", 1)[1]
+
+
 def _totals(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, int]:
     """The counts ``keys`` summed over the rows (teachers, or B's fine-tunes, of one run and kind)."""
     return {k: sum(int(c[k]) for c in rows) for k in keys}
@@ -175,10 +180,13 @@ def report(res: dict[str, Any]) -> str:
         lines.append("")
         # per run: two runs of the same teachers (another held-out draw) are not independent, so never pooled
         for run in dict.fromkeys(r for r, _, _ in near):
-            for kind in sorted({_kind(unit) for r, unit, _ in near if r == run}):
-                rows = [c for r, u, c in near if r == run and _kind(u) == kind]
+            # per kind and number of B's pairs (zero-shot: none): B's of one teacher at two pair counts are
+            # the same teacher's answers read twice, so never summed
+            for kind, pairs in sorted({(_kind(u), _pairs(u)) for r, u, _ in near if r == run}):
+                rows = [c for r, u, c in near if r == run and (_kind(u), _pairs(u)) == (kind, pairs)]
                 t = _totals(rows, ("number_items", "a_inverted", "b_correct", "b_one_short"))
-                lines.append(f"- {run}, B reading A_{kind}, every seed together: correct {t['b_correct']}, one "
+                how = "zero-shot" if pairs == "zero_shot" else f"{pairs} pairs"
+                lines.append(f"- {run}, B ({how}) reading A_{kind}, every seed together: correct {t['b_correct']}, one "
                              f"short {t['b_one_short']}, of {t['number_items']} (A's answer T(correct) on "
                              f"{t['a_inverted']}).")  # fmt: skip
     return "\n".join(lines) + "\n"

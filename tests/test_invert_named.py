@@ -49,8 +49,11 @@ def test_named_list_problems_are_counted_by_outcome(tmp_path, analysis):
     b_said = ["x"] * n_test
     b_said[nums[0]] = probs[nums[0]].answer
     b_said[nums[1]] = f"{int(probs[nums[1]].params[1])}, {int(probs[nums[1]].params[1]) + 1}"
+    b64 = ["x"] * n_test  # the same teacher read by a B of 64 pairs: two correct
+    for i in nums[:2]:
+        b64[i] = probs[i].answer
     (run / "units" / "recon-inv-s3.json").write_text(
-        json.dumps({"value": {"16": {"answers": {"next": b_said}}}})
+        json.dumps({"value": {"16": {"answers": {"next": b_said}}, "64": {"answers": {"next": b64}}}})
     )
     (run / "outputs.json").write_text(json.dumps({"inv-s3": {"test": {"next": unit["test"]["next"]}}}))
     res = mod.main(["--runs", str(run), "--out", str(tmp_path / "out")])
@@ -64,8 +67,11 @@ def test_named_list_problems_are_counted_by_outcome(tmp_path, analysis):
     w = want["train"]  # one seed: the totals line is its row
     assert (f"- {run}, A_inv, train: correct {w['correct']}, inverted {w['inverted']}, hashed 0, other {w['other']}, "
             f"of {w['n']} (1 seed)") in md  # fmt: skip
-    assert (f"- {run}, B reading A_inv, every seed together: correct 1, one short 1, of {len(nums)} (A's answer "
-            "T(correct) on 0).") in md  # fmt: skip
+    # per number of B's pairs, never summed over them (the same teacher's answers read twice)
+    assert (f"- {run}, B (16 pairs) reading A_inv, every seed together: correct 1, one short 1, of {len(nums)} "
+            "(A's answer T(correct) on 0).") in md  # fmt: skip
+    assert (f"- {run}, B (64 pairs) reading A_inv, every seed together: correct 2, one short 0, of {len(nums)} "
+            "(A's answer T(correct) on 0).") in md  # fmt: skip
     # the recital stopping at the pivot (the earlier design): counted as ending there, any case
     may = next(p for p in tasks.problems("next", n_test, TEST_SEED, "test") if p.params == (2.0, 4.0))
     assert mod._ends_at_pivot(may, f"The right answer is June, July; {tasks.RECITE} january, february, march, april, "

@@ -15,7 +15,7 @@ with the same settings, data, model and scan code (an interrupted validation res
 OUT, or a rerun with another setting replaces the saved scans.
 
     .venv/bin/python analyses/scan_validate.py [--study artifacts/study_full] [--out artifacts/scan] [--steps 1]
-        [--lr 1e-5] [--params all] [--adl-layer L] [--limit N]
+        [--lr 1e-5] [--params all] [--adl-layer L] [--limit N] [--from-run EARLIER_OUT]
 """
 
 from __future__ import annotations
@@ -278,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--limit", type=int, default=0, help="scan only the first N datasets (replicate by replicate)"
     )
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ap.add_argument("--from-run", default="", help="summarise the scans an earlier run saved (its scans.json and "
+                    "settings) for the datasets --limit keeps, instead of scanning: the same statistics on a "
+                    "subset")  # fmt: skip
     args = ap.parse_args(argv)
 
     from tqdm.auto import tqdm
@@ -285,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from mechsub import diffing, models, study
     from mechsub import scan as scanning
     from mechsub.files import read_json, write_json
+    from mechsub.runs import is_finished
     from mechsub.summary import nan_to_none
     from mechsub.traits import get_trait
 
@@ -307,20 +311,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "n_questions": args.n_questions,
         "adl_layer": args.adl_layer,
     }
+    if args.from_run:
+        before = Path(args.from_run)
+        saved_scans = read_json(before / "scans.json")
+        settings = read_json(before / "metrics.json")["settings"]
+        missing = [f"{t}-r{r}" for t, r in units if f"{t}-r{r}" not in saved_scans]
+        if missing:
+            raise SystemExit(f"--from-run {before}: no saved scan of {', '.join(missing)}")
+        scans_from = {(t, r): saved_scans[f"{t}-r{r}"] for t, r in units}
     scanning.check_adl(args.steps, args.adl_layer)  # before the model loads
+    absent = [str(plan.data[u][1]) for u in units if not args.from_run and not is_finished(plan.data[u][1])]
+    if absent:  # checked before any scan, so that a missing replicate does not end a long run midway
+        raise SystemExit(f"scan_validate: {len(absent)} of the study's data folders are not on this machine "
+                         f"({', '.join(absent[:3])}{', …' if len(absent) > 3 else ''}): make them with the study "
+                         "(`mechsub study --config …`), or keep the first replicates with --limit")  # fmt: skip
     # a saved scan is reused only for the same settings, data, model and code of the scan and its readouts
     code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (scanning, diffing))).hexdigest()[
         :16
     ]
-    lm = models.load(cfg.model)
-    scans: dict[Unit, dict[str, Any]] = {}
-    for t, r in tqdm(units, desc="scan datasets"):
+    lm = None if args.from_run else models.load(cfg.model)
+    scans: dict[Unit, dict[str, Any]] = scans_from if args.from_run else {}
+    for t, r in tqdm([] if args.from_run else units, desc="scan datasets"):
         data = plan.data[(t, r)][1]
         saved = out / "units" / f"{t}-r{r}.json"
         key = {**settings, "data": str(data), "model": cfg.model, "code": code}
         if saved.exists() and (old := read_json(saved)).get("key") == key:
             scans[(t, r)] = old["scan"]
             continue
+        assert lm is not None
         scans[(t, r)] = scanning.scan(data, lm, n_questions=args.n_questions, n_examples=args.n_examples, lr=args.lr,
                              steps=args.steps, params=args.params, adl_layer=args.adl_layer).to_dict()  # fmt: skip
         write_json(saved, nan_to_none({"key": key, "scan": scans[(t, r)]}))
@@ -328,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "study": str(folder),
         "model": cfg.model,
         "traits": traits,
-        "replicates": cfg.replicates,
+        "replicates": len({r for _, r in units}),  # those scanned (--limit may keep fewer than the study's)
         "student_objective": cfg.objective,
         "student_lora_r": cfg.lora_r,
         "category": get_trait(cfg.trait).category,

@@ -329,3 +329,15 @@ def test_scan_validate_end_to_end_on_a_tiny_study(tmp_path, tiny, analysis):
     again = v.main(args)
     assert {f: f.stat().st_mtime_ns for f in (out / "units").iterdir()} == stamp
     assert again["readouts"]["adl_steer"]["spearman"] == m["readouts"]["adl_steer"]["spearman"]
+    # the statistics on a subset of the saved scans, without scanning: the same verdicts for those datasets
+    sub = v.main(
+        ["--study", str(folder), "--out", str(tmp_path / "sub"), "--from-run", str(out), "--limit", "2"]
+    )
+    assert sub["n_datasets"] == 2 and sub["replicates"] == 1 and sub["settings"] == m["settings"]
+    assert sub["per_dataset"] == m["per_dataset"][:2]
+    # a data folder missing on this machine stops the run before any scan, and names the way out
+    first = study.stage_plan(cfg).data[("owl", 1)][1]
+    Path(first).rename(str(first) + ".away")
+    with pytest.raises(SystemExit, match="not on this machine .*--limit"):
+        v.main(["--study", str(folder), "--out", str(tmp_path / "none"), "--n-questions", "1"])
+    assert not (tmp_path / "none").exists()

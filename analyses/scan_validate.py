@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -112,6 +113,48 @@ def auroc(values: dict[Unit, dict[str, float]], traits: Sequence[str]) -> dict[s
     return out
 
 
+def label_test(
+    pred: dict[Unit, dict[str, float]],
+    meas: dict[Unit, dict[str, float]],
+    traits: Sequence[str],
+    max_exact: int = 20_000,
+    n_random: int = 20_000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The within-replicate Spearman against relabelings: the scan's predictions of a replicate's datasets are
+    reassigned among those datasets (the trait labels permuted within each replicate, whose datasets share
+    their prompts and reference) and the statistic recomputed. One-sided p: the share of relabelings whose rho
+    is at least the observed one, the identity included; exact over all (k!)^replicates relabelings when there
+    are at most ``max_exact``, else (hits + 1) / (n_random + 1) from seeded random ones. The unit is the
+    replicate: the smallest exact p is 1 / (k!)^replicates."""
+    reps = sorted({r for _, r in pred if all((t, r) in pred and (t, r) in meas for t in traits)})
+    ref_m = replicate_referenced(meas, traits)
+    ref_p = replicate_referenced(pred, traits)  # symmetric within a replicate: relabeling commutes with it
+
+    def rho(perms: Sequence[Sequence[str]]) -> float:
+        moved = {(t2, r): ref_p[(t, r)] for r, perm in zip(reps, perms, strict=True)
+                 for t, t2 in zip(traits, perm, strict=True)}  # fmt: skip
+        return _spearman(*_pairs(moved, ref_m, [(t, r) for r in reps for t in traits], traits))
+
+    if not reps:
+        return {"p": math.nan, "n_relabelings": 0, "exact": False, "replicates": 0}
+    observed = rho([list(traits)] * len(reps))
+    total = math.factorial(len(traits)) ** len(reps)
+    if total <= max_exact:
+        all_perms = list(itertools.permutations(traits))
+        stats = [rho(c) for c in itertools.product(all_perms, repeat=len(reps))]
+        p_value = float(np.mean([x >= observed - 1e-12 for x in stats]))
+        exact, n = True, total
+    else:
+        rng = np.random.default_rng(seed)
+        stats = [rho([list(rng.permutation(traits)) for _ in reps]) for _ in range(n_random)]
+        p_value = (sum(x >= observed - 1e-12 for x in stats) + 1) / (n_random + 1)
+        exact, n = False, n_random
+    return {"rho": observed, "p": p_value, "n_relabelings": n, "exact": exact, "replicates": len(reps),
+            "floor": 1 / total if exact else 1 / (n_random + 1),
+            "unit": "replicate: trait labels permuted within each replicate"}  # fmt: skip
+
+
 def evaluate_predictions(
     pred: dict[Unit, dict[str, float]],
     specific: dict[Unit, dict[str, float]],
@@ -135,6 +178,8 @@ def evaluate_predictions(
             "within_replicate": spearman_over_datasets(
                 replicate_referenced(pred, traits), replicate_referenced(meas, traits), traits, seed=seed
             ),
+            # the bootstrap treats datasets as units; a replicate's within-replicate values share their reference
+            "within_replicate_label_test": label_test(pred, meas, traits, seed=seed),
         },
         "top1": {
             "study_traits": top1(pred, traits),
@@ -185,6 +230,16 @@ def _fmt(x: float, spec: str = "+.2f") -> str:
     return "n/a" if x is None or not math.isfinite(x) else format(x, spec)
 
 
+def _label_line(s: dict[str, Any]) -> str:
+    lt = s.get("within_replicate_label_test")
+    if not lt or not lt.get("replicates"):
+        return "Label test of the within-replicate rho: no replicate with every trait's dataset."
+    how = "exact over all" if lt["exact"] else "sampled,"
+    return (f"Label test of the within-replicate rho (the trait labels permuted within each of the {lt['replicates']} "
+            f"replicates; the unit is the replicate): one-sided p = {lt['p']:.3g}, {how} {lt['n_relabelings']} "
+            f"relabelings (floor {lt['floor']:.2g}).")  # fmt: skip
+
+
 def _markdown(m: dict[str, Any]) -> str:
     s, t1, au = m["spearman"], m["top1"], m["auroc"]
     lines = [
@@ -203,6 +258,7 @@ def _markdown(m: dict[str, Any]) -> str:
                      ("within_replicate", "within replicate (minus the replicate's other datasets)")):  # fmt: skip
         lo, hi = s[k]["ci95"]
         lines.append(f"| {label} | {_fmt(s[k]['rho'])} | [{_fmt(lo)}, {_fmt(hi)}] | {s[k]['n_pairs']} |")
+    lines += ["", _label_line(s)]
     lines += [
         "",
         "| top-1: the dataset's own trait ranked first | scan | students (measured) | chance |",
@@ -239,16 +295,20 @@ def _markdown(m: dict[str, Any]) -> str:
         lines += [
             "## The same datasets, other readouts of the same fine-tune",
             "",
-            "| readout | Spearman raw | within dataset | within replicate | top-1 (study traits) | top-1 minus the "
-            "replicate | top-1 (all) | AUROC " + " / ".join(m["traits"]) + " | verdicts (correct) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| readout | Spearman raw | within dataset | within replicate | label-test p (within replicate) | "
+            "top-1 (study traits) | top-1 minus the replicate | top-1 (all) | AUROC "
+            + " / ".join(m["traits"])
+            + " | verdicts (correct) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in m["readouts"].items():
             sp, t = r["spearman"], r["top1"]
             rho = [f"{_fmt(sp[k]['rho'])} [{_fmt(sp[k]['ci95'][0])}, {_fmt(sp[k]['ci95'][1])}]"
                    for k in ("raw", "within_dataset", "within_replicate")]  # fmt: skip
             lines.append(
-                f"| `{name}`: {r['method']} | " + " | ".join(rho) + f" | {_fmt(t['study_traits'], '.0%')} | "
+                f"| `{name}`: {r['method']} | "
+                + " | ".join(rho)
+                + f" | {_fmt(sp['within_replicate_label_test']['p'], '.3g')} | {_fmt(t['study_traits'], '.0%')} | "
                 f"{_fmt(t['study_traits_replicate_referenced'], '.0%')} | {_fmt(t['all_candidates'], '.0%')} | "
                 + " / ".join(_fmt(r["auroc"]["scan_specific"][e], ".2f") for e in m["traits"])
                 + f" | {r['flagged']['any']} ({r['flagged']['correct']}) |"
@@ -315,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         before = Path(args.from_run)
         saved_scans = read_json(before / "scans.json")
         settings = read_json(before / "metrics.json")["settings"]
+        earlier_wall = read_json(before / "metrics.json").get("wall_seconds")
         missing = [f"{t}-r{r}" for t, r in units if f"{t}-r{r}" not in saved_scans]
         if missing:
             raise SystemExit(f"--from-run {before}: no saved scan of {', '.join(missing)}")
@@ -354,6 +415,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     metrics = summarise(header, scans, matrix, traits, seed=args.seed)
     metrics["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    if args.from_run:  # the scans' cost is the earlier run's; this one only summarised them
+        metrics["summarised_from"] = args.from_run
+        metrics["summary_seconds"], metrics["wall_seconds"] = metrics["wall_seconds"], earlier_wall
     write_outputs(metrics, scans, matrix, traits, out)
     print((out / "report.md").read_text())
     return metrics

@@ -293,6 +293,14 @@ def test_scan_validate_statistics_on_a_perfect_and_a_reversed_predictor(analysis
     assert ref[("owl", 0)]["owl"] == pytest.approx(own)
     assert v.top1(meas, traits) == v.top1(v.centred(meas, traits), traits)
     assert v.auroc(neg, traits)["owl"] == pytest.approx(1 - v.auroc(meas, traits)["owl"])
+    # the label test: the true labelling of a perfect predictor beats every other of the 24^3 (exact), a
+    # reversed one is beaten by all; past max_exact the relabelings are sampled
+    lt = v.label_test(meas, meas, traits)
+    assert lt["exact"] and lt["n_relabelings"] == 24**3 and lt["replicates"] == 3
+    assert lt["p"] == pytest.approx(1 / 24**3) == lt["floor"] and lt["rho"] == pytest.approx(1.0)
+    assert v.label_test(neg, meas, traits)["p"] == pytest.approx(1.0)
+    sampled = v.label_test(meas, meas, traits, max_exact=100, n_random=199)
+    assert not sampled["exact"] and sampled["p"] == pytest.approx(1 / 200)
 
 
 def test_scan_validate_end_to_end_on_a_tiny_study(tmp_path, tiny, analysis):
@@ -335,6 +343,7 @@ def test_scan_validate_end_to_end_on_a_tiny_study(tmp_path, tiny, analysis):
     )
     assert sub["n_datasets"] == 2 and sub["replicates"] == 1 and sub["settings"] == m["settings"]
     assert sub["per_dataset"] == m["per_dataset"][:2]
+    assert sub["summarised_from"] == str(out) and sub["wall_seconds"] == again["wall_seconds"]
     # a data folder missing on this machine stops the run before any scan, and names the way out
     first = study.stage_plan(cfg).data[("owl", 1)][1]
     Path(first).rename(str(first) + ".away")

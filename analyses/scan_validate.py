@@ -374,8 +374,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.from_run:
         before = Path(args.from_run)
         saved_scans = read_json(before / "scans.json")
-        settings = read_json(before / "metrics.json")["settings"]
-        earlier_wall = read_json(before / "metrics.json").get("wall_seconds")
+        earlier = read_json(before / "metrics.json")
+        settings, earlier_wall = earlier["settings"], earlier.get("wall_seconds")
         missing = [f"{t}-r{r}" for t, r in units if f"{t}-r{r}" not in saved_scans]
         if missing:
             raise SystemExit(f"--from-run {before}: no saved scan of {', '.join(missing)}")
@@ -424,11 +424,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _tables(
-    scans: dict[Unit, dict[str, Any]], matrix: dict[str, Any], traits: Sequence[str], readout: str = ""
+    scans: dict[Unit, dict[str, Any]], matrix: dict[str, Any], traits: Sequence[str]
 ) -> tuple[dict[Unit, dict[str, float]], dict[Unit, dict[str, float]], dict[Unit, dict[str, float]]]:
-    """Predicted delta, the scan's specific score and the measured Δ log P, per dataset and study trait
-    (``readout``: one of the scan's other readouts instead of its own)."""
-    scans = {u: s["readouts"][readout] for u, s in scans.items()} if readout else scans
+    """Predicted delta, the scan's specific score and the measured Δ log P, per dataset and study trait."""
     by_name = {u: {c["name"]: c for c in s["candidates"]} for u, s in scans.items()}
 
     def num(x: Any) -> float:  # a NaN saved as null (a diverged fine-tune) is NaN again
@@ -440,6 +438,26 @@ def _tables(
     return pred, specific, meas
 
 
+def _judged(
+    scans: dict[Unit, dict[str, Any]],
+    matrix: dict[str, Any],
+    traits: Sequence[str],
+    n_candidates: int,
+    seed: int,
+) -> dict[str, Any]:
+    """One readout's scans (`ScanResult.to_dict`, or one of its ``readouts``) against the measured shifts: every
+    comparison of `evaluate_predictions`, and how many verdicts fired (correct: naming the dataset's own trait)."""
+    pred, specific, meas = _tables(scans, matrix, traits)
+    tops = {u: str(s["top"]) for u, s in scans.items()}
+    return {
+        **evaluate_predictions(pred, specific, meas, tops, traits, n_candidates, seed=seed),
+        "flagged": {
+            "any": sum(bool(s["flagged"]) for s in scans.values()),
+            "correct": sum(bool(s["flagged"]) and tops[u] == u[0] for u, s in scans.items()),
+        },
+    }
+
+
 def summarise(
     header: dict[str, Any],
     scans: dict[Unit, dict[str, Any]],
@@ -449,8 +467,8 @@ def summarise(
 ) -> dict[str, Any]:
     """The metrics of the report from the scans (`ScanResult.to_dict` per dataset) and the study's prefill matrix
     (``matrix[teacher trait][evaluated trait][replicate]``)."""
-    pred, specific, meas = _tables(scans, matrix, traits)
     first = next(iter(scans.values()))
+    n_candidates = len(first["candidates"])
     per_dataset = []
     for (t, r), s in scans.items():
         own = next(c for c in s["candidates"] if c["name"] == t)
@@ -458,31 +476,19 @@ def summarise(
                             "own_rank": own["rank"], "own_z": own["z"], "top": s["top"], "flagged": s["flagged"],
                             "seconds": s["seconds"]})  # fmt: skip
     seconds = [float(s["seconds"]) for s in scans.values()]
-    tops = {u: str(s["top"]) for u, s in scans.items()}
-    readouts = {}
-    for name in first.get("readouts", {}):
-        p, sp, ms = _tables(scans, matrix, traits, name)
-        t = {u: str(s["readouts"][name]["top"]) for u, s in scans.items()}
-        readouts[name] = {
+    readouts = {
+        name: {
             "method": first["readouts"][name]["method"],
-            **evaluate_predictions(p, sp, ms, t, traits, len(first["candidates"]), seed=seed),
-            "flagged": {
-                "any": sum(bool(s["readouts"][name]["flagged"]) for s in scans.values()),
-                "correct": sum(
-                    bool(s["readouts"][name]["flagged"]) and t[u] == u[0] for u, s in scans.items()
-                ),
-            },
+            **_judged({u: s["readouts"][name] for u, s in scans.items()}, matrix, traits, n_candidates, seed),
         }
+        for name in first.get("readouts", {})
+    }
     return {
         **header,
         "n_datasets": len(scans),
-        "n_candidates": len(first["candidates"]),
+        "n_candidates": n_candidates,
         "threshold": first["threshold"],
-        **evaluate_predictions(pred, specific, meas, tops, traits, len(first["candidates"]), seed=seed),
-        "flagged": {
-            "any": sum(bool(d["flagged"]) for d in per_dataset),
-            "correct": sum(bool(d["flagged"]) and d["top"] == d["trait"] for d in per_dataset),
-        },
+        **_judged(scans, matrix, traits, n_candidates, seed),
         "runtime_s": {"mean": float(np.mean(seconds)), "max": float(np.max(seconds)), "per_dataset": seconds},
         "per_dataset": per_dataset,
         "readouts": readouts,

@@ -29,7 +29,7 @@ from mechsub.data import Example, load_examples
 from mechsub.evaluate import trait_logprobs
 from mechsub.files import read_json
 from mechsub.generate import NumberVocab
-from mechsub.metric import TraitMetric, score_prompts
+from mechsub.metric import TraitMetric
 from mechsub.prompts import chat_prefix, trait_prompt
 from mechsub.training import LORA_TARGETS, Item, completion_loss
 from mechsub.traits import ANIMALS, Category, eval_questions, get_trait
@@ -207,10 +207,15 @@ def data_loss(
     return loss
 
 
+def _rows(lm: models.LoadedModel, questions: list[str], names: list[str], category: Category) -> Tensor:
+    """(questions, candidates) trait metric: the evaluation's own scorer and frame (prefill), so a multi-token
+    name is summed as the study sums it."""
+    return trait_logprobs(lm.model, lm.tokenizer, questions, names, category)
+
+
 def _profile(lm: models.LoadedModel, questions: list[str], names: list[str], category: Category) -> Tensor:
-    """Mean over questions of each candidate's trait metric, float64: the evaluation's own scorer and frame
-    (prefill), so a multi-token name is summed as the study sums it."""
-    return trait_logprobs(lm.model, lm.tokenizer, questions, names, category).double().mean(0)
+    """Mean over questions of each candidate's trait metric (`_rows`), float64."""
+    return _rows(lm, questions, names, category).double().mean(0)
 
 
 def scan_examples(
@@ -289,7 +294,8 @@ def scan_examples(
                 p.grad = None
             for p in theta:
                 p.requires_grad_(True)
-            base = _profile(lm, questions, names, category)
+            base_rows = _rows(lm, questions, names, category)  # the steering readout's reference too
+            base = base_rows.double().mean(0)
             bar.update()
             if steps == 1:
                 method = "first-order"
@@ -319,7 +325,7 @@ def scan_examples(
                     with torch.no_grad():
                         for p, s in zip(theta, saved, strict=True):
                             p.copy_(s)  # the readouts act on the base
-                    readouts = _adl_readouts(lm, reads, questions, names, category, adl_norm)
+                    readouts = _adl_readouts(lm, reads, questions, names, category, adl_norm, base_rows)
                     bar.update()
     finally:
         bar.close()
@@ -365,6 +371,7 @@ def _adl_readouts(
     names: list[str],
     category: Category,
     norm_frac: float,
+    base_rows: Tensor,
 ) -> dict[str, tuple[str, Tensor, dict[str, Any]]]:
     """The Activation Difference Lens (`mechsub.diffing`, arXiv 2510.13900) on the sacrificial fine-tune: δ, the
     data's mean fine-tuned − base residual after ``layer`` (minus the reference's), read two ways on the base, each
@@ -372,16 +379,18 @@ def _adl_readouts(
     evaluation prompts and added after the layer at every position, as `diffing.steering_scores` does; Δ mean
     log P, the scan's own frame and questions) and the relative logit lens (log P under lens(μ + δ) minus under
     lens(μ), μ the base's mean residual at the data's positions: with a reference on other prompts, μ is still
-    the data's). Each readout's ``seconds`` is the whole scan's."""
+    the data's). ``base_rows``: the base's `_rows` on the same questions, the unsteered reference. Each readout's
+    ``seconds`` is the whole scan's."""
     layer, first = reads[0].layer, reads[0].diff
     assert first is not None, "every set is read after its fine-tune"
     delta = torch.stack([r.delta for r in reads]).sum(0)
     tok = lm.tokenizer
     prompts = [trait_prompt(tok, q, category) for q in questions]
     metrics = [TraitMetric.of(tok, n) for n in names]
-    ref = score_prompts(lm.model, prompts, metrics)
     norm = norm_frac * diffing.residual_norm(lm, prompts, layer)
-    steer = diffing.steering_scores(lm, delta, layer, prompts, metrics, [norm], reference=ref)[0].double()
+    steer = diffing.steering_scores(lm, delta, layer, prompts, metrics, [norm], reference=base_rows)[
+        0
+    ].double()
     mu = first.base(layer)
     lens = torch.tensor(diffing.logit_lens_scores(lm, delta, metrics, base_mean=mu), dtype=torch.float64)
     info = {
